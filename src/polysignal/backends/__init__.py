@@ -1,0 +1,18 @@
+"""Backends selected by URL: ``memory://`` (default) and ``redis://`` (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from polysignal.backends.base import Backend, Claim
+from polysignal.backends.memory import MemoryBackend, MemoryBus
+from polysignal.config import Settings
+
+__all__ = ["Backend", "Claim", "MemoryBackend", "MemoryBus", "create_backend"]
+
+
+def create_backend(settings: Settings) -> Backend:
+    """The backend ``settings.backend_url`` names."""
+    if settings.backend_scheme == "memory":
+        return MemoryBackend(settings.node_id)
+    from polysignal.backends.redis import RedisBackend
+
+    return RedisBackend(settings)

@@ -1,0 +1,127 @@
+"""The cluster seam (DESIGN.md §3): everything a protocol needs from "the cluster", nothing more.
+
+A node's server layer keeps its own local registries and delivers to local connections itself;
+the backend carries what must cross nodes:
+
+* topic fan-out: ``publish`` sends an already-encoded frame to the *other* nodes that have
+  subscribers for the topic; frames from other nodes arrive at the ``on_topic_message`` handler.
+  A node never receives its own publish back.
+* presence: ``local_count_changed`` reports this node's subscriber count of a topic;
+  ``topic_clients`` answers the cluster-wide count.
+* direct delivery: ``send_direct`` hands bytes to a named node's handler for ``kind``.
+* id claims: ``claim``/``renew``/``release``/``lookup`` of cluster-wide ids with TTL leases and
+  owner tokens (a registry id -> node).
+
+Implementations: ``memory`` (one process; several in-process nodes may share a ``MemoryBus``,
+which is how the contract tests exercise multi-node semantics without Redis) and ``redis``.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+TopicHandler = Callable[[str, bytes], None]
+"""Called with (topic, encoded publish frame) for a publish that entered on another node."""
+
+DirectHandler = Callable[[str, bytes], "Awaitable[None] | None"]
+"""Called with (origin node id, payload) for a direct message of one ``kind``."""
+
+log = logging.getLogger("polysignal.backend")
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Who holds a claimed id: the node it is connected to and the holder's owner token."""
+
+    node_id: str
+    token: str
+
+
+class Backend(ABC):
+    """Interface every backend implements; see the module docstring for the semantics."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._topic_handler: TopicHandler | None = None
+        self._direct_handlers: dict[str, DirectHandler] = {}
+
+    # --- lifecycle ---
+    @abstractmethod
+    async def start(self) -> None:
+        """Connect; must not raise when the backing service is down (keep retrying instead)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Remove this node's presence and claims at once, then disconnect."""
+
+    @property
+    @abstractmethod
+    def ready(self) -> bool:
+        """True when cross-node operations currently work (``/readyz``)."""
+
+    # --- topic fan-out and presence ---
+    def on_topic_message(self, handler: TopicHandler) -> None:
+        self._topic_handler = handler
+
+    @abstractmethod
+    def local_count_changed(self, topic: str, count: int) -> None:
+        """This node now has ``count`` local subscribers of ``topic`` (0 = none). Never blocks."""
+
+    @abstractmethod
+    async def topic_clients(self, topic: str, local_count: int) -> int:
+        """Cluster-wide subscriber count of ``topic``; ``local_count`` is this node's own."""
+
+    @abstractmethod
+    async def publish(self, topic: str, frame: bytes) -> None:
+        """Deliver ``frame`` to the subscribers of ``topic`` on every *other* node."""
+
+    # --- direct delivery ---
+    def on_direct(self, kind: str, handler: DirectHandler) -> None:
+        self._direct_handlers[kind] = handler
+
+    @abstractmethod
+    async def send_direct(self, node_id: str, kind: str, payload: bytes) -> bool:
+        """Hand ``payload`` to ``node_id``'s handler for ``kind``; False if it cannot be sent."""
+
+    # --- id claims ---
+    @abstractmethod
+    async def claim(self, key: str, token: str, ttl: float) -> bool:
+        """Claim ``key`` for this node, atomically; succeeds if free, expired or held by ``token``
+        (a takeover by the same owner, e.g. after a reconnect to another node)."""
+
+    @abstractmethod
+    async def renew(self, key: str, token: str, ttl: float) -> bool:
+        """Extend the lease of a claim held with ``token``; False if it is no longer ours."""
+
+    @abstractmethod
+    async def release(self, key: str, token: str) -> bool:
+        """Drop the claim if ``token`` holds it; False otherwise."""
+
+    @abstractmethod
+    async def lookup(self, key: str) -> Claim | None:
+        """Who holds ``key``, or None."""
+
+    # --- helpers for implementations ---
+    def _deliver_topic(self, topic: str, frame: bytes) -> None:
+        handler = self._topic_handler
+        if handler is None:
+            return
+        try:
+            handler(topic, frame)
+        except Exception:
+            log.exception("topic handler failed for a frame from another node")
+
+    async def _deliver_direct(self, origin: str, kind: str, payload: bytes) -> None:
+        handler = self._direct_handlers.get(kind)
+        if handler is None:
+            log.debug("direct message of unknown kind %r from %s dropped", kind, origin)
+            return
+        try:
+            result = handler(origin, payload)
+            if result is not None:
+                await result
+        except Exception:
+            log.exception("direct handler %r failed", kind)

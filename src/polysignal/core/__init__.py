@@ -1,0 +1,1 @@
+"""The part of polysignal with no I/O: registries, limits, errors (DESIGN.md §2)."""

@@ -1,0 +1,43 @@
+"""Logging policy (STYLE.md habit 11).
+
+* INFO: lifecycle (listening, backend connected, shutdown), one line each.
+* DEBUG: per message, with payloads elided to their size.
+* WARNING: degraded (backend down, peer cut off for not reading, limits hit repeatedly).
+* ERROR: bugs only (an exception escaping a handler), with a traceback.
+
+Loggers are named per layer and part: ``polysignal.server``, ``polysignal.topics``,
+``polysignal.redis``, ``polysignal.presence``, ``polysignal.publish``, ``polysignal.relay``,
+``polysignal.signalfire``, ``polysignal.rooms``, ``polysignal.serverless``. The part's name is
+printed as the tag, e.g. ``[redis]``. Secrets and URL credentials never reach a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+class _TagFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.tag = record.name.rsplit(".", 1)[-1]
+        return super().format(record)
+
+
+def configure(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _TagFormatter("%(asctime)s %(levelname)-7s [%(tag)s] %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger("polysignal")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    # aiohttp's access log is per request; keep it off unless debugging.
+    logging.getLogger("aiohttp.access").setLevel(
+        logging.DEBUG if level == "DEBUG" else logging.WARNING
+    )
+
+
+def elide(payload: bytes | str) -> str:
+    """How a payload appears in a DEBUG line: its size only."""
+    return f"<{len(payload)} bytes>"

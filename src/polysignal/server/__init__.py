@@ -1,0 +1,1 @@
+"""The only layer that touches sockets: aiohttp app, routing, connections, shutdown."""

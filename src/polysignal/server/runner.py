@@ -1,0 +1,86 @@
+"""Running a node: listen, serve until SIGTERM/SIGINT, shut down gracefully (DESIGN.md §4).
+
+Shutdown order: stop accepting (the listening socket closes), close every WebSocket with 1001,
+run the protocols' shutdown hooks, then close the backend, which removes this node's presence
+and claims from the cluster at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from aiohttp import web
+
+from polysignal.config import Settings, redact_url
+from polysignal.server.app import create_app
+
+log = logging.getLogger("polysignal.server")
+
+
+async def serve(
+    settings: Settings,
+    *,
+    reuse_port: bool = False,
+    on_listening: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT."""
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.host, settings.port, reuse_port=reuse_port or None, backlog=2048
+    )
+    await site.start()
+    port = _bound_port(runner, settings.port)
+    log.info(
+        "listening on http://%s:%d (node %s, backend %s)",
+        settings.host,
+        port,
+        settings.node_id,
+        redact_url(settings.backend_url),
+    )
+    if on_listening is not None:
+        on_listening(port)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down: closing connections with 1001")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        log.info("stopped")
+
+
+def _bound_port(runner: web.AppRunner, default: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return default
+
+
+def run(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Blocking entry point of ``polysignal serve`` for one process, on uvloop when present."""
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if sys.platform != "win32":
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:  # pragma: no cover - uvloop is a dependency
+            loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(settings, reuse_port=reuse_port))

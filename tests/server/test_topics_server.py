@@ -1,0 +1,277 @@
+"""The topics protocol against a real server on a free port with real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import orjson
+import pytest
+
+from support import UNIT, assert_silent, node_settings, receive_json, running_server
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def subscribe(ws: aiohttp.ClientWebSocketResponse, *topics: str) -> None:
+    await ws.send_str(orjson.dumps({"type": "subscribe", "topics": list(topics)}).decode())
+
+
+async def sync(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """Round-trip a ping so everything sent before it has been handled."""
+    await ws.send_str('{"type":"ping"}')
+    assert await receive_json(ws) == {"type": "pong"}
+
+
+async def test_flow_like_fanout_semantics(server):
+    """4 subscribers, one publishes an extra field: exactly the 3 others get it once each."""
+    peers = [await server.ws() for _ in range(4)]
+    for ws in peers:
+        await subscribe(ws, "sync-test-room")
+        await sync(ws)
+    await peers[0].send_str(
+        '{"type":"publish","topic":"sync-test-room","data":{"test":"sync"},"messageId":"m-1"}'
+    )
+    for ws in peers[1:]:
+        got = await receive_json(ws)
+        assert got == {
+            "type": "publish",
+            "topic": "sync-test-room",
+            "data": {"test": "sync"},
+            "messageId": "m-1",
+            "clients": 4,
+            "_origin": server.node.node_id,
+        }
+        await assert_silent(ws)
+    await assert_silent(peers[0])
+
+
+async def test_client_cannot_forge_clients_or_origin(server):
+    a, b = await server.ws(), await server.ws()
+    await subscribe(b, "t")
+    await sync(b)
+    await a.send_str('{"type":"publish","topic":"t","data":1,"clients":99,"_origin":"forged"}')
+    got = await receive_json(b)
+    assert got["clients"] == 1 and got["_origin"] == server.node.node_id
+
+
+async def test_publisher_need_not_be_subscribed(server):
+    a, b = await server.ws(), await server.ws()
+    await subscribe(b, "t")
+    await sync(b)
+    await a.send_str('{"type":"publish","topic":"t","data":"x"}')
+    assert (await receive_json(b))["data"] == "x"
+
+
+async def test_echo_option_delivers_to_sender():
+    async with running_server(node_settings(echo=True)) as srv:
+        a, b = await srv.ws(), await srv.ws()
+        for ws in (a, b):
+            await subscribe(ws, "t")
+            await sync(ws)
+        await a.send_str('{"type":"publish","topic":"t","data":"x"}')
+        assert (await receive_json(a))["clients"] == 2
+        assert (await receive_json(b))["data"] == "x"
+
+
+async def test_duplicate_subscribe_not_double_counted(server):
+    a, b = await server.ws(), await server.ws()
+    await subscribe(a, "t", "t")
+    await subscribe(a, "t")
+    await sync(a)
+    await b.send_str('{"type":"publish","topic":"t","data":0}')
+    assert (await receive_json(a))["clients"] == 1
+    await assert_silent(a)
+
+
+async def test_ping_pong(server):
+    ws = await server.ws()
+    await ws.send_str('{"type":"ping"}')
+    assert await receive_json(ws) == {"type": "pong"}
+
+
+async def test_unsubscribe_stops_delivery(server):
+    a, b = await server.ws(), await server.ws()
+    await subscribe(a, "t", "u")
+    await sync(a)
+    await a.send_str('{"type":"unsubscribe","topics":["t"]}')
+    await sync(a)
+    await b.send_str('{"type":"publish","topic":"t","data":0}')
+    await b.send_str('{"type":"publish","topic":"u","data":1}')
+    got = await receive_json(a)
+    assert got["topic"] == "u" and got["clients"] == 1
+    await assert_silent(a)
+
+
+async def test_close_removes_connection_everywhere(server):
+    a, b = await server.ws(), await server.ws()
+    await subscribe(a, "t", "u")
+    await subscribe(b, "t")
+    await sync(a)
+    await sync(b)
+    hub_registry = server.app[__import__("polysignal.server.app").server.app.TOPICS_KEY].registry
+    assert hub_registry.count("t") == 2
+    await a.close()
+    for _ in range(50):
+        if hub_registry.count("t") == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert hub_registry.count("t") == 1 and hub_registry.count("u") == 0
+    c = await server.ws()
+    await c.send_str('{"type":"publish","topic":"t","data":0}')
+    assert (await receive_json(b))["clients"] == 1
+
+
+@pytest.mark.parametrize(
+    ("frame", "needle"),
+    [
+        ("not json", "invalid JSON"),
+        ("[1,2]", "expected a JSON object"),
+        ('"str"', "expected a JSON object"),
+        ("{}", "missing 'type'"),
+        ('{"type":5}', "'type' must be a string"),
+        ('{"type":"dance"}', "unknown type 'dance'"),
+        ('{"type":"subscribe","topics":"t"}', "'topics' must be a list"),
+        ('{"type":"subscribe"}', "missing 'topics'"),
+        ('{"type":"subscribe","topics":["ok",3,null]}', "topics[1] is a number"),
+        ('{"type":"publish","data":1}', "publish: missing 'topic'"),
+        ('{"type":"publish","topic":{"a":1}}', "'topic' must be a string"),
+    ],
+)
+async def test_bad_input_gets_error_and_connection_stays(server, frame, needle):
+    ws = await server.ws()
+    await ws.send_str(frame)
+    got = await receive_json(ws)
+    assert got["type"] == "error" and needle in got["message"]
+    await sync(ws)
+
+
+async def test_binary_frame_is_an_error_not_a_close(server):
+    ws = await server.ws()
+    await ws.send_bytes(b'{"type":"ping"}')
+    got = await receive_json(ws)
+    assert got["type"] == "error" and "binary" in got["message"]
+    await sync(ws)
+
+
+async def test_oversize_frame_closes_1009():
+    async with running_server(node_settings(max_frame_bytes=4096)) as srv:
+        ws = await srv.ws()
+        other = await srv.ws()
+        await ws.send_str('{"type":"publish","topic":"t","data":"' + "x" * 5000 + '"}')
+        msg = await ws.receive(timeout=2 * UNIT)
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert msg.data == 1009 and msg.extra == "Message too large"
+        await sync(other)
+
+
+async def test_topic_limits():
+    settings = node_settings(max_topics_per_connection=2, max_topic_length=8)
+    async with running_server(settings) as srv:
+        ws = await srv.ws()
+        await subscribe(ws, "a", "b", "c")
+        got = await receive_json(ws)
+        assert "at most 2 topics" in got["message"]
+        await subscribe(ws, "way-too-long-topic")
+        got = await receive_json(ws)
+        assert "longer than 8" in got["message"]
+        await sync(ws)
+
+
+async def test_flood_is_rate_limited_and_server_keeps_serving():
+    async with running_server(node_settings(rate_limit=50, rate_burst=20)) as srv:
+        flooder, other = await srv.ws(), await srv.ws()
+        for _ in range(300):
+            await flooder.send_str('{"type":"ping"}')
+        pongs = errors = 0
+        while True:
+            try:
+                got = await receive_json(flooder, timeout=0.5 * UNIT)
+            except TimeoutError:
+                break
+            if got["type"] == "pong":
+                pongs += 1
+            else:
+                assert "rate limit" in got["message"]
+                errors += 1
+        assert errors >= 1
+        assert 20 <= pongs < 100
+        await sync(other)
+
+
+async def test_per_address_connection_limit():
+    async with running_server(node_settings(max_connections_per_ip=2)) as srv:
+        await srv.ws()
+        await srv.ws()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await srv.ws()
+        assert info.value.status == 429
+
+
+async def test_non_reading_client_is_cut_off_others_keep_receiving():
+    """A peer that never reads is closed (1013) once its send buffer passes the limit."""
+    settings = node_settings(send_buffer_bytes=64 * 1024, rate_limit=0)
+    async with running_server(settings) as srv:
+        # A raw socket with a tiny receive buffer that completes the handshake and then never reads.
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+        await loop.sock_sendall(
+            sock,
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        assert (await loop.sock_recv(sock, 4096)).startswith(b"HTTP/1.1 101")
+        # subscribe "t" (masked client frame with a zero mask), then never read again
+        payload = b'{"type":"subscribe","topics":["t"]}'
+        await loop.sock_sendall(sock, bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
+        reader = await srv.ws()
+        publisher = await srv.ws()
+        await subscribe(reader, "t")
+        await sync(reader)
+        await asyncio.sleep(0.1)
+        blob = "y" * 8000
+        slow = None
+        for i in range(400):
+            await publisher.send_str(
+                orjson.dumps({"type": "publish", "topic": "t", "data": blob, "i": i}).decode()
+            )
+            got = await receive_json(reader)
+            assert got["i"] == i
+            conns = [c for c in srv.node.connections if c.closing]
+            if conns:
+                slow = conns[0]
+                break
+        assert slow is not None, "the non-reading peer was never cut off"
+        # The others keep receiving after the cut.
+        await publisher.send_str('{"type":"publish","topic":"t","data":"after"}')
+        assert (await receive_json(reader))["data"] == "after"
+        sock.close()
+
+
+async def test_health_paths(server):
+    async with aiohttp.ClientSession() as http:
+        for path, status, text in [
+            ("/healthz", 200, "okay"),
+            ("/health", 200, "okay"),
+            ("/anything/else", 200, "okay"),
+            ("/readyz", 200, "ready"),
+            ("/", 426, None),
+        ]:
+            async with http.get(server.url + path) as resp:
+                assert resp.status == status, path
+                if text:
+                    assert await resp.text() == text
+                    assert resp.content_type == "text/plain"
+
+
+async def test_graceful_shutdown_closes_peers_with_1001():
+    async with running_server() as srv:
+        ws = await srv.ws()
+        await sync(ws)
+        await srv.runner.cleanup()
+        msg = await ws.receive(timeout=3 * UNIT)
+        assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1001
