@@ -4,10 +4,14 @@ A node's server layer keeps its own local registries and delivers to local conne
 the backend carries what must cross nodes:
 
 * topic fan-out: ``publish`` sends an already-encoded frame to the *other* nodes that have
-  subscribers for the topic; frames from other nodes arrive at the ``on_topic_message`` handler.
-  A node never receives its own publish back.
+  subscribers for the topic; frames from other nodes arrive at the handler registered with
+  ``on_topic_message`` for the topic's namespace. A node never receives its own publish back.
 * presence: ``local_count_changed`` reports this node's subscriber count of a topic;
   ``topic_clients`` answers the cluster-wide count.
+
+Topics live in namespaces, one per protocol that uses them (``TOPICS`` for the topics protocol,
+whose Redis keys are Flow-Like's ``topic:presence:{topic}``); the same topic name in two
+namespaces is two different topics.
 * direct delivery: ``send_direct`` hands bytes to a named node's handler for ``kind``.
 * id claims: ``claim``/``renew``/``release``/``lookup`` of cluster-wide ids with TTL leases and
   owner tokens (a registry id -> node).
@@ -24,7 +28,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 TopicHandler = Callable[[str, bytes], None]
-"""Called with (topic, encoded publish frame) for a publish that entered on another node."""
+"""Called with (topic, frame) for a frame published on another node."""
+
+TOPICS = "topics"
+"""The namespace of the topics protocol; other protocols use their own (e.g. "rooms")."""
 
 DirectHandler = Callable[[str, bytes], "Awaitable[None] | None"]
 """Called with (origin node id, payload) for a direct message of one ``kind``."""
@@ -45,7 +52,7 @@ class Backend(ABC):
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
-        self._topic_handler: TopicHandler | None = None
+        self._topic_handlers: dict[str, TopicHandler] = {}
         self._direct_handlers: dict[str, DirectHandler] = {}
 
     # --- lifecycle ---
@@ -63,19 +70,19 @@ class Backend(ABC):
         """True when cross-node operations currently work (``/readyz``)."""
 
     # --- topic fan-out and presence ---
-    def on_topic_message(self, handler: TopicHandler) -> None:
-        self._topic_handler = handler
+    def on_topic_message(self, handler: TopicHandler, namespace: str = TOPICS) -> None:
+        self._topic_handlers[namespace] = handler
 
     @abstractmethod
-    def local_count_changed(self, topic: str, count: int) -> None:
+    def local_count_changed(self, topic: str, count: int, namespace: str = TOPICS) -> None:
         """This node now has ``count`` local subscribers of ``topic`` (0 = none). Never blocks."""
 
     @abstractmethod
-    async def topic_clients(self, topic: str, local_count: int) -> int:
+    async def topic_clients(self, topic: str, local_count: int, namespace: str = TOPICS) -> int:
         """Cluster-wide subscriber count of ``topic``; ``local_count`` is this node's own."""
 
     @abstractmethod
-    async def publish(self, topic: str, frame: bytes) -> None:
+    async def publish(self, topic: str, frame: bytes, namespace: str = TOPICS) -> None:
         """Deliver ``frame`` to the subscribers of ``topic`` on every *other* node."""
 
     # --- direct delivery ---
@@ -105,8 +112,8 @@ class Backend(ABC):
         """Who holds ``key``, or None."""
 
     # --- helpers for implementations ---
-    def _deliver_topic(self, topic: str, frame: bytes) -> None:
-        handler = self._topic_handler
+    def _deliver_topic(self, namespace: str, topic: str, frame: bytes) -> None:
+        handler = self._topic_handlers.get(namespace)
         if handler is None:
             return
         try:

@@ -12,7 +12,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from polysignal.backends.base import Backend, Claim
+from polysignal.backends.base import TOPICS, Backend, Claim
 
 
 @dataclass
@@ -20,7 +20,8 @@ class MemoryBus:
     """State shared by the in-process nodes of one "cluster"."""
 
     nodes: dict[str, MemoryBackend] = field(default_factory=dict)
-    presence: dict[str, dict[str, int]] = field(default_factory=dict)
+    # (namespace, topic) -> node id -> that node's local subscriber count
+    presence: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
     claims: dict[str, tuple[Claim, float]] = field(default_factory=dict)
 
     def holder(self, key: str) -> Claim | None:
@@ -60,24 +61,25 @@ class MemoryBackend(Backend):
     def ready(self) -> bool:
         return self._started
 
-    def local_count_changed(self, topic: str, count: int) -> None:
+    def local_count_changed(self, topic: str, count: int, namespace: str = TOPICS) -> None:
+        key = (namespace, topic)
         if count > 0:
-            self.bus.presence.setdefault(topic, {})[self.node_id] = count
+            self.bus.presence.setdefault(key, {})[self.node_id] = count
             return
-        counts = self.bus.presence.get(topic)
+        counts = self.bus.presence.get(key)
         if counts is not None:
             counts.pop(self.node_id, None)
             if not counts:
-                del self.bus.presence[topic]
+                del self.bus.presence[key]
 
-    async def topic_clients(self, topic: str, local_count: int) -> int:
-        counts = self.bus.presence.get(topic)
+    async def topic_clients(self, topic: str, local_count: int, namespace: str = TOPICS) -> int:
+        counts = self.bus.presence.get((namespace, topic))
         if not counts:
             return local_count
         return sum(counts.values()) - counts.get(self.node_id, 0) + local_count
 
-    async def publish(self, topic: str, frame: bytes) -> None:
-        counts = self.bus.presence.get(topic)
+    async def publish(self, topic: str, frame: bytes, namespace: str = TOPICS) -> None:
+        counts = self.bus.presence.get((namespace, topic))
         if not counts:
             return
         loop = asyncio.get_running_loop()
@@ -85,7 +87,7 @@ class MemoryBackend(Backend):
             if node_id != self.node_id:
                 node = self.bus.nodes.get(node_id)
                 if node is not None:
-                    loop.call_soon(node._deliver_topic, topic, frame)
+                    loop.call_soon(node._deliver_topic, namespace, topic, frame)
 
     async def send_direct(self, node_id: str, kind: str, payload: bytes) -> bool:
         node = self.bus.nodes.get(node_id)
