@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from support import RunningServer, chromium_ready, run_node
 
 pytestmark = pytest.mark.timeout(90)
