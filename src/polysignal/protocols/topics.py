@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import orjson
-
 from polysignal.core.errors import ClientError, MalformedFrame, UnknownCommand
+from polysignal.protocols import jsonwire
 
 
 class MessageType(StrEnum):
@@ -71,8 +70,8 @@ class TopicLimits:
 def decode(frame: str | bytes, limits: TopicLimits = TopicLimits()) -> Command:
     """Parse one text frame into a command; raise ClientError naming what is wrong."""
     try:
-        message = orjson.loads(frame)
-    except orjson.JSONDecodeError:
+        message = jsonwire.loads(frame)
+    except jsonwire.DecodeError:
         raise MalformedFrame("invalid JSON") from None
     if not isinstance(message, dict):
         raise MalformedFrame(f"expected a JSON object, got {_json_type(message)}")
@@ -134,11 +133,11 @@ def encode_publish(message: dict[str, Any], clients: int, origin: str) -> bytes:
 
     Encoded once per publish and written as-is to every recipient (local and remote).
     """
-    return orjson.dumps({**message, "clients": clients, "_origin": origin})
+    return jsonwire.dumps({**message, "clients": clients, "_origin": origin})
 
 
 def encode_error(message: str) -> bytes:
-    return orjson.dumps({"type": MessageType.ERROR, "message": message})
+    return jsonwire.dumps({"type": MessageType.ERROR, "message": message})
 
 
 def skipped_entries_error(kind: str, problems: tuple[str, ...]) -> bytes:
