@@ -59,9 +59,11 @@ async def serve(
         await stop.wait()
         log.info("shutting down: closing connections with 1001")
     finally:
+        # The handlers stay installed until cleanup is done, so a repeated signal does not kill
+        # the process halfway through releasing its cluster state.
+        await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
         log.info("stopped")
 
 
