@@ -1,0 +1,1 @@
+"""Clients for polysignal's protocols; ``polysignal.client.signalfire`` speaks Signal-Fire."""

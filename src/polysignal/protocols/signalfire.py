@@ -1,0 +1,255 @@
+"""The Signal-Fire protocol of server 0.5.0 (PROTOCOLS.md §3.2-3.4): frames <-> requests.
+
+```
+<- {"id":"<nanoid>","cmd":"welcome","data":{"id":"<your id>","configuration":{"iceServers":[]}}}
+-> {"id":"<nanoid>","cmd":"session-start","target":"<peer id>"}
+<- {"id":"<same>","ok":true}                         ack, always before the relay
+                                                     target gets {"id":"<new>","cmd":..,"origin":..}
+-> {"id":"<nanoid>","cmd":"offer","target":"..","data":{"offer":{..}}}   data relayed whole
+<- {"id":"<same>","ok":false,"data":{"message":"Peer Not Found"}}        or an error
+```
+
+Decoding is split in two, because the original checks in this order (§3.4): the message id and
+the target's presence (``decode`` and ``precheck``, no I/O), then the target's registry state
+(which the server looks up), then the command's own payload (``postcheck``). Everything a client
+can send ends as a ``Request``, an ``Ignored`` (no reply, §3.4: unknown commands) or a
+``CloseRequest`` exception (close 4400).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import Any
+
+import orjson
+
+from polysignal.core.errors import ClientError, CloseCode
+
+SUBPROTOCOL = "Signal-Fire@3"
+LEGACY_SUBPROTOCOL = "Signal-Fire@2"
+"""Clients 1.0-1.3 (server 0.3.0) offer this one and send SDP as ``data.sdp`` (§3.4)."""
+SUBPROTOCOLS = (SUBPROTOCOL, LEGACY_SUBPROTOCOL)
+
+ID_LENGTH = 21
+ID_ALPHABET = "useandom-26T198340PX75pxJACKVERYMINDBUSHWOLF_GQZbfghjklqvwyzrict"
+"""nanoid's URL-safe alphabet: 64 characters, so one random byte picks one exactly."""
+
+
+class Cmd(StrEnum):
+    """Every ``cmd`` on the wire."""
+
+    WELCOME = "welcome"
+    SESSION_START = "session-start"
+    SESSION_ACCEPT = "session-accept"
+    SESSION_REJECT = "session-reject"
+    SESSION_CANCEL = "session-cancel"
+    SESSION_TIMEOUT = "session-timeout"
+    OFFER = "offer"
+    ANSWER = "answer"
+    ICE = "ice"
+
+
+REQUESTS = frozenset(
+    {
+        Cmd.SESSION_START,
+        Cmd.SESSION_ACCEPT,
+        Cmd.SESSION_REJECT,
+        Cmd.SESSION_CANCEL,
+        Cmd.OFFER,
+        Cmd.ANSWER,
+        Cmd.ICE,
+    }
+)
+"""Commands a client may send. ``session-timeout`` is not one: the server never answers it
+(§3.4, §3.8); polysignal sends it itself when a session start goes unanswered."""
+
+
+class ErrorText(StrEnum):
+    """The ``data.message`` of an ``ok:false`` reply: exactly the original's strings (§3.4)."""
+
+    MISSING_TARGET = "Missing Target"
+    SELF_TARGET = "Can't Send to Yourself"
+    PEER_NOT_FOUND = "Peer Not Found"
+    PEER_OFFLINE = "Peer Offline"
+    MISSING_OFFER = "Missing Offer"
+    MISSING_ANSWER = "Missing Answer"
+    MISSING_CANDIDATE = "Missing ICE Candidate"
+    INTERNAL = "Internal Server Error"
+    # polysignal's own: a request over the connection's rate limit is refused, not lost silently.
+    RATE_LIMITED = "Too Many Requests"
+
+
+class CloseReason(StrEnum):
+    """Reasons of the 4400 close (§3.2, §3.4)."""
+
+    BAD_REQUEST = "Bad Request"
+    MISSING_ID = "Missing message ID"
+
+
+class TargetState(Enum):
+    """What the server found when it looked the target id up."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"  # registered, but its socket is closing (the original's status)
+    NOT_FOUND = "not-found"
+
+
+# Which payload field each relaying command requires, and the error when it is absent (§3.4).
+_REQUIRED_DATA: dict[Cmd, tuple[str, ErrorText]] = {
+    Cmd.OFFER: ("offer", ErrorText.MISSING_OFFER),
+    Cmd.ANSWER: ("answer", ErrorText.MISSING_ANSWER),
+    Cmd.ICE: ("candidate", ErrorText.MISSING_CANDIDATE),
+}
+
+MessageId = str | int | float
+"""A client's request id, echoed unchanged in the ack (nanoid strings in practice)."""
+
+
+class CloseRequest(ClientError):
+    """The frame ends the connection: close 4400 with ``message`` as the reason (§3.2, §3.4)."""
+
+    close_code = CloseCode.BAD_REQUEST
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One well-formed client request; ``target`` and ``data`` are as the client sent them."""
+
+    id: MessageId
+    cmd: Cmd
+    target: Any
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """A frame with an id but an unknown or missing ``cmd``: no reply, socket stays open."""
+
+    id: MessageId
+    cmd: Any
+
+
+def new_id() -> str:
+    """A nanoid: 21 characters of the URL-safe alphabet from the system's CSPRNG."""
+    return "".join(ID_ALPHABET[b & 63] for b in secrets.token_bytes(ID_LENGTH))
+
+
+def is_id(value: Any) -> bool:
+    """True when ``value`` could be an id this server assigned (used to skip hopeless lookups)."""
+    return (
+        isinstance(value, str)
+        and len(value) == ID_LENGTH
+        and all(ch in ID_ALPHABET for ch in value)
+    )
+
+
+def _truthy(value: Any) -> bool:
+    """JavaScript truthiness of a JSON value: the original tests fields with ``!value``."""
+    return value not in (None, False, 0, "") and not (isinstance(value, float) and value != value)
+
+
+def decode(frame: str | bytes) -> Request | Ignored:
+    """Parse one frame; raise ``CloseRequest`` when the protocol says the socket must close.
+
+    * not JSON, or not a JSON object: 4400 ``Bad Request`` (Luce's parse failure, §3.2);
+    * no usable ``id`` (absent, or falsy as JavaScript sees it): 4400 ``Missing message ID``;
+      an id that is neither a string nor a number cannot be echoed meaningfully: ``Bad Request``;
+    * unknown or missing ``cmd``: ``Ignored`` (§3.4: no reply).
+    """
+    try:
+        message = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        raise CloseRequest(CloseReason.BAD_REQUEST) from None
+    if not isinstance(message, dict):
+        raise CloseRequest(CloseReason.BAD_REQUEST)
+    msg_id = message.get("id")
+    if not _truthy(msg_id):
+        raise CloseRequest(CloseReason.MISSING_ID)
+    if isinstance(msg_id, bool) or not isinstance(msg_id, str | int | float):
+        raise CloseRequest(CloseReason.BAD_REQUEST)
+    request_id: MessageId = msg_id
+    raw_cmd = message.get("cmd")
+    try:
+        cmd = Cmd(raw_cmd) if isinstance(raw_cmd, str) else None
+    except ValueError:
+        cmd = None
+    if cmd is None or cmd not in REQUESTS:
+        return Ignored(request_id, raw_cmd)
+    return Request(request_id, cmd, message.get("target"), message.get("data"))
+
+
+def precheck(request: Request, own_id: str) -> ErrorText | None:
+    """Checks that need no lookup, in the original's order: target present, not yourself."""
+    if not _truthy(request.target):
+        return ErrorText.MISSING_TARGET
+    if request.target == own_id:
+        return ErrorText.SELF_TARGET
+    return None
+
+
+def postcheck(request: Request, state: TargetState, *, legacy: bool = False) -> ErrorText | None:
+    """Checks after the target lookup: its state, then the command's required ``data`` field.
+
+    ``legacy`` (a ``Signal-Fire@2`` connection) also accepts ``data.sdp`` for offers and answers,
+    as server 0.3.0 did.
+    """
+    if state is TargetState.NOT_FOUND:
+        return ErrorText.PEER_NOT_FOUND
+    if state is TargetState.OFFLINE:
+        return ErrorText.PEER_OFFLINE
+    required = _REQUIRED_DATA.get(request.cmd)
+    if required is None:
+        return None
+    field, error = required
+    data = request.data
+    if not isinstance(data, dict):
+        return error
+    if _truthy(data.get(field)):
+        return None
+    if legacy and request.cmd is not Cmd.ICE and _truthy(data.get("sdp")):
+        return None
+    return error
+
+
+def relayed(request: Request, origin: str) -> dict[str, Any]:
+    """What the target receives: a fresh id, ``cmd``, ``origin``, never ``target`` (§3.4).
+
+    ``offer``/``answer``/``ice`` carry the client's whole ``data``; ``session-reject`` carries
+    the rejecting side's ``data.message`` reason (polysignal's addition; the original dropped
+    it); the other session commands carry nothing.
+    """
+    message: dict[str, Any] = {"id": new_id(), "cmd": request.cmd.value, "origin": origin}
+    if request.cmd in _REQUIRED_DATA:
+        message["data"] = request.data
+    elif request.cmd is Cmd.SESSION_REJECT:
+        data = request.data
+        if isinstance(data, dict) and isinstance(data.get("message"), str):
+            message["data"] = {"message": data["message"]}
+    return message
+
+
+def notice(cmd: Cmd, origin: str) -> dict[str, Any]:
+    """A message the server makes about ``origin``'s session (timeout, cancel)."""
+    return {"id": new_id(), "cmd": cmd.value, "origin": origin}
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return orjson.dumps(message)
+
+
+def encode_ack(request_id: MessageId) -> bytes:
+    return orjson.dumps({"id": request_id, "ok": True})
+
+
+def encode_error(request_id: MessageId, error: ErrorText) -> bytes:
+    return orjson.dumps({"id": request_id, "ok": False, "data": {"message": error.value}})
+
+
+def encode_welcome(client_id: str, ice_servers: tuple[dict[str, Any], ...] | None) -> bytes:
+    """The first frame (§3.3); ``configuration`` only when ICE servers are configured."""
+    data: dict[str, Any] = {"id": client_id}
+    if ice_servers is not None:
+        data["configuration"] = {"iceServers": list(ice_servers)}
+    return orjson.dumps({"id": new_id(), "cmd": Cmd.WELCOME.value, "data": data})
