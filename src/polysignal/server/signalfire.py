@@ -133,6 +133,8 @@ class SignalFireHub:
                         log.debug("%r: %s", conn, conn.ws.exception())
                     if conn.closing:
                         break
+                # Returning before the close handshake ends would let aiohttp close with 1000.
+                await conn.wait_closed()
             finally:
                 await self._unregister(peer)
             return conn.ws
@@ -364,6 +366,9 @@ class SignalFireHub:
                     peer.conn.close(CloseCode.TRY_AGAIN_LATER, "id taken over")
 
 
+HUB_KEY = web.AppKey("signalfire", SignalFireHub)
+
+
 async def _client_script(request: web.Request) -> web.StreamResponse:
     """The browser client, an ES module with no build step."""
     return web.FileResponse(
@@ -377,7 +382,7 @@ async def _client_script(request: web.Request) -> web.StreamResponse:
 
 def setup(app: web.Application, node: Node) -> SignalFireHub:
     """Register the Signal-Fire WebSocket matcher and the browser client's route."""
-    hub = SignalFireHub(node)
+    hub = app[HUB_KEY] = SignalFireHub(node)
     node.add_ws_route(hub.matches, hub.handle)
     app.router.add_get(CLIENT_SCRIPT_PATH, _client_script)
     app.on_startup.append(hub.start)
