@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from polysignal.backends.base import Backend, Claim
+from polysignal.backends.base import Backend, BackendUnavailable, Claim
 from polysignal.backends.memory import MemoryBackend, MemoryBus
 from polysignal.config import Settings
 
-__all__ = ["Backend", "Claim", "MemoryBackend", "MemoryBus", "create_backend"]
+__all__ = ["Backend", "BackendUnavailable", "Claim", "MemoryBackend", "MemoryBus", "create_backend"]
 
 
 def create_backend(settings: Settings) -> Backend:

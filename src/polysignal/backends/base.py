@@ -9,12 +9,19 @@ the backend carries what must cross nodes:
 * presence: ``local_count_changed`` reports this node's subscriber count of a topic;
   ``topic_clients`` answers the cluster-wide count.
 
+* direct delivery: ``send_direct`` hands bytes to a named node's handler for ``kind``.
+* id claims: ``claim``/``renew``/``release``/``lookup`` of cluster-wide ids with TTL leases and
+  owner tokens (a registry id -> node). While the backing service is unreachable these raise
+  ``BackendUnavailable``; a lease that cannot be released expires by itself.
+
 Topics live in namespaces, one per protocol that uses them (``TOPICS`` for the topics protocol,
 whose Redis keys are Flow-Like's ``topic:presence:{topic}``); the same topic name in two
 namespaces is two different topics.
-* direct delivery: ``send_direct`` hands bytes to a named node's handler for ``kind``.
-* id claims: ``claim``/``renew``/``release``/``lookup`` of cluster-wide ids with TTL leases and
-  owner tokens (a registry id -> node).
+
+Propagation is asynchronous on a real bus: a subscription (``local_count_changed``) takes
+effect on other nodes a moment later. ``sync`` waits until everything this node changed so far
+is visible to the others; once a node's presence for a topic is visible, it receives every
+later publish to that topic.
 
 Implementations: ``memory`` (one process; several in-process nodes may share a ``MemoryBus``,
 which is how the contract tests exercise multi-node semantics without Redis) and ``redis``.
@@ -37,6 +44,10 @@ DirectHandler = Callable[[str, bytes], "Awaitable[None] | None"]
 """Called with (origin node id, payload) for a direct message of one ``kind``."""
 
 log = logging.getLogger("polysignal.backend")
+
+
+class BackendUnavailable(ConnectionError):
+    """The backing service (Redis) cannot be reached right now; the operation did not happen."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +79,13 @@ class Backend(ABC):
     @abstractmethod
     def ready(self) -> bool:
         """True when cross-node operations currently work (``/readyz``)."""
+
+    async def sync(self) -> None:
+        """Wait until every change this node made so far is visible to the other nodes.
+
+        Raises ``BackendUnavailable`` when the backing service is unreachable.
+        """
+        return None  # in-process backends apply every change at once
 
     # --- topic fan-out and presence ---
     def on_topic_message(self, handler: TopicHandler, namespace: str = TOPICS) -> None:
