@@ -2,63 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import AsyncExitStack
 
 import pytest
 
 from polysignal.backends import MemoryBackend, MemoryBus
-from polysignal.client.signalfire import Client, Cmd, Outcome, connect
+from polysignal.client.signalfire import connect
+from signalfire_rtc import call, exchange
 
-from rtc import RtcPeer, loopback_only
-from support import UNIT, node_settings, running_server
+from rtc import loopback_only
+from support import node_settings, running_server
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def call(caller: Client, callee: Client) -> tuple[RtcPeer, RtcPeer]:
-    """The caller starts a session; the callee accepts; offer, answer and trickled candidates
-    cross as ``offer``/``answer``/``ice``; returns both peers with their data channel open."""
-    a, b = RtcPeer(), RtcPeer()
-    async with asyncio.timeout(20 * UNIT):
-        session = await caller.create_session(callee.id)
-        incoming = await callee.next_session()
-        assert incoming.origin == caller.id
-        await incoming.accept()
-        assert (await session.outcome()).kind is Outcome.ACCEPTED
-
-        offer, a_candidates = await a.offer()
-        await caller.send_offer(callee.id, offer)
-        for candidate in a_candidates:
-            await caller.send_ice(callee.id, candidate)
-
-        got = await callee.next_signal(caller.id)
-        assert got.cmd is Cmd.OFFER and got.origin == caller.id
-        answer, b_candidates = await b.answer(got.data["offer"])
-        for _ in a_candidates:
-            ice = await callee.next_signal(caller.id)
-            assert ice.cmd is Cmd.ICE
-            await b.add_candidate(ice.data["candidate"])
-        await callee.send_answer(caller.id, answer)
-        for candidate in b_candidates:
-            await callee.send_ice(caller.id, candidate)
-
-        got = await caller.next_signal(callee.id)
-        assert got.cmd is Cmd.ANSWER
-        await a.accept(got.data["answer"])
-        for _ in b_candidates:
-            await a.add_candidate((await caller.next_signal(callee.id)).data["candidate"])
-        await asyncio.gather(a.wait_open(), b.wait_open())
-    return a, b
-
-
-async def exchange(a: RtcPeer, b: RtcPeer) -> None:
-    a.send("hello from a")
-    assert await b.receive() == "hello from a"
-    b.send("hello from b")
-    assert await a.receive() == "hello from b"
-    await a.close()
-    await b.close()
 
 
 async def test_two_aiortc_peers_through_signal_fire(server):

@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, hdrs, web
 
+from polysignal.backends.base import BackendUnavailable
 from polysignal.core.errors import CloseCode
 from polysignal.core.signalfire import PendingSessions
 from polysignal.logs import elide
@@ -201,7 +202,13 @@ class SignalFireHub:
         node_id: str | None = None
         error = proto.precheck(request, peer.id)
         if error is None:
-            state, node_id = await self._locate(request.target)
+            try:
+                state, node_id = await self._locate(request.target)
+            except BackendUnavailable as exc:
+                # Not a bug: the registry of other nodes' ids is unreachable for now.
+                log.warning("%r: cannot look up %s (%s)", conn, request.target, exc)
+                conn.send_text(proto.encode_error(request.id, ErrorText.INTERNAL))
+                return
             error = proto.postcheck(request, state, legacy=peer.legacy)
         if error is not None:
             log.debug("%r %s: %s", conn, request.cmd, error)
