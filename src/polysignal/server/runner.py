@@ -74,15 +74,30 @@ def _bound_port(runner: web.AppRunner, default: int) -> int:
     return default
 
 
-def run(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Blocking entry point of ``polysignal serve`` for one process, on uvloop when present."""
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when present, else asyncio's default."""
     if sys.platform != "win32":
         try:
             import uvloop
 
-            loop_factory = uvloop.new_event_loop
+            return uvloop.new_event_loop
         except ImportError:  # pragma: no cover - uvloop is a dependency
-            loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return None
+    return None  # pragma: no cover
+
+
+def run(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Blocking entry point of ``polysignal serve`` for one process, on uvloop when present.
+
+    With ``settings.workers > 1`` it runs that many worker processes instead
+    (``server/workers.py``).
+    """
+    if settings.workers > 1:
+        from polysignal.server.workers import run_workers
+
+        status = run_workers(settings)
+        if status:
+            raise SystemExit(status)
+        return
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(serve(settings, reuse_port=reuse_port))
