@@ -1,0 +1,248 @@
+"""Rooms tokens (PROTOCOLS.md §5.3) and event validation (§5.5), without a server."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+
+import pytest
+
+from polysignal.protocols import rooms as proto
+
+SECRET = b"wrtc-signal-secret"
+# Made by wrtc-signal's TokenManager algorithm run in Node (Buffer base64 of JSON.stringify,
+# crypto.createHmac('sha256', APP_SECRET), hex) with APP_SECRET=wrtc-signal-secret.
+ORIGINAL_APP_TOKEN = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJhcHAiOiJkZW1vLWNoYXQifQ==."
+    "a11744eae18c68a7c1010b1d0149626c98d8d0dd8e21a9372e32b84cdbed4cea"
+)
+ORIGINAL_ODD_APP_TOKEN = (  # app = 'démo "chat"\n\u0001/é😀': escapes and non-ASCII as Node
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJhcHAiOiJkw6ltbyBcImNoYXRcIlxuXHUwMDAxL8Op8J+YgCJ9."
+    "6a40f958f8983b07176f469c9a692287becccfaa298ca370429011690ef5c79b"
+)
+ORIGINAL_SESSION_TOKEN = (  # {app: 'demo-chat', exp: 1700000000, socket: 'AbC-123_xyz'}
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9."
+    "eyJhcHAiOiJkZW1vLWNoYXQiLCJleHAiOjE3MDAwMDAwMDAsInNvY2tldCI6IkFiQy0xMjNfeHl6In0=."
+    "a918461fc0c202531eceb348785aa8f82c4c911f3fdfdcbd8bca4903dafd1eaa"
+)
+LIMITS = proto.Limits(max_payload_bytes=100, max_room_length=10)
+
+
+def test_header_is_the_originals():
+    assert base64.b64decode(proto.HEADER) == b'{"alg":"HS256","typ":"JWT"}'
+
+
+def test_round_trip():
+    token = proto.app_token("demo-chat", SECRET)
+    assert proto.verify_token(token, SECRET) == {"app": "demo-chat"}
+
+
+def test_tokens_made_the_original_way_verify_and_are_reproduced():
+    assert proto.verify_token(ORIGINAL_APP_TOKEN, SECRET) == {"app": "demo-chat"}
+    assert proto.app_token("demo-chat", SECRET) == ORIGINAL_APP_TOKEN
+    odd = 'démo "chat"\n\u0001/é😀'
+    assert proto.app_token(odd, SECRET) == ORIGINAL_ODD_APP_TOKEN
+    assert proto.verify_token(ORIGINAL_ODD_APP_TOKEN, SECRET) == {"app": odd}
+    assert proto.session_token("demo-chat", "AbC-123_xyz", 1700000000, SECRET) == (
+        ORIGINAL_SESSION_TOKEN
+    )
+
+
+def test_session_token_round_trip_and_checks():
+    token = proto.session_token("a", "sid-1", 2000, SECRET)
+    assert proto.verify_session(token, SECRET, "sid-1", now=1999)
+    assert not proto.verify_session(token, SECRET, "sid-1", now=2000)  # expired: exp <= now
+    assert not proto.verify_session(token, SECRET, "sid-2", now=1000)  # other socket
+    assert not proto.verify_session(token, b"other", "sid-1", now=1000)  # other secret
+    # an app token has no socket and no expiry: never a session token
+    assert not proto.verify_session(proto.app_token("a", SECRET), SECRET, "sid-1", now=0)
+
+
+def _forge(payload_json: bytes, signature: str | None = None) -> str:
+    payload = base64.b64encode(payload_json).decode()
+    return f"{proto.HEADER}.{payload}.{signature or '0' * 64}"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        # the original checked only exp/socket on events, never the signature: forgeable
+        _forge(b'{"app":"a","exp":9999999999,"socket":"sid-1"}'),
+        # a signature from another secret
+        proto.session_token("a", "sid-1", 9999999999, b"not-the-secret"),
+        # a valid token with its payload swapped
+        ORIGINAL_SESSION_TOKEN.split(".")[0]
+        + "."
+        + base64.b64encode(b'{"app":"demo-chat","exp":9999999999,"socket":"sid-1"}').decode()
+        + "."
+        + ORIGINAL_SESSION_TOKEN.split(".")[2],
+        # uppercase hex of the right signature: the original compares exact strings
+        ".".join(proto.session_token("a", "sid-1", 9999999999, SECRET).split(".")[:2])
+        + "."
+        + proto.session_token("a", "sid-1", 9999999999, SECRET).split(".")[2].upper(),
+    ],
+    ids=["unsigned", "other-secret", "swapped-payload", "uppercase-hex"],
+)
+def test_forged_session_tokens_fail(token):
+    assert not proto.verify_session(token, SECRET, "sid-1", now=0)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        None,
+        42,
+        "",
+        "a.b",
+        "a.b.c.d",
+        "x.eyJhcHAiOiJkZW1vLWNoYXQifQ==.00",
+        "é.ü.ö",  # non-ASCII must not break the constant-time compare
+        ORIGINAL_APP_TOKEN.replace("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9", "eyJhbGciOiJub25lIn0="),
+    ],
+)
+def test_malformed_tokens_fail_without_raising(token):
+    assert proto.verify_token(token, SECRET) is None
+    assert not proto.verify_session(token, SECRET, "s", now=0)
+    assert not proto.verify_handshake(token, SECRET, now=0)
+
+
+def test_validly_signed_payloads_without_app_or_json_fail():
+    assert proto.verify_token(proto.create_token({"socket": "s"}, SECRET), SECRET) is None
+    assert proto.verify_token(proto.create_token({"app": ""}, SECRET), SECRET) is None
+    payload = base64.b64encode(b"not json").decode()
+    sig = hmac.new(SECRET, (proto.HEADER + payload).encode(), "sha256").hexdigest()
+    assert proto.verify_token(f"{proto.HEADER}.{payload}.{sig}", SECRET) is None
+
+
+def test_handshake_accepts_app_tokens_and_unexpired_session_tokens():
+    assert proto.verify_handshake(ORIGINAL_APP_TOKEN, SECRET, now=1e10)
+    assert proto.verify_handshake(ORIGINAL_SESSION_TOKEN, SECRET, now=1699999999)
+    assert not proto.verify_handshake(ORIGINAL_SESSION_TOKEN, SECRET, now=1700000000)
+    weird_exp = proto.create_token({"app": "a", "exp": "never"}, SECRET)
+    assert not proto.verify_handshake(weird_exp, SECRET, now=0)
+
+
+def test_compares_are_constant_time(monkeypatch):
+    """Signature, header and socket id all go through hmac.compare_digest, for every token."""
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(proto.hmac, "compare_digest", spy)
+    good = proto.session_token("a", "sid-1", 2000, SECRET)
+    assert proto.verify_session(good, SECRET, "sid-1", now=0)
+    signature = good.split(".")[2].encode()
+    assert (signature, signature) in calls
+    assert (b"sid-1", b"sid-1") in calls
+    calls.clear()
+    forged = good[:-1] + ("0" if good[-1] != "0" else "1")
+    assert not proto.verify_session(forged, SECRET, "sid-1", now=0)
+    # the header compare runs even though the signature is wrong (no early exit)
+    assert len(calls) == 2
+    assert calls[1] == (forged.split(".")[2].encode(), signature)
+
+
+def test_js_json_matches_json_stringify():
+    assert proto.js_json({"a": [1, 2.5, None, True], "b": "é\n\u2028"}) == (
+        '{"a":[1,2.5,null,true],"b":"é\\n\u2028"}'
+    )
+
+
+# --- event validation ---------------------------------------------------------------------------
+
+
+def test_payload_limit_and_missing_fields():
+    assert proto.parse_join({"room": "r"}, LIMITS) == proto.JoinRoom("r", proto.MISSING)
+    assert proto.parse_join({"room": "r", "payload": None}, LIMITS).payload is None
+    with pytest.raises(proto.BadEvent, match="payload is too large: 103 bytes"):
+        proto.parse_join({"room": "r", "payload": "x" * 101}, LIMITS)
+    assert proto.parse_join({"room": "r", "payload": "x" * 98}, LIMITS).payload == "x" * 98
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (None, "expected an object, got null"),
+        ([1], "expected an object, got a list"),
+        ({}, "'room' is required"),
+        ({"room": 1}, "'room' must be a string, got a number"),
+        ({"room": True}, "got a boolean"),
+        ({"room": "x" * 11}, "longer than 10"),
+        ({"room": "r", "payload": b"\x00"}, "no binary"),
+    ],
+)
+def test_join_validation(data, message):
+    with pytest.raises(proto.BadEvent, match=message):
+        proto.parse_join(data, LIMITS)
+
+
+def test_bad_event_keeps_payload_for_the_reject():
+    with pytest.raises(proto.BadEvent) as info:
+        proto.parse_join({"room": 5, "payload": {"k": 1}}, LIMITS)
+    assert info.value.payload == {"k": 1}
+
+
+def test_create_room_falsy_means_uuid():
+    assert proto.parse_create({}, LIMITS).room is None
+    assert proto.parse_create({"room": ""}, LIMITS).room is None
+    assert proto.parse_create({"room": "r"}, LIMITS).room == "r"
+
+
+def test_relay_and_answer_parsing():
+    relay = proto.parse_relay(
+        proto.ClientEvent.RELAY_ICE_CANDIDATE,
+        {"to": "p", "room": "r", "ice_candidate": {"candidate": "c"}, "peer_id": "ignored"},
+        LIMITS,
+    )
+    assert relay == proto.Relay("p", "r", {"candidate": "c"})
+    with pytest.raises(proto.BadEvent, match="'session_description' must be an object"):
+        proto.parse_relay(
+            proto.ClientEvent.RELAY_SESSION_DESCRIPTION, {"to": "p", "room": "r"}, LIMITS
+        )
+    answer = proto.parse_answer(
+        proto.ClientEvent.ROOM_JOIN_ACCEPT, {"room": "r", "peer_id": "p", "to": 5}, LIMITS
+    )
+    assert answer == proto.Answer("r", "p")
+
+
+def test_auth_request_parsing():
+    cmd = proto.parse_auth_request({"token": "t", "peerinfo": {"n": 1}}, LIMITS)
+    assert cmd == proto.AuthRequest("t", proto.MISSING, {"n": 1})
+    assert proto.parse_auth_request({"token": "t", "peerinfo": None}, LIMITS).peerinfo is (
+        proto.MISSING
+    )
+    with pytest.raises(proto.BadEvent, match="peerinfo is too large"):
+        proto.parse_auth_request({"token": "t", "peerinfo": "x" * 200}, LIMITS)
+
+
+def test_bodies_drop_missing_fields():
+    assert proto.body(room="r", payload=proto.MISSING, peerinfo=None) == {
+        "room": "r",
+        "peerinfo": None,
+    }
+    assert proto.peerinfo_of({}) is proto.MISSING
+    assert proto.error_body("m", "e") == {"message": "m", "event": "e"}
+
+
+def test_cluster_messages_round_trip():
+    snap = proto.Snapshot(
+        room="r",
+        token="t",
+        owner="a",
+        version=3,
+        members=(("a", proto.Member("n1", {})), ("b", proto.Member("n2", {"peerinfo": 1}))),
+        pending=(("c", proto.Pending("n3", {}, proto.MISSING)), ("d", proto.Pending("n1", {}, 0))),
+    )
+    for msg in [
+        proto.ClusterMessage(proto.ClusterOp.HANDOVER, "r", snapshot=snap),
+        proto.ClusterMessage(
+            proto.ClusterOp.JOIN_REQUEST, "r", sid="s", node="n", data={"peerinfo": None}
+        ),
+        proto.ClusterMessage(proto.ClusterOp.ADMIT, "r", sid="s", payload=None, hops=2),
+    ]:
+        assert proto.decode_cluster(proto.encode_cluster(msg)) == msg
+    with pytest.raises(ValueError):
+        proto.decode_cluster(b'{"op":"nope","room":"r"}')
