@@ -11,6 +11,7 @@ from typing import Any
 
 from polysignal import __version__
 from polysignal.config import FIELDS, ConfigError, Settings, config_table
+from polysignal.serverless import commands as serverless_commands
 
 
 def _flag(env: str) -> str:
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the signaling server")
     _add_setting_flags(serve)
     sub.add_parser("config-table", help="print the Markdown table of every setting")
+    serverless_commands.add_parsers(sub)
     return parser
 
 
@@ -64,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config-table":
         sys.stdout.write(config_table())
         return 0
+    if args.command in serverless_commands.COMMANDS:
+        return serverless_commands.run(args)
     try:
         settings = _settings_from(args)
     except ConfigError as exc:

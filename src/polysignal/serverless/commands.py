@@ -1,0 +1,69 @@
+"""The serverless subcommands of ``polysignal``: ``package-lambda`` and ``serverless-local``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+COMMANDS = ("package-lambda", "serverless-local")
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    package = sub.add_parser(
+        "package-lambda", help="build the AWS Lambda deployment zip of the serverless handler"
+    )
+    package.add_argument(
+        "--out", default="dist/lambda.zip", help="zip to write (default: dist/lambda.zip)"
+    )
+    local = sub.add_parser(
+        "serverless-local",
+        help="run the serverless handler behind a local WebSocket server (DynamoDB at "
+        "AWS_DYNAMODB_ENDPOINT)",
+    )
+    local.add_argument("--host", default=None, help="address to listen on [HOST, 127.0.0.1]")
+    local.add_argument("--port", type=int, default=None, help="TCP port [PORT, 4001]")
+    local.add_argument(
+        "--create-table",
+        action="store_true",
+        help="create TABLE_NAME (as template.yaml declares it) if it does not exist",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "package-lambda":
+        from polysignal.serverless.package import build_zip
+
+        out = Path(args.out)
+        names = build_zip(out)
+        print(f"wrote {out} ({len(names)} files, {out.stat().st_size} bytes)")
+        return 0
+    from polysignal import logs
+    from polysignal.config import ConfigError
+    from polysignal.serverless.settings import ServerlessSettings
+
+    try:
+        settings = ServerlessSettings.from_env()
+    except ConfigError as exc:
+        print(f"polysignal: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if (
+        settings.dynamodb_endpoint
+        and settings.access_key_id is None
+        and not os.environ.get("AWS_PROFILE")
+    ):
+        # DynamoDB Local and moto accept any signature, but boto3 will not sign without keys.
+        from polysignal.config import Secret
+
+        settings = dataclasses.replace(
+            settings, access_key_id=Secret("local"), secret_access_key=Secret("local")
+        )
+    logs.configure(settings.log_level)
+    from polysignal.serverless.local import DEFAULT_PORT, run_local
+
+    host = args.host or os.environ.get("HOST") or "127.0.0.1"
+    port = args.port if args.port is not None else int(os.environ.get("PORT") or DEFAULT_PORT)
+    run_local(settings, host, port, args.create_table)
+    return 0
