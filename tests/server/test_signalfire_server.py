@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from polysignal.backends import MemoryBackend, MemoryBus
+from polysignal.client.signalfire import Outcome, SignalFireError, connect
 from polysignal.server.signalfire import CLAIM_PREFIX, HUB_KEY
 
 from support import UNIT, RunningServer, assert_silent, node_settings, receive_json, running_server
@@ -513,3 +514,48 @@ async def test_shutdown_releases_every_id():
             await going.runner.cleanup()
             assert (await peer.closed()).data == 1001
         await watcher.expect_error("session-start", peer.id, None, "Peer Not Found")
+
+
+# --- the Python client against one node ---------------------------------------------------------
+
+
+async def test_python_client_outcomes():
+    """Errors raise with the server's message; reject, cancel and timeout reach the sessions."""
+    async with running_server(node_settings(session_timeout=0.3)) as srv:
+        a = await connect(srv.ws_url + "/")
+        b = await connect(srv.ws_url + "/signal-fire", subprotocol=None)
+        try:
+            with pytest.raises(SignalFireError, match="Peer Not Found"):
+                await a.create_session(UNKNOWN_ID)
+            with pytest.raises(SignalFireError, match="Can't Send to Yourself"):
+                await a.send_offer(a.id, OFFER)
+            session = await a.create_session(b.id)
+            incoming = await b.next_session()
+            await incoming.reject("not now")
+            end = await asyncio.wait_for(session.outcome(), 2 * UNIT)
+            assert (end.kind, end.reason) == (Outcome.REJECTED, "not now")
+
+            session = await a.create_session(b.id)
+            incoming = await b.next_session()
+            await session.cancel()
+            end = await asyncio.wait_for(incoming.outcome(), 2 * UNIT)
+            assert end.kind is Outcome.CANCELLED
+
+            session = await a.create_session(b.id)
+            incoming = await b.next_session()
+            ends = await asyncio.wait_for(
+                asyncio.gather(session.outcome(), incoming.outcome()), 2 * UNIT
+            )
+            assert [e.kind for e in ends] == [Outcome.TIMED_OUT, Outcome.TIMED_OUT]
+        finally:
+            await a.close()
+            await b.close()
+        assert a.closed.is_set()
+        with pytest.raises(SignalFireError, match="connection closed"):
+            await a.create_session(b.id)
+
+
+async def test_python_client_refuses_a_server_that_does_not_echo(server):
+    """Like the published client: an offered subprotocol that is not echoed is refused."""
+    with pytest.raises(SignalFireError, match="did not accept subprotocol"):
+        await connect(server.ws_url + "/signal-fire", subprotocol="Signal-Fire@9")

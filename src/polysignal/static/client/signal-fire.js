@@ -94,7 +94,12 @@ export class IncomingSession extends Session {
   // other side's offer always finds it. Resolves to that connection.
   async accept () {
     const pc = this.client._link(this.peer, true).pc
-    await this.client.request('session-accept', this.peer)
+    try {
+      await this.client.request('session-accept', this.peer)
+    } catch (err) {
+      this.client._unlink(this.peer)
+      throw err
+    }
     this._end('accepted', pc)
     return pc
   }
@@ -241,6 +246,12 @@ export class Client extends EventTarget {
       this.links.set(peer, link)
     }
     return link
+  }
+
+  _unlink (peer) {
+    this.links.get(peer)?.pc.close()
+    this.links.delete(peer)
+    this.signalChains.delete(peer)
   }
 
   _error (err) {
