@@ -559,3 +559,29 @@ async def test_python_client_refuses_a_server_that_does_not_echo(server):
     """Like the published client: an offered subprotocol that is not echoed is refused."""
     with pytest.raises(SignalFireError, match="did not accept subprotocol"):
         await connect(server.ws_url + "/signal-fire", subprotocol="Signal-Fire@9")
+
+
+async def test_malformed_relays_from_other_nodes_are_dropped(caplog):
+    """What arrives on the bus for Signal-Fire is checked; bad envelopes are logged, not fatal."""
+    bus = MemoryBus()
+    async with running_server(backend=MemoryBackend("node-1", bus)) as srv:
+        a, b = await join(srv), await join(srv)
+        other = MemoryBackend("node-2", bus)
+        await other.start()
+        for payload in [
+            b"not json",
+            b"[]",
+            orjson.dumps({"to": b.id}),
+            orjson.dumps({"to": 5, "message": {}}),
+            orjson.dumps({"to": b.id, "message": "text"}),
+        ]:
+            assert await other.send_direct("node-1", "signalfire", payload)
+        assert await other.send_direct("node-1", "signalfire-undeliverable", b"{}")
+        # A well-formed one still gets through, after the bad ones.
+        good = {"to": b.id, "message": {"id": "x", "cmd": "session-accept", "origin": a.id}}
+        assert await other.send_direct("node-1", "signalfire", orjson.dumps(good))
+        assert await b.next() == good["message"]
+        await assert_silent(a.ws)
+        assert "malformed" in caplog.text
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        await other.close()

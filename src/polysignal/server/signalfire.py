@@ -253,9 +253,12 @@ class SignalFireHub:
         peer = self.peers.get(target)
         if peer is None or peer.conn.closing:
             return False
-        if message.get("cmd") in (Cmd.SESSION_ACCEPT, Cmd.SESSION_REJECT):
+        origin = message.get("origin")
+        if message.get("cmd") in (Cmd.SESSION_ACCEPT, Cmd.SESSION_REJECT) and isinstance(
+            origin, str
+        ):
             # The target of this relay started the session: it is answered.
-            self._settle(target, message["origin"])
+            self._settle(target, origin)
         return peer.conn.send_text(proto.encode(message))
 
     async def _route(self, target: str, message: dict[str, Any]) -> bool:
