@@ -247,6 +247,12 @@ class NodeProcess:
         return f"ws://127.0.0.1:{self.port}"
 
     def start(self, wait_ready: bool = True) -> NodeProcess:
+        self.launch()
+        self.wait_http("/healthz" if not wait_ready else "/readyz")
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to answer."""
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "polysignal", "serve", *self.args],
@@ -254,8 +260,10 @@ class NodeProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        self.wait_http("/healthz" if not wait_ready else "/readyz")
-        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def wait_http(self, path: str, timeout: float = 20 * UNIT) -> None:
         deadline = time.monotonic() + timeout
@@ -299,8 +307,10 @@ def node_processes(count: int, env: dict[str, str]) -> Iterator[list[NodeProcess
     """``count`` node processes sharing ``env`` (e.g. one REDIS_URL), stopped after the block."""
     nodes = [NodeProcess(env) for _ in range(count)]
     try:
+        for node in nodes:  # start together: each takes a moment to import and connect
+            node.launch()
         for node in nodes:
-            node.start()
+            node.wait_http("/readyz")
         yield nodes
     finally:
         for node in nodes:

@@ -23,7 +23,8 @@ pipeline (one round trip per batch, not per message); ``topic_clients`` answers 
 Staleness bound of ``clients``: a change on another node reaches the cache with its presence
 notice (one Redis hop); a cached count is re-read at most ``presence_cache_ttl`` after it was
 read, which also bounds a missed notice; a killed node's counts are gone ``presence_ttl`` after
-its last refresh (plus ``presence_cache_ttl``).
+its last refresh (plus ``presence_cache_ttl``). While Redis is away ``clients`` is the local
+count: those are the peers a publish can reach.
 
 Ordering guarantee: a node SUBSCRIBEs to a topic's channel and waits for Redis to confirm before
 it writes its presence for that topic, so once presence is visible the node receives every later
@@ -312,7 +313,8 @@ class RedisBackend(Backend):
         if entry is not None and entry.expires > time.monotonic():
             return local_count + entry.total
         if not self._connected:
-            return local_count + (entry.total if entry is not None else 0)
+            # Only this node's peers can be reached while Redis is away; count those.
+            return local_count
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 entry = await self._read_presence(key)
@@ -462,6 +464,7 @@ class RedisBackend(Backend):
         """Forget the connection's state; fail what waited on it; drop queued publishes."""
         self._connected = False
         self._subscribed.clear()
+        self._cache.clear()
         self._sub_pending = 0
         if self._sub_done is not None and not self._sub_done.done():
             self._sub_done.set_exception(BackendUnavailable("Redis connection lost"))
@@ -609,18 +612,19 @@ class RedisBackend(Backend):
         commands: list[tuple[Any, ...]] = []
         for key in keys:
             count = self._local.get(key, 0)
+            # The notice goes first: a node that can see the new hash has already been sent
+            # the notice, so its cached count is not behind what a reader of Redis sees.
             if count > 0:
                 if topic_channel(self.prefix, *key) not in self._subscribed:
                     self._dirty[key] = None  # became active during the await: next round
                     continue
+                commands.append(("PUBLISH", self._presence_channel, self._notice(key, count)))
                 commands += self._hset(key, count)
                 self._asserted.add(key)
             elif key in self._asserted:
+                commands.append(("PUBLISH", self._presence_channel, self._notice(key, count)))
                 commands.append(("HDEL", presence_key(*key), self.node_id))
                 self._asserted.discard(key)
-            else:
-                continue
-            commands.append(("PUBLISH", self._presence_channel, self._notice(key, count)))
         for start in range(0, len(commands), MAX_BATCH):
             self._check(await _execute(writer, commands[start : start + MAX_BATCH]))
         gone = []
@@ -639,10 +643,10 @@ class RedisBackend(Backend):
             if topic_channel(self.prefix, *key) not in self._subscribed:
                 self._dirty[key] = None  # not subscribed yet: the writer handles it
                 continue
-            commands += self._hset(key, count)
-            self._asserted.add(key)
             if announce:
                 commands.append(("PUBLISH", self._presence_channel, self._notice(key, count)))
+            commands += self._hset(key, count)
+            self._asserted.add(key)
         for key in [k for k in self._asserted if k not in self._local and k not in self._dirty]:
             commands.append(("HDEL", presence_key(*key), self.node_id))
             self._asserted.discard(key)
