@@ -4,19 +4,26 @@ for driving the handler, and a recording stand-in for the API Gateway Management
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import aiohttp
 import yaml
+from aiohttp import web
 
+from polysignal.config import Settings
+from polysignal.serverless.local import create_local_app
 from polysignal.serverless.service import SignalingHandler
+from polysignal.serverless.settings import ServerlessSettings
 
 from support import ROOT, free_port
 
@@ -207,3 +214,41 @@ class Client:
 
     def frames(self) -> list[Any]:
         return self.management.frames(self.id)
+
+
+@contextlib.asynccontextmanager
+async def running_local(env: Mapping[str, str]) -> AsyncIterator[LocalServer]:
+    """``serverless-local``'s app, configured from ``env``, on a free loopback port."""
+    settings = ServerlessSettings.from_env(env)
+    app = create_local_app(settings, Settings(log_level="WARNING"))
+    runner = web.AppRunner(app, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    session = aiohttp.ClientSession()
+    server = LocalServer(port, session)
+    try:
+        yield server
+    finally:
+        for ws in server.sockets:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        await session.close()
+        await runner.cleanup()
+
+
+@dataclass
+class LocalServer:
+    port: int
+    session: aiohttp.ClientSession
+    sockets: list[aiohttp.ClientWebSocketResponse] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def ws(self, **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
+        ws = await self.session.ws_connect(f"ws://127.0.0.1:{self.port}/", **kwargs)
+        self.sockets.append(ws)
+        return ws

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import boto3
@@ -23,9 +23,11 @@ from serverless.awslocal import (
     FAKE_CREDENTIALS,
     REGION,
     Client,
+    LocalServer,
     ManagementApi,
     create_table_kwargs,
     load_template,
+    running_local,
     scan_items,
     table_resource,
 )
@@ -161,3 +163,10 @@ def clients(handler: SignalingHandler, management: ManagementApi) -> Callable[[i
         return [Client(handler, management, cid).connect() for cid in ids]
 
     return make
+
+
+@pytest.fixture
+async def local(lambda_env: dict[str, str]) -> AsyncIterator[LocalServer]:
+    """``serverless-local`` on a free port, on moto's DynamoDB and this test's table."""
+    async with running_local(lambda_env) as server:
+        yield server

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 COMMANDS = ("package-lambda", "serverless-local")
+DEFAULT_ZIP = "dist/lambda.zip"
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -16,7 +17,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "package-lambda", help="build the AWS Lambda deployment zip of the serverless handler"
     )
     package.add_argument(
-        "--out", default="dist/lambda.zip", help="zip to write (default: dist/lambda.zip)"
+        "--out", default=DEFAULT_ZIP, help=f"zip to write (default: {DEFAULT_ZIP})"
     )
     local = sub.add_parser(
         "serverless-local",
