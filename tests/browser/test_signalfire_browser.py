@@ -16,6 +16,7 @@ pytestmark = pytest.mark.timeout(90)
 def check(result: dict[str, object]) -> None:
     assert "error" not in result, result
     assert result["notFound"] == "Peer Not Found"
+    assert result["rejectedWith"] == "busy right now"
     assert result["receivedByB"] == "hello from A"
     assert result["reply"] == "echo: hello from A"
     assert result["sessionOrigin"] == result["aId"]

@@ -54,11 +54,15 @@ try {
         })
       })
     })
-    return client.id
-  }, wsUrl(baseB))
+    // A second client on the same page turns every session down with a reason.
+    const busy = await window.sf.connect(url, { iceServers: [] })
+    busy.addEventListener('session', (ev) => ev.detail.reject('busy right now'))
+    return [client.id, busy.id]
+  }, wsUrl(baseB)).then(([bId, busyId]) => { result.busyId = busyId; return bId })
 
-  // A: an unknown id is refused with the server's error, then a session to B carries a message.
-  Object.assign(result, await a.page.evaluate(async ({ url, target }) => {
+  // A: an unknown id is refused with the server's error, B's busy client rejects with a reason,
+  // then a session to B carries a message both ways.
+  Object.assign(result, await a.page.evaluate(async ({ url, target, busyId }) => {
     const client = await window.sf.connect(url, { iceServers: [] })
     let notFound = null
     try {
@@ -66,6 +70,11 @@ try {
     } catch (err) {
       notFound = err.message
     }
+    const declined = await client.createSession(busyId)
+    const rejectedWith = await new Promise((resolve, reject) => {
+      setTimeout(() => reject(new Error('no rejection within 10 s')), 10000)
+      declined.addEventListener('rejected', (ev) => resolve(ev.detail))
+    })
     const session = await client.createSession(target)
     const reply = await new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error('no echo within 20 s')), 20000)
@@ -78,8 +87,10 @@ try {
         channel.addEventListener('message', (m) => { clearTimeout(timer); resolve(m.data) })
       })
     })
-    return { aId: client.id, notFound, reply, iceServers: client.configuration.iceServers }
-  }, { url: wsUrl(baseA), target: result.bId }))
+    return {
+      aId: client.id, notFound, rejectedWith, reply, iceServers: client.configuration.iceServers
+    }
+  }, { url: wsUrl(baseA), target: result.bId, busyId: result.busyId }))
 
   result.receivedByB = await b.page.evaluate(() => window.received)
   result.sessionOrigin = await b.page.evaluate(() => window.sessionOrigin)

@@ -170,6 +170,8 @@ async def test_browsers_on_two_nodes(nodes):
     chromium_ready()
     result = await run_node("signalfire_browser.mjs", nodes[0].url, nodes[1].url, timeout=60)
     assert "error" not in result, result
+    assert result["notFound"] == "Peer Not Found"
+    assert result["rejectedWith"] == "busy right now"
     assert result["receivedByB"] == "hello from A"
     assert result["reply"] == "echo: hello from A"
     assert result["sessionOrigin"] == result["aId"]
