@@ -123,6 +123,7 @@ class SignalFireHub:
             peer = await self._register(conn, legacy)
             if peer is None:
                 conn.close(CloseCode.TRY_AGAIN_LATER, "no free id")
+                await conn.wait_closed()
                 return conn.ws
             try:
                 conn.send_text(proto.encode_welcome(peer.id, self.settings.ice_servers))
@@ -155,6 +156,9 @@ class SignalFireHub:
                 # Backend down: serve the peer locally; the renew loop claims the id later.
                 log.warning("cannot claim id %s (%s); serving it locally for now", peer.id, exc)
                 return peer
+            except BaseException:
+                del self.peers[peer.id]
+                raise
             if peer.claimed:
                 log.debug("%r is %s", conn, peer.id)
                 return peer
@@ -188,7 +192,7 @@ class SignalFireHub:
             return
         if not allowed:
             if conn.should_report_rate_limit():
-                log.info("%r over the rate limit; refusing requests", conn)
+                log.warning("%r over the rate limit; refusing requests", conn)
             conn.send_text(proto.encode_error(parsed.id, ErrorText.RATE_LIMITED))
             return
         try:
@@ -217,6 +221,15 @@ class SignalFireHub:
         target: str = request.target
         # The ack goes out first (§3.4): a reply from the target can never overtake it.
         conn.send_text(proto.encode_ack(request.id))
+        # The timer starts before the relay leaves: an answer may come back before the send
+        # to another node has even been confirmed.
+        match request.cmd:
+            case Cmd.SESSION_START:
+                self._start_timer(peer.id, target)
+            case Cmd.SESSION_CANCEL:
+                self._settle(peer.id, target)
+            case _:
+                pass
         message = proto.relayed(request, peer.id)
         if node_id is None:
             delivered = self._deliver_local(target, message)
@@ -225,15 +238,9 @@ class SignalFireHub:
                 node_id, target, message, requester=peer.id, request_id=request.id
             )
         if not delivered:
-            conn.send_text(proto.encode_error(request.id, ErrorText.PEER_OFFLINE))
-            return
-        match request.cmd:
-            case Cmd.SESSION_START:
-                self._start_timer(peer.id, target)
-            case Cmd.SESSION_CANCEL:
+            if request.cmd is Cmd.SESSION_START:
                 self._settle(peer.id, target)
-            case _:
-                pass
+            conn.send_text(proto.encode_error(request.id, ErrorText.PEER_OFFLINE))
 
     async def _locate(self, target: Any) -> tuple[TargetState, str | None]:
         """The target's state, and the node holding it when that is another node."""
