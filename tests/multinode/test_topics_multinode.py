@@ -8,6 +8,9 @@ cluster's own faults: a node stopped or killed, Redis down at start or restarted
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import re
 import signal
 import socket
 import uuid
@@ -350,3 +353,80 @@ async def wait_presence_total(r: aioredis.Redis, topic: str, total: int) -> None
         return sum(int(v) for v in counts.values()) == total
 
     await eventually(reached, f"{total} subscribers of {topic} in Redis")
+
+
+def test_workers_refused_on_the_memory_backend():
+    """N > 1 workers cannot share peers without Redis: a clear error, exit status 2."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BACKEND")}
+    result = subprocess.run(
+        [sys.executable, "-m", "polysignal", "serve", "--workers", "2", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30 * UNIT,
+    )
+    assert result.returncode == 2
+    assert "--workers > 1 needs a shared backend" in result.stderr
+
+
+def worker_pids(node: NodeProcess) -> dict[int, int]:
+    """Worker index -> pid, from the parent's log lines (the latest start of each)."""
+    pids: dict[int, int] = {}
+    for match in re.finditer(r"worker (\d+)/\d+ started \(pid (\d+)\)", node.log()):
+        pids[int(match[1])] = int(match[2])
+    return pids
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+async def test_worker_restarted_and_orphans_stop(r, env, uid, session):
+    """A killed worker is replaced (same node id); when the parent is killed, the workers stop
+    by themselves and remove their presence."""
+    node_id = f"w{uid}"
+    node = NodeProcess({**env, "NODE_ID": node_id}, args=["--workers", "2"])
+    topic = f"orphans-{uid}"
+    try:
+        node.start()
+        first = worker_pids(node)
+        assert sorted(first) == [1, 2]
+        os.kill(first[1], signal.SIGKILL)
+
+        async def replaced() -> bool:
+            pids = worker_pids(node)
+            return pids.get(1, first[1]) != first[1]
+
+        await eventually(replaced, "worker 1 restarted")
+        node.wait_http("/readyz")
+        assert "worker 1 exited unexpectedly" in node.log()
+        pids = worker_pids(node)
+        # Subscribers on the workers, so each has presence to remove.
+        clients = [await session.ws_connect(node.ws_url) for _ in range(6)]
+        for ws in clients:
+            await subscribe(ws, topic)
+            await sync(ws)
+        await wait_presence_total(r, topic, 6)
+        node.stop(signal.SIGKILL)  # the parent only
+
+        async def workers_gone() -> bool:
+            return not any(pid_alive(pid) for pid in pids.values())
+
+        await eventually(workers_gone, "orphaned workers stopped")
+        counts = await r.hgetall(f"topic:presence:{topic}")
+        assert counts == {}, "each worker removed its presence on the way out"
+    finally:
+        node.stop()
+        for pid in worker_pids(node).values():
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
