@@ -3,14 +3,18 @@
 ``polysignal.serverless.handler`` is the Lambda handler (template.yaml); it is configured from
 the environment on the first invocation and reused while the Lambda stays warm. See
 docs/serverless.md for deployment, the table design, local mode and every variable.
+
+The handler's modules are imported on first use, so ``polysignal``'s command line can offer the
+serverless subcommands without loading them.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from polysignal.serverless.service import Response, SignalingHandler, build_handler
+if TYPE_CHECKING:
+    from polysignal.serverless.service import Response, SignalingHandler, build_handler
 
 __all__ = ["SignalingHandler", "build_handler", "handler"]
 
@@ -24,5 +28,15 @@ def handler(event: Any, context: Any = None) -> Response:
     if _handler is None:
         with _lock:
             if _handler is None:
+                from polysignal.serverless.service import build_handler
+
                 _handler = build_handler()
     return _handler(event, context)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("SignalingHandler", "build_handler"):
+        from polysignal.serverless import service
+
+        return getattr(service, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

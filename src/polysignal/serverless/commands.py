@@ -42,11 +42,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({len(names)} files, {out.stat().st_size} bytes)")
         return 0
     from polysignal import logs
-    from polysignal.config import ConfigError
+    from polysignal.config import ConfigError, Settings
     from polysignal.serverless.settings import ServerlessSettings
 
     try:
         settings = ServerlessSettings.from_env()
+        # The local sockets get the server's per-connection limits (rate, send buffer, ping).
+        server_settings = Settings.from_env()
     except ConfigError as exc:
         print(f"polysignal: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -66,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
 
     host = args.host or os.environ.get("HOST") or "127.0.0.1"
     port = args.port if args.port is not None else int(os.environ.get("PORT") or DEFAULT_PORT)
-    run_local(settings, host, port, args.create_table)
+    run_local(settings, server_settings, host, port, args.create_table)
     return 0

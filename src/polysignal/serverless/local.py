@@ -57,7 +57,10 @@ class LocalSender:
         conn = self.connections.get(connection_id)
         if conn is None or conn.closing:
             return Delivery.GONE
-        self.loop.call_soon_threadsafe(conn.send_text, data)
+        try:
+            self.loop.call_soon_threadsafe(conn.send_text, data)
+        except RuntimeError:  # the server's loop has closed: every connection is gone
+            return Delivery.GONE
         return Delivery.SENT
 
 
@@ -229,6 +232,7 @@ async def serve_local(
     port: int,
     *,
     create_table: bool = False,
+    server_settings: Settings | None = None,
     on_listening: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
@@ -239,7 +243,7 @@ async def serve_local(
     if create_table:
         created = await asyncio.to_thread(store.create_table)
         log.info("table %s %s", settings.table_name, "created" if created else "already exists")
-    app = create_local_app(settings, Settings.from_env(), store)
+    app = create_local_app(settings, server_settings or Settings.from_env(), store)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -267,6 +271,16 @@ async def serve_local(
         log.info("stopped")
 
 
-def run_local(settings: ServerlessSettings, host: str, port: int, create_table: bool) -> None:
+def run_local(
+    settings: ServerlessSettings,
+    server_settings: Settings,
+    host: str,
+    port: int,
+    create_table: bool,
+) -> None:
     """Blocking entry point of ``polysignal serverless-local``."""
-    asyncio.run(serve_local(settings, host, port, create_table=create_table))
+    asyncio.run(
+        serve_local(
+            settings, host, port, create_table=create_table, server_settings=server_settings
+        )
+    )
