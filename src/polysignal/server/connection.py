@@ -1,8 +1,13 @@
 """One WebSocket peer and its single write path (STYLE.md habit 2).
 
-Writes never await: frames go straight to the transport, and a peer whose unsent bytes pass
+Writes never await: frames go to the transport, and a peer whose unsent bytes pass
 ``send_buffer_bytes`` is closed with 1013 instead of growing memory, so fan-out never waits on the
 slowest peer (DESIGN.md §4, slow consumers).
+
+The connections of one event loop share a ``WriteBatch``: the frames a peer is sent during one
+loop iteration go out as one ``transport.write`` at its end. Profiling the fan-out benchmark
+(bench/README.md) showed one ``send()`` system call per subscriber per publish as the largest cost;
+under load a peer receives several publishes per iteration, and batching turns them into one call.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import itertools
 import logging
 import time
+import weakref
 from contextlib import suppress
 from typing import Any
 
@@ -36,14 +42,56 @@ class WebSocket(web.WebSocketResponse):
         return await super().close(code=code, message=message, drain=drain)
 
 
+class WriteBatch:
+    """The connections sent frames during this event-loop iteration; flushed at its end."""
+
+    __slots__ = ("_dirty", "_scheduled")
+
+    def __init__(self) -> None:
+        self._dirty: list[Connection] = []
+        self._scheduled = False
+
+    def add(self, conn: Connection) -> None:
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            try:
+                conn.flush()
+            except Exception:  # one broken transport must not hold back the others' frames
+                log.exception("%r: flushing its frames failed", conn)
+
+
+_batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WriteBatch] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def loop_batch() -> WriteBatch:
+    """The running loop's WriteBatch (one per loop, so in-process test nodes stay apart)."""
+    loop = asyncio.get_running_loop()
+    batch = _batches.get(loop)
+    if batch is None:
+        batch = _batches[loop] = WriteBatch()
+    return batch
+
+
 class Connection:
     """A prepared WebSocket with its rate limiter and bounded output."""
 
     __slots__ = (
         "__weakref__",
+        "_batch",
         "_bucket",
         "_close_task",
         "_last_rate_error",
+        "_pending",
+        "_pending_bytes",
         "address",
         "closing",
         "id",
@@ -64,6 +112,7 @@ class Connection:
         max_buffer: int,
         rate: float,
         burst: int,
+        batch: WriteBatch | None = None,
     ) -> None:
         self.id = next(_ids)
         self.ws = ws
@@ -75,6 +124,9 @@ class Connection:
         self._bucket = TokenBucket(rate, burst, time.monotonic())
         self._last_rate_error = 0.0
         self._close_task: asyncio.Task[None] | None = None
+        self._batch = batch if batch is not None else loop_batch()
+        self._pending: list[bytes] | None = None
+        self._pending_bytes = 0
         # Free slot for the protocol handler's per-connection state.
         self.state: Any = None
 
@@ -86,11 +138,38 @@ class Connection:
         """Write a prebuilt frame (see ``frames.build_frame``); False if the peer is gone."""
         if self.closing:
             return False
-        transport = self.transport
-        if transport.is_closing():
+        if self.transport.is_closing():
             self.closing = True
             return False
-        transport.write(frame)
+        pending = self._pending
+        if pending is None:
+            self._pending = [frame]
+            self._pending_bytes = len(frame)
+            self._batch.add(self)
+        else:
+            pending.append(frame)
+            self._pending_bytes += len(frame)
+            if self._pending_bytes > self.max_buffer:
+                # Held frames count against the send buffer too: write them now, so a flood
+                # within one iteration closes a peer that does not read, as single writes would.
+                self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Write the frames held since the last flush, in order, as one write."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        # Frames queued before ``close()`` still go out; after the closing frame (aiohttp
+        # answers a client's close at once) nothing may be sent (RFC 6455 §5.5.1).
+        if self.transport.is_closing() or self.ws.closed:
+            return
+        self._write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def _write(self, data: bytes) -> bool:
+        transport = self.transport
+        transport.write(data)
         if transport.get_write_buffer_size() > self.max_buffer:
             log.warning("%r is not reading: %d bytes unsent, closing", self, self.max_buffer)
             self.close(CloseCode.TRY_AGAIN_LATER, "send buffer full", grace=1.0)
