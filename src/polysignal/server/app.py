@@ -19,7 +19,7 @@ from aiohttp import hdrs, web
 
 from polysignal.backends import Backend, create_backend
 from polysignal.config import Settings
-from polysignal.server import signalfire, topics
+from polysignal.server import relay, rooms, signalfire, topics
 from polysignal.server.node import Node
 
 log = logging.getLogger("polysignal.server")
@@ -37,6 +37,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
     # The other protocols register their HTTP routes and WebSocket matchers here, in matching
     # order: Signal-Fire (by subprotocol, any path) first, then the relay paths, then rooms.
     signalfire.setup(app, node)
+    relay.setup(app, node)
+    rooms.setup(app, node)
 
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/healthz", _healthz)

@@ -1,0 +1,648 @@
+"""Serving the relay protocol (cevitxe-signal-server, @localfirst/relay) on its two endpoints.
+
+* ``/introduction/{peerId}``: Join/Leave/Heartbeat in any generation (protocols/relay.py); every
+  peer sharing a document with a joiner is introduced to it and it to them (PROTOCOLS.md §2.3).
+* ``/connection/{a}/{b}/{key}``: the first socket is held and what it sends is buffered; when
+  ``/connection/{b}/{a}/{key}`` arrives the buffer is flushed to it in order and the two are piped
+  both ways, byte-exact, each frame keeping its text/binary type; closing one closes the other
+  (PROTOCOLS.md §2.4).
+
+Fixes over the originals (DESIGN.md §5): bad input closes with a code and reason instead of
+throwing; the hold buffer is bounded in bytes (``RELAY_BUFFER_BYTES``) and time
+(``RELAY_WAIT_TIMEOUT``); a second socket for the same peer id or the same pipe request replaces
+the first cleanly (the old one is closed, and its cleanup cannot remove the new one).
+
+Across nodes, through the backend only:
+
+* each document id is a topic in the ``relay`` namespace whose presence is the number of local
+  peers that joined it; a Join is announced on the topics of the documents it names, and a node
+  with peers in them introduces both sides (the reverse introduction goes to the joiner's node
+  with ``send_direct``);
+* ``/introduction/{peerId}`` claims the peer id cluster-wide (lease renewed while connected), so a
+  newer socket on another node evicts the older one;
+* a ``/connection`` request claims one rendezvous name shared by both directions: the first
+  holds it, the second finds the holder's node and socket in the claim and is piped to it; frames
+  then cross with ``send_direct``, sent one after another by one coroutine per socket, so their
+  order is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import WSMsgType, web
+
+from polysignal.core.errors import ClientError, CloseCode, LimitExceeded
+from polysignal.core.relay import (
+    Directory,
+    HoldBuffer,
+    Introduction,
+    PipeToken,
+    peer_claim_key,
+    pipe_claim_key,
+)
+from polysignal.logs import elide
+from polysignal.protocols import relay as proto
+from polysignal.protocols.relay import Direct, Encoding, Generation
+from polysignal.server.connection import Connection
+from polysignal.server.frames import OP_BINARY, OP_TEXT, build_frame
+from polysignal.server.node import Node
+
+log = logging.getLogger("polysignal.relay")
+
+INTRODUCTION = "introduction"
+CONNECTION = "connection"
+MATCH_TIMEOUT = 5.0
+"""Seconds a ``/connection`` socket waits for the holder's node to confirm a cross-node pipe."""
+RENDEZVOUS_ATTEMPTS = 4
+BACKPRESSURE_POLL = 0.01
+BACKPRESSURE_WAIT = 30.0
+
+
+class PipeState(Enum):
+    RENDEZVOUS = "rendezvous"  # looking for the reciprocal request
+    HOLDING = "holding"  # first of the pair: buffering until the other arrives
+    PIPED = "piped"
+    CLOSED = "closed"
+
+
+@dataclass(eq=False)
+class PeerSocket:
+    """The current ``/introduction/{peer}`` socket of a peer."""
+
+    conn: Connection
+    peer: str
+    token: str
+    encoding: Encoding | None = None
+    generation: Generation | None = None
+
+
+@dataclass(eq=False)
+class PipeEnd:
+    """One ``/connection/{a}/{b}/{key}`` socket on this node."""
+
+    id: str
+    conn: Connection
+    a: str
+    b: str
+    key: str
+    buffer: HoldBuffer
+    state: PipeState = PipeState.RENDEZVOUS
+    partner: PipeEnd | None = None  # the other end, when it is on this node
+    remote: tuple[str, str] | None = None  # (node id, end id) when it is on another node
+    flush: asyncio.Task[None] | None = None  # sends the held frames to a remote partner
+    watchdog: asyncio.Task[None] | None = None
+    claim_key: str = field(init=False)
+    token: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.claim_key = pipe_claim_key(self.a, self.b, self.key)
+        self.token = PipeToken(self.a, self.id).encode()
+
+    def __repr__(self) -> str:
+        return f"<pipe {self.id} {self.state.value}>"
+
+
+def parse_path(raw_path: str) -> tuple[str, list[str]] | None:
+    """``/introduction/x`` -> ("introduction", ["x"]); None if the path is not the relay's.
+
+    Segments are split before percent-decoding, as Express does for route parameters.
+    """
+    parts = raw_path.split("/")
+    if len(parts) < 2 or parts[0] != "" or parts[1] not in (INTRODUCTION, CONNECTION):
+        return None
+    rest = parts[2:]
+    if rest and rest[-1] == "":
+        rest = rest[:-1]  # Express matches a trailing slash
+    return parts[1], [unquote(p) for p in rest]
+
+
+class RelayHub:
+    """This node's relay peers, held and piped sockets, and their links to other nodes."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        settings = node.settings
+        self.backend = node.backend
+        self.limits = proto.RelayLimits(
+            settings.max_topic_length, settings.max_topics_per_connection
+        )
+        self.directory = Directory(settings.max_topics_per_connection)
+        self.peers: dict[str, PeerSocket] = {}
+        self.ends: dict[str, PipeEnd] = {}
+        self.matching: dict[str, asyncio.Future[bool]] = {}
+        self.lease = float(max(settings.id_lease_ttl, 3))
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        self.backend.on_topic_message(self._on_announce, proto.NAMESPACE)
+        handlers = {
+            Direct.INTRODUCE: self._on_introduce,
+            Direct.EVICT_PEER: self._on_evict_peer,
+            Direct.MATCH: self._on_match,
+            Direct.MATCHED: self._on_matched,
+            Direct.NO_MATCH: self._on_no_match,
+            Direct.EVICT_PIPE: self._on_evict_pipe,
+            Direct.FRAME: self._on_frame,
+            Direct.CLOSE: self._on_close,
+        }
+        for kind, handler in handlers.items():
+            self.backend.on_direct(kind, handler)
+        node.shutdown_hooks.append(self.stop)
+
+    # --- routing ---
+    def matches(self, request: web.Request) -> bool:
+        return parse_path(request.rel_url.raw_path) is not None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        parsed = parse_path(request.rel_url.raw_path)
+        assert parsed is not None  # the matcher said so
+        endpoint, params = parsed
+        async with self.node.websocket(request, "relay") as conn:
+            try:
+                if endpoint == INTRODUCTION:
+                    await self._introduction(conn, params)
+                else:
+                    await self._connection(conn, params)
+            except ClientError as exc:
+                conn.close(exc.close_code, exc.message)
+            return conn.ws
+
+    # --- /introduction/{peerId} ---
+    async def _introduction(self, conn: Connection, params: list[str]) -> None:
+        if len(params) != 1:
+            raise ClientError("expected /introduction/{peerId}")
+        peer = params[0]
+        proto.check_id("peer id", peer, self.limits)
+        sock = PeerSocket(conn, peer, secrets.token_hex(8))
+        await self._register(sock)
+        try:
+            async for msg in conn.ws:
+                if msg.type is WSMsgType.TEXT:
+                    if not await self._on_intro_frame(sock, msg.data, Encoding.JSON):
+                        break
+                elif msg.type is WSMsgType.BINARY:
+                    if not await self._on_intro_frame(sock, msg.data, Encoding.MSGPACK):
+                        break
+                elif msg.type is WSMsgType.ERROR:
+                    log.debug("%r: %s", conn, conn.ws.exception())
+        finally:
+            await self._unregister(sock)
+
+    async def _on_intro_frame(
+        self, sock: PeerSocket, data: str | bytes, encoding: Encoding
+    ) -> bool:
+        """Handle one frame; False when the socket was closed for it."""
+        conn = sock.conn
+        if not conn.allow_message():
+            rate = self.node.settings.rate_limit
+            conn.close(CloseCode.POLICY_VIOLATION, f"rate limit exceeded ({rate:g} messages/s)")
+            return False
+        if sock.encoding is None:
+            sock.encoding = encoding
+        elif encoding is not sock.encoding:
+            # A connection answers in the encoding it started with (DESIGN.md §5).
+            expected = "msgpack binary" if sock.encoding is Encoding.MSGPACK else "JSON text"
+            conn.close(CloseCode.UNSUPPORTED_DATA, f"this connection speaks {expected} frames")
+            return False
+        try:
+            decoded = proto.decode(data, encoding, self.limits)
+        except ClientError as exc:
+            log.debug("%r: bad frame %s: %s", conn, elide(data), exc.message)
+            conn.close(exc.close_code, exc.message)
+            return False
+        if sock.generation is None:
+            sock.generation = decoded.generation
+        try:
+            match decoded.command:
+                case proto.Join() as join:
+                    await self._join(sock, join)
+                case proto.Leave() as leave:
+                    self._presence(self.directory.leave(sock.peer, leave.document_ids))
+                case proto.Heartbeat():
+                    pass
+        except ClientError as exc:
+            conn.close(exc.close_code, exc.message)
+            return False
+        except Exception:
+            log.exception("%r: error handling %s", conn, type(decoded.command).__name__)
+            conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return False
+        return True
+
+    async def _join(self, sock: PeerSocket, join: proto.Join) -> None:
+        if self.peers.get(sock.peer) is not sock:
+            return  # replaced by a newer socket; its frames no longer count
+        # DocumentLimitExceeded (a ClientError) leaves the peer's set unchanged and closes it.
+        added, removed, intros = self.directory.join(sock.peer, join.document_ids, join.leave)
+        self._presence(added + removed)
+        for intro in intros:
+            self._introduce(intro)
+        documents = self.directory.documents_of(sock.peer)
+        joined = tuple(doc for doc in join.document_ids if doc in documents)
+        if not joined:
+            return
+        announce = proto.encode_announce(
+            proto.Announce(self.node.node_id, sock.peer, joined, documents)
+        )
+        for doc in joined:
+            await self.backend.publish(doc, announce, proto.NAMESPACE)
+
+    def _introduce(self, intro: Introduction) -> None:
+        """Send ``intro`` to its local recipient in that recipient's generation."""
+        sock = self.peers.get(intro.to)
+        if sock is None or sock.generation is None:
+            return
+        frame = proto.encode_introduction(sock.generation, intro.peer, intro.documents)
+        if sock.generation is Generation.V4:
+            sock.conn.send_binary(frame)
+        else:
+            sock.conn.send_text(frame)
+
+    def _presence(self, documents: list[str]) -> None:
+        for doc in documents:
+            self.backend.local_count_changed(doc, self.directory.count(doc), proto.NAMESPACE)
+
+    async def _register(self, sock: PeerSocket) -> None:
+        """Make ``sock`` the peer's one socket in the cluster, evicting an older one."""
+        key = peer_claim_key(sock.peer)
+        for _ in range(RENDEZVOUS_ATTEMPTS):
+            if await self.backend.claim(key, sock.token, self.lease):
+                break
+            holder = await self.backend.lookup(key)
+            if holder is None:
+                continue
+            await self.backend.release(key, holder.token)
+            if holder.node_id == self.node.node_id:
+                self._evict_peer(sock.peer, holder.token)
+            else:
+                ref = proto.EndRef(sock.peer, holder.token)
+                await self.backend.send_direct(
+                    holder.node_id, Direct.EVICT_PEER, proto.encode_end(ref)
+                )
+        else:
+            log.warning(
+                "peer id %r: could not claim it cluster-wide; serving it locally", sock.peer
+            )
+        old = self.peers.get(sock.peer)
+        if old is not None:
+            self._evict_peer(sock.peer, old.token)
+        self.peers[sock.peer] = sock
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_peers())
+
+    def _evict_peer(self, peer: str, token: str) -> None:
+        old = self.peers.get(peer)
+        if old is None or old.token != token:
+            return
+        del self.peers[peer]
+        self._presence(self.directory.remove(peer))
+        old.conn.close(CloseCode.NORMAL, "replaced by a newer connection with the same peer id")
+
+    async def _unregister(self, sock: PeerSocket) -> None:
+        if self.peers.get(sock.peer) is not sock:
+            return  # already replaced: the newer socket's state is not ours to remove
+        del self.peers[sock.peer]
+        self._presence(self.directory.remove(sock.peer))
+        with contextlib.suppress(Exception):
+            await self.backend.release(peer_claim_key(sock.peer), sock.token)
+
+    async def _renew_peers(self) -> None:
+        """Keep this node's peer id claims alive; a claim lost to another node closes its socket."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            for sock in list(self.peers.values()):
+                try:
+                    ours = await self.backend.renew(
+                        peer_claim_key(sock.peer), sock.token, self.lease
+                    )
+                except Exception:
+                    log.warning("renewing the claim of peer %r failed", sock.peer, exc_info=True)
+                    continue
+                # Lost elsewhere without being told (e.g. a lost eviction message): yield.
+                if (
+                    not ours
+                    and self.peers.get(sock.peer) is sock
+                    and not await self.backend.claim(
+                        peer_claim_key(sock.peer), sock.token, self.lease
+                    )
+                ):
+                    self._evict_peer(sock.peer, sock.token)
+
+    # --- announcements and introductions from other nodes ---
+    def _on_announce(self, topic: str, payload: bytes) -> None:
+        try:
+            msg = proto.decode_announce(payload)
+        except ClientError:
+            log.warning("dropped a malformed relay announcement")
+            return
+        if msg.node == self.node.node_id:
+            return
+        replies: list[bytes] = []
+        for intro in self.directory.remote_introductions(
+            msg.peer, msg.joined, msg.documents, topic
+        ):
+            self._introduce(intro)
+            replies.append(
+                proto.encode_introduce(proto.Introduce(msg.peer, intro.to, intro.documents))
+            )
+        if replies:
+            self._spawn(self._send_all(msg.node, Direct.INTRODUCE, replies))
+
+    def _on_introduce(self, origin: str, payload: bytes) -> None:
+        msg = proto.decode_introduce(payload)
+        if msg.to not in self.peers:
+            return
+        common = self.directory.common(msg.to, msg.documents)
+        if common:
+            self._introduce(Introduction(msg.to, msg.peer, common))
+
+    def _on_evict_peer(self, origin: str, payload: bytes) -> None:
+        ref = proto.decode_end(payload)
+        self._evict_peer(ref.end, ref.other)
+
+    # --- /connection/{a}/{b}/{key} ---
+    async def _connection(self, conn: Connection, params: list[str]) -> None:
+        if len(params) != 3:
+            raise ClientError("expected /connection/{localId}/{remoteId}/{documentId}")
+        a, b, key = params
+        for what, value in (("local id", a), ("remote id", b), ("document id", key)):
+            proto.check_id(what, value, self.limits)
+        end = PipeEnd(
+            secrets.token_hex(8), conn, a, b, key, HoldBuffer(self.node.settings.relay_buffer_bytes)
+        )
+        self.ends[end.id] = end
+        try:
+            if not await self._rendezvous(end):
+                return
+            async for msg in conn.ws:
+                if msg.type is WSMsgType.TEXT:
+                    if not await self._pipe(end, OP_TEXT, msg.data.encode()):
+                        break
+                elif msg.type is WSMsgType.BINARY:
+                    if not await self._pipe(end, OP_BINARY, msg.data):
+                        break
+                elif msg.type is WSMsgType.ERROR:
+                    log.debug("%r: %s", conn, conn.ws.exception())
+        finally:
+            await self._end_closed(end)
+
+    async def _rendezvous(self, end: PipeEnd) -> bool:
+        """Hold ``end`` or pipe it to its held reciprocal, wherever that is; False if closed."""
+        backend = self.backend
+        for _ in range(RENDEZVOUS_ATTEMPTS):
+            if await backend.claim(end.claim_key, end.token, self.lease):
+                self._hold(end)
+                return True
+            holder = await backend.lookup(end.claim_key)
+            if holder is None:
+                continue  # released in between: try to claim again
+            token = PipeToken.decode(holder.token)
+            if token is None:
+                await backend.release(end.claim_key, holder.token)
+                continue
+            if token.seeker == end.a and end.a != end.b:
+                # The same request again: the newer socket replaces the held one (§2.4 fix).
+                await backend.release(end.claim_key, holder.token)
+                reason = "replaced by a newer connection request"
+                if holder.node_id == self.node.node_id:
+                    self._evict_end(token.end, reason)
+                else:
+                    ref = proto.encode_end(proto.EndRef(token.end, reason=reason))
+                    await backend.send_direct(holder.node_id, Direct.EVICT_PIPE, ref)
+                continue
+            if holder.node_id == self.node.node_id:
+                other = self.ends.get(token.end)
+                await backend.release(end.claim_key, holder.token)
+                if other is not None and other.state is PipeState.HOLDING:
+                    self._pipe_locally(other, end)
+                    return True
+                continue
+            if await self._match_remote(end, holder.node_id, token.end):
+                return True
+            await backend.release(end.claim_key, holder.token)
+        end.conn.close(CloseCode.TRY_AGAIN_LATER, "could not pair this connection request")
+        return False
+
+    def _hold(self, end: PipeEnd) -> None:
+        end.state = PipeState.HOLDING
+        end.watchdog = asyncio.get_running_loop().create_task(self._watch(end))
+        log.debug("holding %r for %s", end, end.claim_key)
+
+    async def _watch(self, end: PipeEnd) -> None:
+        """Close a held socket whose peer does not come in time; renew its claim meanwhile."""
+        wait = self.node.settings.relay_wait_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait if wait > 0 else None
+        while end.state is PipeState.HOLDING:
+            step = self.lease / 3
+            if deadline is not None:
+                step = min(step, deadline - loop.time())
+            if step > 0:
+                await asyncio.sleep(step)
+            if end.state is not PipeState.HOLDING:
+                return
+            if deadline is not None and loop.time() >= deadline:
+                end.conn.close(CloseCode.TRY_AGAIN_LATER, f"no peer connected within {wait:g} s")
+                return
+            with contextlib.suppress(Exception):
+                await self.backend.renew(end.claim_key, end.token, self.lease)
+
+    def _evict_end(self, end_id: str, reason: str) -> None:
+        end = self.ends.get(end_id)
+        if end is not None and end.state is PipeState.HOLDING:
+            end.state = PipeState.CLOSED
+            end.conn.close(CloseCode.NORMAL, reason)
+
+    def _pipe_locally(self, held: PipeEnd, arrived: PipeEnd) -> None:
+        """Flush what ``held`` buffered to ``arrived``, in order, then pipe them (§2.4)."""
+        self._stop_holding(held)
+        for opcode, data in held.buffer.take():
+            arrived.conn.send_frame(build_frame(data, opcode))
+        held.partner, arrived.partner = arrived, held
+        held.state = arrived.state = PipeState.PIPED
+        log.debug("piped %r <-> %r", held, arrived)
+
+    def _stop_holding(self, end: PipeEnd) -> None:
+        if end.watchdog is not None:
+            end.watchdog.cancel()
+            end.watchdog = None
+
+    async def _match_remote(self, end: PipeEnd, node_id: str, holder_end: str) -> bool:
+        """Ask ``node_id`` to pipe its held ``holder_end`` to ``end``; True once it has."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.matching[end.id] = future
+        try:
+            ref = proto.encode_end(proto.EndRef(holder_end, end.id))
+            if not await self.backend.send_direct(node_id, Direct.MATCH, ref):
+                return False
+            try:
+                async with asyncio.timeout(MATCH_TIMEOUT):
+                    matched = await future
+            except TimeoutError:
+                log.warning("node %s did not answer a pipe match in %g s", node_id, MATCH_TIMEOUT)
+                return False
+        finally:
+            self.matching.pop(end.id, None)
+        if matched:
+            end.remote = (node_id, holder_end)
+            end.state = PipeState.PIPED
+            log.debug("piped %r <-> %s on node %s", end, holder_end, node_id)
+        return matched
+
+    def _on_match(self, origin: str, payload: bytes) -> None:
+        ref = proto.decode_end(payload)
+        end = self.ends.get(ref.end)
+        if end is None or end.state is not PipeState.HOLDING:
+            reply = proto.encode_end(proto.EndRef(ref.other))
+            self._spawn(self._send_all(origin, Direct.NO_MATCH, [reply]))
+            return
+        self._stop_holding(end)
+        end.state = PipeState.PIPED
+        end.remote = (origin, ref.other)
+        frames = end.buffer.take()
+        end.flush = asyncio.get_running_loop().create_task(self._flush_remote(end, frames))
+
+    async def _flush_remote(self, end: PipeEnd, frames: list[tuple[int, bytes]]) -> None:
+        """Confirm the match, then send the held frames in order; later frames wait for this."""
+        assert end.remote is not None
+        node_id, other = end.remote
+        matched = proto.encode_end(proto.EndRef(other, end.id))
+        messages = [(Direct.MATCHED, matched)]
+        messages += [
+            (Direct.FRAME, proto.encode_frame(proto.PipedFrame(other, op, data)))
+            for op, data in frames
+        ]
+        for kind, payload in messages:
+            if not await self.backend.send_direct(node_id, kind, payload):
+                end.conn.close(CloseCode.TRY_AGAIN_LATER, "the peer's node is unreachable")
+                return
+        with contextlib.suppress(Exception):
+            await self.backend.release(end.claim_key, end.token)
+
+    def _on_matched(self, origin: str, payload: bytes) -> None:
+        future = self.matching.get(proto.decode_end(payload).end)
+        if future is not None and not future.done():
+            future.set_result(True)
+
+    def _on_no_match(self, origin: str, payload: bytes) -> None:
+        future = self.matching.get(proto.decode_end(payload).end)
+        if future is not None and not future.done():
+            future.set_result(False)
+
+    def _on_evict_pipe(self, origin: str, payload: bytes) -> None:
+        ref = proto.decode_end(payload)
+        self._evict_end(ref.end, ref.reason)
+
+    def _on_frame(self, origin: str, payload: bytes) -> None:
+        frame = proto.decode_frame(payload)
+        end = self.ends.get(frame.end)
+        if end is not None and frame.opcode in (OP_TEXT, OP_BINARY):
+            end.conn.send_frame(build_frame(frame.data, frame.opcode))
+
+    def _on_close(self, origin: str, payload: bytes) -> None:
+        end = self.ends.get(proto.decode_end(payload).end)
+        if end is not None:
+            end.remote = None  # the other end is gone: nothing to tell it
+            end.conn.close(CloseCode.NORMAL, "peer closed")
+
+    async def _pipe(self, end: PipeEnd, opcode: int, data: bytes) -> bool:
+        """Forward (or hold) one frame from ``end``'s client; False when ``end`` was closed."""
+        match end.state:
+            case PipeState.HOLDING:
+                try:
+                    end.buffer.add(opcode, data)
+                except LimitExceeded as exc:
+                    end.conn.close(CloseCode.POLICY_VIOLATION, exc.message)
+                    return False
+                return True
+            case PipeState.PIPED if end.partner is not None:
+                partner = end.partner
+                partner.conn.send_frame(build_frame(data, opcode))
+                await self._backpressure(partner.conn)
+                return True
+            case PipeState.PIPED if end.remote is not None:
+                if end.flush is not None and not end.flush.done():
+                    await end.flush  # the held frames go first
+                node_id, other = end.remote
+                piped = proto.encode_frame(proto.PipedFrame(other, opcode, data))
+                if not await self.backend.send_direct(node_id, Direct.FRAME, piped):
+                    end.conn.close(CloseCode.TRY_AGAIN_LATER, "the peer's node is unreachable")
+                    return False
+                return True
+        return False
+
+    async def _backpressure(self, conn: Connection) -> None:
+        """Stop reading from a pipe's sender while its receiver has much unsent data, so a slow
+        reader slows the writer instead of being cut off (bounded wait)."""
+        limit = conn.max_buffer // 2
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BACKPRESSURE_WAIT
+        # aiohttp offers no public drain for a WebSocketResponse's transport: poll, bounded.
+        while (  # noqa: ASYNC110
+            not conn.closing
+            and conn.transport.get_write_buffer_size() > limit
+            and loop.time() < deadline
+        ):
+            await asyncio.sleep(BACKPRESSURE_POLL)
+
+    async def _end_closed(self, end: PipeEnd) -> None:
+        was = end.state
+        end.state = PipeState.CLOSED
+        self.ends.pop(end.id, None)
+        self._stop_holding(end)
+        if was is PipeState.HOLDING:
+            with contextlib.suppress(Exception):
+                await self.backend.release(end.claim_key, end.token)
+        partner = end.partner
+        if partner is not None:
+            partner.partner = None
+            partner.conn.close(CloseCode.NORMAL, "peer closed")
+        if end.remote is not None:
+            node_id, other = end.remote
+            if end.flush is not None:
+                with contextlib.suppress(Exception):
+                    await end.flush
+            with contextlib.suppress(Exception):
+                await self.backend.send_direct(
+                    node_id, Direct.CLOSE, proto.encode_end(proto.EndRef(other))
+                )
+
+    # --- tasks ---
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_all(self, node_id: str, kind: str, payloads: list[bytes]) -> None:
+        for payload in payloads:
+            try:
+                await self.backend.send_direct(node_id, kind, payload)
+            except Exception:
+                log.warning("relay: sending %s to node %s failed", kind, node_id, exc_info=True)
+                return
+
+    async def stop(self) -> None:
+        """Shutdown hook: stop the lease renewal and the pending sends."""
+        tasks = list(self._tasks)
+        if self._renewer is not None:
+            tasks.append(self._renewer)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def setup(app: web.Application, node: Node) -> RelayHub:
+    """Register the relay's WebSocket paths; plain GETs on them stay with the health route."""
+    hub = RelayHub(node)
+    node.add_ws_route(hub.matches, hub.handle)
+    return hub
