@@ -12,6 +12,7 @@ import socketio
 
 from polysignal.protocols import rooms as proto
 
+from rtc import RtcPeer
 from support import UNIT
 
 SECRET = "test-app-secret"
@@ -118,3 +119,90 @@ async def join_room(owner: RoomsClient, joiner: RoomsClient, room: str) -> dict[
     await owner.send("room-join-accept", room=room, peer_id=joiner.sid, to=joiner.sid)
     accepted: dict[str, Any] = await joiner.expect("room-join-accept")
     return accepted
+
+
+async def rooms_handshake(owner: RoomsClient, joiner: RoomsClient, room: str) -> None:
+    """The demo's order: the joiner offers to each peer of ``room-join-accept``; the owner
+    answers after ``room-user-join``; both trickle ICE as ``relay-ice-candidate``."""
+    await create_room(owner, room)
+    accepted = await join_room(owner, joiner, room)
+    assert accepted["peers"] == [owner.sid]
+    assert (await owner.expect("room-user-join"))["peer_id"] == joiner.sid
+
+    a, b = RtcPeer(), RtcPeer()
+    try:
+        offer, a_candidates = await a.offer()
+        await joiner.send(
+            "relay-session-description", to=owner.sid, room=room, session_description=offer
+        )
+        for candidate in a_candidates:
+            await joiner.send(
+                "relay-ice-candidate", to=owner.sid, room=room, ice_candidate=candidate
+            )
+
+        got = await owner.expect("session-description", timeout=10)
+        assert got["peer_id"] == joiner.sid and got["room"] == room
+        answer, b_candidates = await b.answer(got["session_description"])
+        for _ in a_candidates:
+            await b.add_candidate(
+                (await owner.expect("ice-candidate", timeout=10))["ice_candidate"]
+            )
+        await owner.send(
+            "relay-session-description", to=joiner.sid, room=room, session_description=answer
+        )
+        for candidate in b_candidates:
+            await owner.send(
+                "relay-ice-candidate", to=joiner.sid, room=room, ice_candidate=candidate
+            )
+
+        got = await joiner.expect("session-description", timeout=10)
+        assert got["session_description"]["type"] == "answer"
+        await a.accept(got["session_description"])
+        for _ in b_candidates:
+            await a.add_candidate(
+                (await joiner.expect("ice-candidate", timeout=10))["ice_candidate"]
+            )
+
+        await asyncio.gather(a.wait_open(), b.wait_open())
+        a.send("hello from the joiner")
+        assert await b.receive() == "hello from the joiner"
+        b.send("hello from the owner")
+        assert await a.receive() == "hello from the owner"
+    finally:
+        await a.close()
+        await b.close()
+
+
+def check_flow(result: dict[str, Any]) -> None:
+    """What the Node client saw, field by field (PROTOCOLS.md §5.5, DESIGN.md §5 fixes)."""
+    assert result.get("ok") is True, result
+    room, owner, joiner = result["room"], result["ownerId"], result["joinerId"]
+    assert result["refusal"] == {"message": "Token is not valid"}
+    assert result["createAccept"] == {"room": room}
+    assert result["joinRequest"] == {
+        "room": room,
+        "peer_id": joiner,
+        "payload": {"hello": 1},
+        "peerinfo": {"name": "joiner"},
+    }
+    assert result["joinAccept"] == {
+        "room": room,
+        "peer_id": joiner,
+        "peers": [owner],
+        "peersinfo": {
+            owner: {"peerinfo": {"name": "owner"}},
+            joiner: {"peerinfo": {"name": "joiner"}},
+        },
+    }
+    assert result["userJoin"] == {"room": room, "peer_id": joiner, "peerinfo": {"name": "joiner"}}
+    assert result["sessionDescription"] == {
+        "peer_id": joiner,
+        "session_description": {"type": "offer", "sdp": "v=0\r\n"},
+        "room": room,
+        "peerinfo": {"name": "joiner"},
+    }
+    assert result["iceCandidate"]["peer_id"] == owner
+    assert result["iceCandidate"]["ice_candidate"]["sdpMLineIndex"] == 0
+    assert result["iceCandidate"]["peerinfo"] == {"name": "owner"}
+    assert result["unauthorized"] == {"message": "Token is not valid"}
+    assert result["userLeave"] == {"room": room, "peer_id": joiner, "peerinfo": {"name": "joiner"}}

@@ -127,9 +127,52 @@ class Server(socketio.AsyncServer):  # type: ignore[misc]
             await self.eio.disconnect(eio_sid)
 
 
+class _OpenWebSockets:
+    """The engine.io WebSockets of this node that are still being served."""
+
+    def __init__(self) -> None:
+        self.sockets: set[_GuardedWebSocket] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def add(self, ws: _GuardedWebSocket) -> None:
+        self.sockets.add(ws)
+        self.idle.clear()
+
+    def discard(self, ws: _GuardedWebSocket) -> None:
+        self.sockets.discard(ws)
+        if not self.sockets:
+            self.idle.set()
+
+
 class _GuardedWebSocket(EngineIoWebSocket):  # type: ignore[misc]
     """engine.io's aiohttp WebSocket, closing with 1003 on a frame that is not an engine.io
-    packet: engine.io would let the decode error escape into aiohttp as a server error."""
+    packet (engine.io would let the decode error escape into aiohttp as a server error), and
+    known to the hub while open so a graceful stop can close it with 1001."""
+
+    async def __call__(self, environ: dict[str, Any]) -> Any:
+        registry: _OpenWebSockets = self.server.polysignal_websockets
+        registry.add(self)
+        try:
+            return await super().__call__(environ)
+        finally:
+            registry.discard(self)
+
+    async def close_going_away(self, grace: float) -> None:
+        """Close with 1001; cut the connection if the client does not answer within ``grace``."""
+        sock = self._sock
+        if sock is None or sock.closed:
+            return
+        try:
+            async with asyncio.timeout(grace):
+                await sock.close(code=CloseCode.GOING_AWAY, message=b"server shutting down")
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass
+        finally:
+            request = self.environ.get("aiohttp.request") if hasattr(self, "environ") else None
+            transport = request.transport if request is not None else None
+            if transport is not None and not transport.is_closing():
+                transport.abort()
 
     async def wait(self) -> Any:
         data = await super().wait()
@@ -181,6 +224,8 @@ class RoomsHub:
             engineio_logger=False,
         )
         self.sio.eio._async = {**self.sio.eio._async, "websocket": _GuardedWebSocket}
+        self.websockets = _OpenWebSockets()
+        self.sio.eio.polysignal_websockets = self.websockets
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)
         self.sio.on("*", self.on_event)
@@ -204,9 +249,21 @@ class RoomsHub:
         self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
 
     async def stop(self) -> None:
-        """Close every socket.io connection (clients reconnect elsewhere), then stop the tasks."""
-        if self.sio.eio.sockets:
-            await self.sio.eio.disconnect()
+        """Close every socket.io connection (clients reconnect elsewhere), then stop the tasks.
+
+        WebSockets are closed with 1001, as every protocol's (DESIGN.md §4): socket.io clients
+        see a transport close and reconnect, to another node behind a load balancer. Their
+        ``disconnect`` handlers (leaves, owner handovers) run while the backend is still up.
+        """
+        grace = self.settings.shutdown_timeout
+        open_ws = list(self.websockets.sockets)
+        await asyncio.gather(*(ws.close_going_away(grace) for ws in open_ws))
+        for socket in list(self.sio.eio.sockets.values()):
+            if not socket.upgraded:  # long-polling clients get a CLOSE packet on their next poll
+                await socket.close(wait=False)
+        # The WebSockets' own tasks run the disconnect handlers; let them finish (bounded).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.websockets.idle.wait(), grace)
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,209 @@
+"""The rooms protocol across separate node processes sharing one real Redis.
+
+Rooms are claimed cluster-wide through the backend; room state lives on the owner's node and
+travels by the backend's direct delivery; events to sockets cross nodes through python-socketio's
+AsyncRedisManager on the same Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+
+from polysignal.protocols import rooms as proto
+from rooms_client import (
+    PASSWORD,
+    SECRET,
+    RoomsClient,
+    check_flow,
+    create_room,
+    join_room,
+    rooms_handshake,
+)
+
+from rtc import loopback_only
+from support import NodeProcess, chromium_ready, node_processes, node_ready, run_node
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(90)]
+
+Connect = Callable[[NodeProcess, str], Awaitable[RoomsClient]]
+
+
+def rooms_env(redis_url: str) -> dict[str, str]:
+    return {"REDIS_URL": redis_url, "APP_SECRET": SECRET, "APP_PASS": PASSWORD, "ICE_SERVERS": "[]"}
+
+
+@pytest.fixture(scope="module")
+def nodes(redis_url: str) -> Iterator[list[NodeProcess]]:
+    """Two node processes on one Redis with the rooms protocol enabled."""
+    with node_processes(2, rooms_env(redis_url)) as started:
+        yield started
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Connect]:
+    """Connected, logged-in clients on a given node; all closed after the test."""
+    clients: list[RoomsClient] = []
+
+    async def _connect(node: NodeProcess, name: str) -> RoomsClient:
+        client = await RoomsClient().connect(node.url)
+        clients.append(client)
+        await client.login({"name": name})
+        return client
+
+    yield _connect
+    for client in clients:
+        await client.close()
+
+
+async def test_owner_and_joiner_on_two_nodes(nodes, connect):
+    """Create on node 1; the name is taken on node 2; join, accept, relays and leave cross."""
+    n1, n2 = nodes
+    owner = await connect(n1, "owner")
+    joiner = await connect(n2, "joiner")
+    third = await connect(n2, "third")
+    await create_room(owner, "mn-room")
+    await third.send("room-create-request", room="mn-room")
+    assert (await third.expect("room-create-reject"))["message"] == proto.ROOM_TAKEN
+
+    await joiner.send("room-join-request", room="mn-room", payload={"hi": 1})
+    assert await owner.expect("room-join-request") == {
+        "room": "mn-room",
+        "peer_id": joiner.sid,
+        "payload": {"hi": 1},
+        "peerinfo": {"name": "joiner"},
+    }
+    await owner.send("room-join-accept", room="mn-room", peer_id=joiner.sid, to=joiner.sid)
+    accepted = await joiner.expect("room-join-accept")
+    assert accepted["peers"] == [owner.sid]
+    assert accepted["peersinfo"] == {
+        owner.sid: {"peerinfo": {"name": "owner"}},
+        joiner.sid: {"peerinfo": {"name": "joiner"}},
+    }
+    assert (await owner.expect("room-user-join"))["peer_id"] == joiner.sid
+
+    # relays both ways across the nodes, with the sender's peerinfo
+    await joiner.send(
+        "relay-session-description", to=owner.sid, room="mn-room", session_description={"s": 1}
+    )
+    got = await owner.expect("session-description")
+    assert got["peer_id"] == joiner.sid and got["peerinfo"] == {"name": "joiner"}
+    await owner.send("relay-ice-candidate", to=joiner.sid, room="mn-room", ice_candidate={"c": 1})
+    assert (await joiner.expect("ice-candidate"))["peer_id"] == owner.sid
+
+    # a non-member on node 2 can neither relay into the room nor answer for its owner
+    await third.send("relay-ice-candidate", to=owner.sid, room="mn-room", ice_candidate={"c": 1})
+    assert (await third.expect("error"))["message"] == proto.NOT_SHARING_ROOM
+    await third.send("room-join-request", room="mn-room")
+    assert (await owner.expect("room-join-request"))["peer_id"] == third.sid
+    await joiner.send("room-join-accept", room="mn-room", peer_id=third.sid)
+    assert (await joiner.expect("error"))["message"] == proto.NOT_OWNER
+    await third.assert_silent("room-join-accept")
+    await owner.assert_silent("ice-candidate")
+
+    await joiner.close()
+    leave = await owner.expect("room-user-leave")
+    assert leave == {"room": "mn-room", "peer_id": joiner.sid, "peerinfo": {"name": "joiner"}}
+
+
+async def test_ownership_passes_to_a_member_on_the_other_node(nodes, connect):
+    n1, n2 = nodes
+    owner = await connect(n1, "owner")
+    second = await connect(n2, "second")
+    third = await connect(n1, "third")
+    late = await connect(n1, "late")
+    await create_room(owner, "handover")
+    await join_room(owner, second, "handover")
+    await join_room(owner, third, "handover")
+    await late.send("room-join-request", room="handover")
+    await owner.expect("room-join-request")
+    await owner.close()
+    assert (await third.expect("room-user-leave"))["peer_id"] == owner.sid
+    # the room moved to node 2 with its pending request
+    assert (await second.expect("room-join-request", timeout=5))["peer_id"] == late.sid
+    await second.send("room-join-accept", room="handover", peer_id=late.sid)
+    accepted = await late.expect("room-join-accept")
+    assert accepted["peers"] == [second.sid, third.sid]
+    assert (await third.expect("room-user-join"))["peer_id"] == late.sid
+    await late.send("relay-ice-candidate", to=second.sid, room="handover", ice_candidate={"c": 1})
+    assert (await second.expect("ice-candidate"))["peer_id"] == late.sid
+    # the old owner's node no longer holds the room: its members cannot answer for it
+    await third.send("room-join-accept", room="handover", peer_id=late.sid)
+    assert (await third.expect("error"))["message"] == proto.NOT_OWNER
+
+
+async def test_room_name_is_free_again_after_everyone_left(nodes, connect):
+    n1, n2 = nodes
+    first = await connect(n1, "first")
+    await create_room(first, "reuse")
+    await first.close()
+    other = await connect(n2, "other")
+    for _ in range(20):  # the release travels to Redis; bounded retry
+        await other.send("room-create-request", room="reuse")
+        event = await asyncio.wait_for(
+            _first_of(other, "room-create-accept", "room-create-reject"), 5
+        )
+        if event == "room-create-accept":
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("room name never freed")
+
+
+async def _first_of(client: RoomsClient, *events: str) -> str:
+    while True:
+        for event in events:
+            if client.queues[event].qsize():
+                client.queues[event].get_nowait()
+                return event
+        await asyncio.sleep(0.02)
+
+
+async def test_published_socketio_client_across_nodes(nodes):
+    """socket.io-client 4.x: the owner on node 1, the joiner on node 2."""
+    node_ready()
+    n1, n2 = nodes
+    check_flow(await run_node("rooms_socketio.mjs", n1.url, n2.url, PASSWORD, timeout=40))
+
+
+async def test_aiortc_peers_across_nodes(nodes, connect):
+    n1, n2 = nodes
+    owner = await connect(n1, "owner")
+    joiner = await connect(n2, "joiner")
+    with loopback_only():
+        await rooms_handshake(owner, joiner, "mn-call")
+
+
+async def test_demo_pages_on_two_nodes(nodes):
+    """The owner's page on node 1, the joiner's on node 2: the data channel opens."""
+    chromium_ready()
+    n1, n2 = nodes
+    result = await run_node("rooms_demo_browser.mjs", n1.url, n2.url, PASSWORD, timeout=75)
+    assert result.get("ok") is True, result
+    assert result["ownerReceived"] == ["hello from the joiner"]
+    assert result["joinerReceived"] == ["hello from the owner"]
+
+
+async def test_graceful_stop_of_the_owners_node_hands_the_room_over(redis_url):
+    """SIGTERM on the owner's node: members elsewhere see it leave and one becomes owner."""
+    with node_processes(2, rooms_env(redis_url)) as (n1, n2):
+        owner = await RoomsClient().connect(n1.url)
+        member = await RoomsClient().connect(n2.url)
+        asker = await RoomsClient().connect(n2.url)
+        try:
+            for client in (owner, member, asker):
+                await client.login()
+            await create_room(owner, "stop")
+            await join_room(owner, member, "stop")
+            await asker.send("room-join-request", room="stop")
+            await owner.expect("room-join-request")
+            n1.send_signal(signal.SIGTERM)
+            assert (await member.expect("room-user-leave", timeout=10))["peer_id"] == owner.sid
+            assert (await member.expect("room-join-request", timeout=5))["peer_id"] == asker.sid
+            assert n1.stop() == 0, n1.log()
+        finally:
+            for client in (owner, member, asker):
+                await client.close()
