@@ -641,8 +641,12 @@ class RelayHub:
                 await task
 
 
+RELAY_KEY = web.AppKey("relay", RelayHub)
+
+
 def setup(app: web.Application, node: Node) -> RelayHub:
     """Register the relay's WebSocket paths; plain GETs on them stay with the health route."""
     hub = RelayHub(node)
     node.add_ws_route(hub.matches, hub.handle)
+    app[RELAY_KEY] = hub
     return hub

@@ -1,0 +1,177 @@
+"""The relay protocol's decode/encode for every generation, without I/O (PROTOCOLS.md §2)."""
+
+from __future__ import annotations
+
+import msgpack
+import orjson
+import pytest
+
+from polysignal.core.errors import CloseCode, LimitExceeded, MalformedFrame, UnknownCommand
+from polysignal.protocols import relay as proto
+from polysignal.protocols.relay import Encoding, Generation
+
+JSON, MSGPACK = Encoding.JSON, Encoding.MSGPACK
+
+
+def packb(value: object) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def test_v1_join_carries_join_and_leave_lists():
+    got = proto.decode('{"type":"Join","join":["happy-raccoon","hairy-thumb"]}', JSON)
+    assert got == proto.Decoded(proto.Join(("happy-raccoon", "hairy-thumb")), Generation.V1)
+    got = proto.decode('{"type":"Join","join":["a"],"leave":["b"]}', JSON)
+    assert got.command == proto.Join(("a",), ("b",))
+
+
+def test_v1_empty_join_on_open_is_v1():
+    """cevitxe-signal-client sends its (possibly empty) key list on open (PROTOCOLS.md §2.5)."""
+    assert proto.decode('{"type":"Join","join":[]}', JSON) == proto.Decoded(
+        proto.Join(()), Generation.V1
+    )
+
+
+def test_v1_leave():
+    got = proto.decode('{"type":"Leave","leave":["happy-raccoon"]}', JSON)
+    assert got == proto.Decoded(proto.Leave(("happy-raccoon",)), Generation.V1)
+
+
+def test_v2_json_document_ids():
+    got = proto.decode('{"type":"Join","documentIds":["d1","d2"]}', JSON)
+    assert got == proto.Decoded(proto.Join(("d1", "d2")), Generation.V2)
+    got = proto.decode('{"type":"Leave","documentIds":["d1"]}', JSON)
+    assert got == proto.Decoded(proto.Leave(("d1",)), Generation.V2)
+
+
+def test_v4_msgpack_document_ids():
+    got = proto.decode(packb({"type": "Join", "documentIds": ["d1"]}), MSGPACK)
+    assert got == proto.Decoded(proto.Join(("d1",)), Generation.V4)
+    got = proto.decode(packb({"type": "Leave", "documentIds": ["d1"]}), MSGPACK)
+    assert got == proto.Decoded(proto.Leave(("d1",)), Generation.V4)
+
+
+def test_v4_join_as_msgpackr_encodes_it_with_map16():
+    """msgpackr writes maps as map16 (0xde) even when small (PROTOCOLS.md §2.6)."""
+    frame = bytes.fromhex("de0002a474797065a44a6f696eab646f63756d656e7449647391a4646f6331")
+    assert proto.decode(frame, MSGPACK).command == proto.Join(("doc1",))
+
+
+def test_heartbeats_in_both_encodings():
+    assert proto.decode('{"type":"Heartbeat"}', JSON) == proto.Decoded(proto.Heartbeat(), None)
+    for kind in ("Heartbeat", "❤️"):
+        got = proto.decode(packb({"type": kind}), MSGPACK)
+        assert got == proto.Decoded(proto.Heartbeat(), Generation.V4)
+
+
+def test_duplicate_ids_in_one_frame_collapse_in_order():
+    got = proto.decode('{"type":"Join","documentIds":["b","a","b"]}', JSON)
+    assert got.command == proto.Join(("b", "a"))
+
+
+def test_extra_fields_are_ignored():
+    got = proto.decode('{"type":"Join","documentIds":["a"],"extra":{"x":1}}', JSON)
+    assert got.command == proto.Join(("a",))
+
+
+@pytest.mark.parametrize(
+    ("frame", "encoding", "error", "message"),
+    [
+        ("{nope", JSON, MalformedFrame, "invalid JSON"),
+        (b"\xc1", MSGPACK, MalformedFrame, "invalid msgpack"),
+        (b"\x92\x01", MSGPACK, MalformedFrame, "invalid msgpack"),  # truncated array
+        (b"\x80\x80", MSGPACK, MalformedFrame, "invalid msgpack"),  # trailing data
+        ("[1,2]", JSON, MalformedFrame, "expected an object (map), got a list"),
+        (packb("Join"), MSGPACK, MalformedFrame, "expected an object (map), got a string"),
+        ('{"join":["a"]}', JSON, MalformedFrame, "missing 'type'"),
+        ('{"type":7}', JSON, MalformedFrame, "'type' must be a string"),
+        ('{"type":"Dance"}', JSON, UnknownCommand, "unknown message type 'Dance'"),
+        (
+            '{"type":"Join"}',
+            JSON,
+            MalformedFrame,
+            "Join: missing 'documentIds' (or 'join'/'leave')",
+        ),
+        (packb({"type": "Join"}), MSGPACK, MalformedFrame, "missing 'documentIds'"),
+        ('{"type":"Join","documentIds":"a"}', JSON, MalformedFrame, "must be a list, got a string"),
+        ('{"type":"Join","join":[1]}', JSON, MalformedFrame, "join[0] is a number, not a string"),
+        ('{"type":"Join","documentIds":[""]}', JSON, MalformedFrame, "documentIds[0] is empty"),
+        (
+            '{"type":"Join","documentIds":["a"],"join":["b"]}',
+            JSON,
+            MalformedFrame,
+            "either 'documentIds' or 'join'/'leave', not both",
+        ),
+        ('{"type":"Leave","join":["a"]}', JSON, MalformedFrame, "'join' is only allowed in a Join"),
+        (
+            packb({"type": "Join", "documentIds": [b"\x00"]}),
+            MSGPACK,
+            MalformedFrame,
+            "documentIds[0] is binary, not a string",
+        ),
+    ],
+)
+def test_bad_frames_raise_a_client_error_naming_the_fault(frame, encoding, error, message):
+    with pytest.raises(error) as info:
+        proto.decode(frame, encoding)
+    assert message in info.value.message
+
+
+def test_malformed_frames_close_with_1003_and_unknown_types_with_1008():
+    with pytest.raises(MalformedFrame) as bad:
+        proto.decode("{", JSON)
+    assert bad.value.close_code == CloseCode.UNSUPPORTED_DATA
+    with pytest.raises(UnknownCommand) as unknown:
+        proto.decode('{"type":"x"}', JSON)
+    assert unknown.value.close_code == CloseCode.POLICY_VIOLATION
+
+
+def test_limits_on_id_length_and_count():
+    limits = proto.RelayLimits(max_id_length=3, max_documents=2)
+    assert proto.decode('{"type":"Join","documentIds":["abc"]}', JSON, limits)
+    with pytest.raises(LimitExceeded, match="longer than 3 characters"):
+        proto.decode('{"type":"Join","documentIds":["abcd"]}', JSON, limits)
+    with pytest.raises(LimitExceeded, match="at most 2"):
+        proto.decode('{"type":"Join","documentIds":["a","b","c"]}', JSON, limits)
+    with pytest.raises(LimitExceeded):
+        proto.check_id("peer id", "abcd", limits)
+
+
+def test_introduction_shapes_per_generation():
+    assert orjson.loads(proto.encode_introduction(Generation.V1, "qrst7890", ("k",))) == {
+        "type": "Introduction",
+        "id": "qrst7890",
+        "keys": ["k"],
+    }
+    assert orjson.loads(proto.encode_introduction(Generation.V2, "bob", ["d1", "d2"])) == {
+        "type": "Introduction",
+        "userName": "bob",
+        "documentIds": ["d1", "d2"],
+    }
+    v4 = proto.encode_introduction(Generation.V4, "bob", ("doc1",))
+    assert msgpack.unpackb(v4) == {"type": "Introduction", "peerId": "bob", "documentIds": ["doc1"]}
+
+
+def test_encoding_of_generation():
+    assert proto.encoding_of(Generation.V4) is MSGPACK
+    assert proto.encoding_of(Generation.V1) is proto.encoding_of(Generation.V2) is JSON
+
+
+def test_cluster_messages_round_trip():
+    announce = proto.Announce("node-1", "alice", ("d1",), ("d0", "d1"))
+    assert proto.decode_announce(proto.encode_announce(announce)) == announce
+    intro = proto.Introduce("alice", "bob", ("d1",))
+    assert proto.decode_introduce(proto.encode_introduce(intro)) == intro
+    ref = proto.EndRef("e1", "e2", "why")
+    assert proto.decode_end(proto.encode_end(ref)) == ref
+    frame = proto.PipedFrame("e1", 2, b"\x00\xff")
+    assert proto.decode_frame(proto.encode_frame(frame)) == frame
+
+
+@pytest.mark.parametrize(
+    "payload", [b"\xc1", packb([1, 2]), packb(["a", 1, 2]), packb(["n", "p", "x", []])]
+)
+def test_malformed_cluster_messages_raise(payload):
+    with pytest.raises(MalformedFrame):
+        proto.decode_announce(payload)
+    with pytest.raises(MalformedFrame):
+        proto.decode_frame(payload)
