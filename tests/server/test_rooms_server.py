@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -14,6 +16,7 @@ import pytest
 import socketio
 
 from polysignal.protocols import rooms as proto
+from polysignal.server.rooms import ROOMS_KEY
 from rooms_client import (
     PASSWORD,
     SECRET,
@@ -591,3 +594,137 @@ async def test_graceful_shutdown_disconnects_socketio_clients():
         await srv.runner.cleanup()
         await asyncio.wait_for(gone.wait(), 3 * UNIT)
         await client.close()
+
+
+# --- limits and abrupt disconnects ---------------------------------------------------------------
+
+
+class RawSocketIo:
+    """A socket.io client over a bare TCP socket, so the test can cut it without any close."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    @classmethod
+    async def connect(cls, port: int, token: str) -> RawSocketIo:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(
+            sock,
+            b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        raw = cls(sock)
+        head = await raw._read_until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        assert (await raw.receive()).startswith("0{")  # engine.io open
+        await raw.send("40" + orjson.dumps({"token": token}).decode())
+        assert (await raw.receive()).startswith("40{")
+        return raw
+
+    async def _read_until(self, marker: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        while marker not in self.buffer:
+            chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), 3 * UNIT)
+            assert chunk, "connection closed"
+            self.buffer += chunk
+        head, _, self.buffer = self.buffer.partition(marker)
+        return head
+
+    async def _read(self, count: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        while len(self.buffer) < count:
+            chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), 3 * UNIT)
+            assert chunk, "connection closed"
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    async def receive(self) -> str:
+        """The next text frame (server frames are unmasked)."""
+        first, second = await self._read(2)
+        length = second & 0x7F
+        if length == 126:
+            length = int.from_bytes(await self._read(2), "big")
+        elif length == 127:
+            length = int.from_bytes(await self._read(8), "big")
+        payload = await self._read(length)
+        if first & 0x0F == 0x9 or payload == b"2":  # ping: not what the test waits for
+            return await self.receive()
+        return payload.decode()
+
+    async def send(self, text: str) -> None:
+        data = text.encode()
+        if len(data) < 126:
+            head = bytes([0x81, 0x80 | len(data)])
+        else:
+            head = bytes([0x81, 0x80 | 126]) + len(data).to_bytes(2, "big")
+        frame = head + b"\0\0\0\0" + data  # zero mask
+        await asyncio.get_running_loop().sock_sendall(self.sock, frame)
+
+    async def emit(self, event: str, data: Any) -> None:
+        await self.send("42" + orjson.dumps([event, data]).decode())
+
+    async def expect(self, event: str) -> Any:
+        while True:
+            packet = await self.receive()
+            if packet.startswith("42"):
+                name, body = orjson.loads(packet[2:])
+                if name == event:
+                    return body
+
+    def cut(self) -> None:
+        """Reset the connection: no WebSocket close, no socket.io disconnect."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+async def test_abrupt_disconnect_is_a_leave(rooms, connect):
+    """A member whose TCP connection is reset is removed at once and the others are told."""
+    owner, other = await connect(), await connect()
+    await create_room(owner, "r")
+    await join_room(owner, other, "r")
+    await owner.expect("room-user-join")
+    raw = await RawSocketIo.connect(rooms.port, app_token())
+    await raw.emit("auth-request", {"token": app_token(), "peerinfo": "raw"})
+    session = (await raw.expect("auth-accept"))["token"]
+    await raw.emit("room-join-request", {"auth": session, "room": "r"})
+    raw_sid = (await owner.expect("room-join-request"))["peer_id"]
+    await owner.send("room-join-accept", room="r", peer_id=raw_sid)
+    assert (await raw.expect("room-join-accept"))["peers"] == [owner.sid, other.sid]
+    raw.cut()
+    leave = {"room": "r", "peer_id": raw_sid, "peerinfo": "raw"}
+    assert await owner.expect("room-user-leave") == leave
+    assert await other.expect("room-user-leave") == leave
+    hub = rooms.app[ROOMS_KEY]
+    assert raw_sid not in hub.peers and list(hub.views["r"].members) == [owner.sid, other.sid]
+
+
+async def test_per_address_connection_limit():
+    async with running_server(node_settings(**rooms_settings(), max_connections_per_ip=2)) as srv:
+        first = await RoomsClient().connect(srv.url)
+        second = await RoomsClient().connect(srv.url)
+        try:
+            reason = await refused_reason(srv, {"token": app_token()})
+            assert reason == {"message": "too many connections from this address"}
+            await first.close()
+            await asyncio.sleep(0.1 * UNIT)
+            third = await RoomsClient().connect(srv.url)
+            await third.close()
+        finally:
+            await first.close()
+            await second.close()
+
+
+async def test_oversize_socketio_frame_closes_only_that_connection(connect):
+    """A packet over MAX_FRAME_BYTES (socket.io's maxHttpBufferSize here) closes with 1009."""
+    victim, bystander = await connect(), await connect()
+    gone = asyncio.Event()
+    victim.sio.on("disconnect", lambda *_: gone.set())
+    await victim.emit("room-create-request", {"auth": victim.session, "room": "x" * 70000})
+    await asyncio.wait_for(gone.wait(), 3 * UNIT)
+    await create_room(bystander, "still-here")
