@@ -60,10 +60,15 @@ class Cluster:
         return backend
 
     async def settle(self) -> None:
-        """Every node's changes so far are visible to the others."""
-        for node in self.nodes:
-            if node.ready:
-                await node.sync()
+        """Every node's changes so far are visible to, and applied by, every other node.
+
+        Two rounds: the first flushes every node's writes, the second makes every node's
+        reader catch up with all of them.
+        """
+        for _ in range(2):
+            for node in self.nodes:
+                if node.ready:
+                    await node.sync()
 
     async def close(self) -> None:
         for node in self.nodes:

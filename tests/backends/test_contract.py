@@ -47,6 +47,24 @@ async def test_unsubscribed_node_stops_receiving(cluster: Cluster):
     await inbox.silent()
 
 
+async def test_subscriber_arriving_later_receives(cluster: Cluster):
+    """A node that knew it was alone on a topic learns of a new subscriber elsewhere."""
+    a, b = await cluster.node("a"), await cluster.node("b")
+    inbox = Inbox()
+    b.on_topic_message(inbox)
+    topic = cluster.topic()
+    a.local_count_changed(topic, 1)
+    await cluster.settle()
+    assert await a.topic_clients(topic, 1) == 1
+    await a.publish(topic, b"alone")
+    b.local_count_changed(topic, 1)
+    await cluster.settle()
+    assert await a.topic_clients(topic, 1) == 2
+    await a.publish(topic, b"together")
+    assert await inbox.next() == (topic, b"together")
+    await inbox.silent()
+
+
 async def test_frames_keep_their_order(cluster: Cluster):
     a, b = await cluster.node("a"), await cluster.node("b")
     inbox = Inbox()

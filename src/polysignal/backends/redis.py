@@ -77,6 +77,8 @@ OUTBOX_MAX_ITEMS = 65536
 """Outbox high-water marks: above them publishers wait for the writer (backpressure)."""
 CACHE_MAX = 65536
 """Most topics whose cluster-wide count is cached."""
+SYNC_KIND = "polysignal.sync"
+"""Direct-message kind a node sends itself to learn that its reader caught up (``sync``)."""
 
 Key = tuple[str, str]
 """(namespace, topic)"""
@@ -176,11 +178,15 @@ class _Remote:
 
 @dataclass(slots=True)
 class _Out:
-    """One outbox entry: a PUBLISH, or (channel None) a marker resolved when flushed."""
+    """One outbox entry: a PUBLISH, or (channel None) a marker resolved when flushed.
+
+    ``topic`` is set for topic publishes: the writer skips those that no other node can receive.
+    """
 
     channel: bytes | None
     data: bytes
     future: asyncio.Future[Any] | None = None
+    topic: Key | None = None
 
 
 class RedisBackend(Backend):
@@ -213,6 +219,11 @@ class RedisBackend(Backend):
         self._outbox_bytes = 0
         self._cache: dict[Key, _Remote] = {}
         self._reads: dict[Key, asyncio.Task[_Remote]] = {}
+        # Notices that arrived while a read of the same topic was in flight, applied on top of
+        # its result (the read may predate them).
+        self._patches: dict[Key, dict[str, int]] = {}
+        self._sync_seq = 0
+        self._sync_waiters: dict[str, asyncio.Future[None]] = {}
         self._refresh_due = False
         self._last_rx = 0.0
         self._connected = False
@@ -291,11 +302,24 @@ class RedisBackend(Backend):
         return self._connected and not self._closing
 
     async def sync(self) -> None:
+        """Flush this node's writes, then wait until its own reader has seen a marker sent
+        after them: every presence notice other nodes published before that is applied here."""
         if not self._connected:
             raise BackendUnavailable(f"Redis at {self.safe_url} is not connected")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Out(None, b"", future))
-        await future
+        loop = asyncio.get_running_loop()
+        flushed: asyncio.Future[None] = loop.create_future()
+        self._enqueue(_Out(None, b"", flushed))
+        await flushed
+        self._sync_seq += 1
+        token = str(self._sync_seq)
+        seen: asyncio.Future[None] = loop.create_future()
+        self._sync_waiters[token] = seen
+        data = self._own + _head(SYNC_KIND) + token.encode()
+        self._enqueue(_Out(self._direct_channel, data))
+        try:
+            await seen
+        finally:
+            self._sync_waiters.pop(token, None)
 
     # --- topic fan-out and presence ---
     def local_count_changed(self, topic: str, count: int, namespace: str = TOPICS) -> None:
@@ -332,7 +356,8 @@ class RedisBackend(Backend):
             if not self._connected:
                 self._drop_publish()
                 return
-        self._enqueue(_Out(topic_channel(self.prefix, namespace, topic), self._own + frame))
+        channel = topic_channel(self.prefix, namespace, topic)
+        self._enqueue(_Out(channel, self._own + frame, None, (namespace, topic)))
 
     # --- direct delivery ---
     async def send_direct(self, node_id: str, kind: str, payload: bytes) -> bool:
@@ -483,6 +508,12 @@ class RedisBackend(Backend):
                     item.future.set_result(False)
         self._outbox_bytes = 0
         self._drained.set()
+        for waiter in self._sync_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(BackendUnavailable("Redis connection lost"))
+                waiter.exception()
+        self._sync_waiters.clear()
+        self._patches.clear()
         if dropped:
             self.dropped_publishes += dropped
             publish_log.warning("%d queued cross-node publishes dropped: Redis lost", dropped)
@@ -563,23 +594,35 @@ class RedisBackend(Backend):
     async def _flush_outbox(self, writer: AbstractConnection) -> None:
         count = min(len(self._outbox), MAX_BATCH)
         items = [self._outbox.popleft() for _ in range(count)]
-        commands = [("PUBLISH", i.channel, i.data) for i in items if i.channel is not None]
+        # Decided here, not when ``publish`` was called: the reader has run since, so every
+        # presence notice that reached this process before now has been applied.
+        now = time.monotonic()
+        sent = [i for i in items if i.channel is not None and not self._nobody_else(i.topic, now)]
+        commands = [("PUBLISH", i.channel, i.data) for i in sent]
         replies = await _execute(writer, commands)
         self._outbox_bytes -= sum(len(i.data) for i in items)
         if not self._drained.is_set() and (
             len(self._outbox) < OUTBOX_MAX_ITEMS // 2 and self._outbox_bytes < OUTBOX_MAX_BYTES // 2
         ):
             self._drained.set()
-        replies_iter = iter(replies)
+        reply_of = {id(item): reply for item, reply in zip(sent, replies, strict=True)}
         for item in items:
-            reply = next(replies_iter) if item.channel is not None else None
             if item.future is None or item.future.done():
                 continue
             if item.channel is None:
                 item.future.set_result(None)
             else:
                 # PUBLISH answers how many subscribers got it: 0 = the node is gone.
+                reply = reply_of.get(id(item))
                 item.future.set_result(isinstance(reply, int) and reply > 0)
+
+    def _nobody_else(self, topic: Key | None, now: float) -> bool:
+        """True when the cache knows, freshly, that no other node has subscribers of ``topic``:
+        then a publish to it would only come back to this node, and is not sent."""
+        if topic is None:
+            return False
+        entry = self._cache.get(topic)
+        return entry is not None and entry.expires > now and not entry.counts
 
     async def _subscribe(
         self, sub: AbstractConnection, channels: Sequence[tuple[bytes, Key | None]]
@@ -696,6 +739,11 @@ class RedisBackend(Backend):
         elif channel == self._direct_channel:
             origin, offset = _split_head(data)
             kind, offset = _split_head(data, offset)
+            if kind == SYNC_KIND and origin == self.node_id:
+                waiter = self._sync_waiters.get(data[offset:].decode())
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+                return
             self._spawn(self._deliver_direct(origin, kind, data[offset:]))
         # else: a late message for a channel just unsubscribed
 
@@ -706,8 +754,14 @@ class RedisBackend(Backend):
         if namespace is None:  # the node stopped: drop it everywhere
             for remote in self._cache.values():
                 remote.counts.pop(origin, None)
+            for pending in self._patches.values():
+                pending[origin] = 0
             return
-        entry = self._cache.get((namespace, topic))
+        key = (namespace, topic)
+        patches = self._patches.get(key)
+        if patches is not None:
+            patches[origin] = count
+        entry = self._cache.get(key)
         if entry is None:
             return
         if count > 0:
@@ -727,7 +781,12 @@ class RedisBackend(Backend):
         return await asyncio.shield(task)
 
     async def _fetch_presence(self, key: Key) -> _Remote:
-        raw = await self._scripts["read"](keys=[presence_key(*key)], args=[self._alive_prefix])
+        self._patches.setdefault(key, {})
+        try:
+            raw = await self._scripts["read"](keys=[presence_key(*key)], args=[self._alive_prefix])
+        except BaseException:
+            self._patches.pop(key, None)
+            raise
         return self._store(key, raw)
 
     async def _sweep(self) -> None:
@@ -735,13 +794,21 @@ class RedisBackend(Backend):
         client = self._require_client()
         keys = list(self._local)
         for start in range(0, len(keys), 256):
-            chunk = keys[start : start + 256]
+            chunk = [k for k in keys[start : start + 256] if k not in self._patches]
+            for key in chunk:
+                self._patches[key] = {}
             pipe = client.pipeline(transaction=False)
             for key in chunk:
                 await self._scripts["read"](
                     keys=[presence_key(*key)], args=[self._alive_prefix], client=pipe
                 )
-            for key, raw in zip(chunk, await pipe.execute(), strict=True):
+            try:
+                results = await pipe.execute()
+            except BaseException:
+                for key in chunk:
+                    self._patches.pop(key, None)
+                raise
+            for key, raw in zip(chunk, results, strict=True):
                 self._store(key, raw)
 
     def _store(self, key: Key, raw: list[bytes]) -> _Remote:
@@ -754,6 +821,11 @@ class RedisBackend(Backend):
                 counts[node] = int(raw[i + 1])
             except ValueError:
                 continue
+        for node, count in self._patches.pop(key, {}).items():
+            if count > 0:
+                counts[node] = count
+            else:
+                counts.pop(node, None)
         entry = _Remote(counts, time.monotonic() + self.cache_ttl)
         if len(self._cache) >= CACHE_MAX and key not in self._cache:
             now = time.monotonic()

