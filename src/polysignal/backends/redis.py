@@ -19,7 +19,9 @@ comes from ``redis_name``, see docs/redis.md):
   with a PEXPIRE lease, changed only by Lua scripts (atomic claim/takeover/renew/release).
 
 Cost per publish: ``publish`` appends to a bounded outbox that one writer task flushes as a
-pipeline (one round trip per batch, not per message); ``topic_clients`` answers from a cache.
+pipeline (one round trip per batch, not per message), and a frame that no other node can receive
+(the cache knows no other node has subscribers) is not sent at all; ``topic_clients`` answers
+from a cache.
 Staleness bound of ``clients``: a change on another node reaches the cache with its presence
 notice (one Redis hop); a cached count is re-read at most ``presence_cache_ttl`` after it was
 read, which also bounds a missed notice; a killed node's counts are gone ``presence_ttl`` after
