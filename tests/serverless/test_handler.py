@@ -228,6 +228,8 @@ def test_ttl_is_refreshed_by_activity_and_expired_subscriptions_are_not_served(
         ('{"type":"publish","topic":5}', "publish: 'topic' must be a string, got a number"),
         ('{"type":"publish","topic":"' + "x" * 513 + '"}', "publish: topic longer than 512"),
         ('{"type":"ping","x":NaN}', "invalid JSON"),
+        ('{"type":"ping","x":"\ud800"}', "invalid JSON"),  # a lone surrogate in the text
+        ('{"type":"ping","x":"\\ud800"}', "invalid JSON"),  # ... or as a JSON escape
         ("", "invalid JSON"),
         (None, "invalid JSON"),
     ],

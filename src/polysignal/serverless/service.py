@@ -18,8 +18,6 @@ answered ``internal error`` to the client and HTTP 500 to API Gateway.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import threading
 import time
@@ -105,15 +103,18 @@ class SignalingHandler:
 
     # --- one frame ---
     def _message(self, connection_id: str, event: Event, sender: Sender) -> None:
-        frame = _frame(event)
-        if isinstance(frame, bytes) and event.get("isBase64Encoded"):
+        # API Gateway hands binary frames over base64-encoded; the protocol is JSON text.
+        if event.get("isBase64Encoded"):
             self._reply(
                 sender,
                 connection_id,
                 proto.encode_error("binary frames are not supported; send JSON text"),
             )
             return
-        size = len(frame.encode() if isinstance(frame, str) else frame)
+        body = event.get("body")
+        frame = "" if body is None else body if isinstance(body, str) else str(body)
+        # surrogatepass: a lone surrogate is counted here and refused by the decoder.
+        size = len(frame.encode("utf-8", "surrogatepass"))
         if size > self.settings.max_frame_bytes:
             self._reply(
                 sender,
@@ -238,21 +239,6 @@ class SignalingHandler:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
-
-
-def _frame(event: Event) -> str | bytes:
-    """The client's frame: text as str, a binary frame (base64 in the event) as bytes."""
-    body = event.get("body")
-    if body is None:
-        return ""
-    if not isinstance(body, str):
-        return str(body)
-    if event.get("isBase64Encoded"):
-        try:
-            return base64.b64decode(body, validate=False)
-        except (binascii.Error, ValueError):
-            return body.encode()
-    return body
 
 
 # --- the AWS wiring ---------------------------------------------------------------------------
