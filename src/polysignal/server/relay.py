@@ -173,6 +173,8 @@ class RelayHub:
                     await self._connection(conn, params)
             except ClientError as exc:
                 conn.close(exc.close_code, exc.message)
+            # Returning before our close handshake ends would let aiohttp close with 1000.
+            await conn.wait_closed()
             return conn.ws
 
     # --- /introduction/{peerId} ---
