@@ -605,12 +605,15 @@ class RawSocketIo:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = b""
+        self.sid = ""
 
     @classmethod
-    async def connect(cls, port: int, token: str) -> RawSocketIo:
+    async def connect(cls, port: int, token: str, rcvbuf: int = 0) -> RawSocketIo:
         loop = asyncio.get_running_loop()
         sock = socket.socket()
         sock.setblocking(False)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         await loop.sock_connect(sock, ("127.0.0.1", port))
         await loop.sock_sendall(
             sock,
@@ -689,13 +692,8 @@ async def test_abrupt_disconnect_is_a_leave(rooms, connect):
     await create_room(owner, "r")
     await join_room(owner, other, "r")
     await owner.expect("room-user-join")
-    raw = await RawSocketIo.connect(rooms.port, app_token())
-    await raw.emit("auth-request", {"token": app_token(), "peerinfo": "raw"})
-    session = (await raw.expect("auth-accept"))["token"]
-    await raw.emit("room-join-request", {"auth": session, "room": "r"})
-    raw_sid = (await owner.expect("room-join-request"))["peer_id"]
-    await owner.send("room-join-accept", room="r", peer_id=raw_sid)
-    assert (await raw.expect("room-join-accept"))["peers"] == [owner.sid, other.sid]
+    raw = await raw_member(rooms.port, owner, "r")
+    raw_sid = raw.sid
     raw.cut()
     leave = {"room": "r", "peer_id": raw_sid, "peerinfo": "raw"}
     assert await owner.expect("room-user-leave") == leave
@@ -728,3 +726,47 @@ async def test_oversize_socketio_frame_closes_only_that_connection(connect):
     await victim.emit("room-create-request", {"auth": victim.session, "room": "x" * 70000})
     await asyncio.wait_for(gone.wait(), 3 * UNIT)
     await create_room(bystander, "still-here")
+
+
+async def raw_member(port: int, owner: RoomsClient, room: str, rcvbuf: int = 0) -> RawSocketIo:
+    """A raw client, logged in and accepted into ``room`` by ``owner``; returns it and its id."""
+    raw = await RawSocketIo.connect(port, app_token(), rcvbuf)
+    await raw.emit("auth-request", {"token": app_token(), "peerinfo": "raw"})
+    session = (await raw.expect("auth-accept"))["token"]
+    await raw.emit("room-join-request", {"auth": session, "room": room})
+    raw.sid = (await owner.expect("room-join-request"))["peer_id"]
+    await owner.send("room-join-accept", room=room, peer_id=raw.sid)
+    await raw.expect("room-join-accept")
+    return raw
+
+
+async def test_client_that_stops_reading_is_cut_off():
+    """Relays to a member that never reads pile up in engine.io's queue; past the bound the
+    member is disconnected (a leave for the others) and the sender is unaffected."""
+    settings = node_settings(**rooms_settings(), send_buffer_bytes=64 * 1024, rate_limit=0)
+    async with running_server(settings) as srv:
+        owner = await RoomsClient().connect(srv.url)
+        try:
+            await owner.login()
+            await create_room(owner, "r")
+            raw = await raw_member(srv.port, owner, "r", rcvbuf=4096)  # and never reads again
+            hub = srv.app[ROOMS_KEY]
+            blob = "z" * 15000
+            for i in range(2000):
+                await owner.send(
+                    "relay-ice-candidate",
+                    to=raw.sid,
+                    room="r",
+                    ice_candidate={"i": i},
+                    payload=blob,
+                )
+                if i % 50 == 0:
+                    await asyncio.sleep(0)
+                    if raw.sid not in hub.peers:
+                        break
+            assert (await owner.expect("room-user-leave", timeout=5 * UNIT))["peer_id"] == raw.sid
+            assert raw.sid not in hub.peers
+            await create_room(owner, "owner-still-fine")
+            raw.cut()
+        finally:
+            await owner.close()

@@ -116,7 +116,34 @@ class RoomView:
 
 class Server(socketio.AsyncServer):  # type: ignore[misc]
     """python-socketio's server, answering a malformed socket.io packet as socket.io does (the
-    connection is closed) without logging it as a server error."""
+    connection is closed) without logging it as a server error, and cutting off a client that
+    does not read (engine.io's own send queue has no bound: DESIGN.md §4, slow consumers)."""
+
+    max_queued = 1024
+    websockets: _OpenWebSockets
+
+    async def _send_packet(self, eio_sid: str, pkt: Any) -> None:
+        if not await self._overflowing(eio_sid):
+            await super()._send_packet(eio_sid, pkt)
+
+    async def _send_eio_packet(self, eio_sid: str, eio_pkt: Any) -> None:
+        if not await self._overflowing(eio_sid):
+            await super()._send_eio_packet(eio_sid, eio_pkt)
+
+    async def _overflowing(self, eio_sid: str) -> bool:
+        """True (and the client is cut off) when its queue is full; nothing is sent then."""
+        socket = self.eio.sockets.get(eio_sid)
+        if socket is None or socket.queue.qsize() < self.max_queued:
+            return False
+        if not (socket.closing or socket.closed):
+            log.warning(
+                "socket.io client %s is not reading: %d packets waiting, closing",
+                eio_sid,
+                socket.queue.qsize(),
+            )
+            self.websockets.cut(socket)
+            await socket.close(wait=False, abort=True)
+        return True
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         try:
@@ -144,6 +171,12 @@ class _OpenWebSockets:
         if not self.sockets:
             self.idle.set()
 
+    def cut(self, socket: Any) -> None:
+        """Abort the TCP connection of engine.io socket ``socket`` (its writer may be stuck)."""
+        for ws in self.sockets:
+            if getattr(ws.handler, "__self__", None) is socket:
+                ws.abort()
+
 
 class _GuardedWebSocket(EngineIoWebSocket):  # type: ignore[misc]
     """engine.io's aiohttp WebSocket, closing with 1003 on a frame that is not an engine.io
@@ -169,10 +202,14 @@ class _GuardedWebSocket(EngineIoWebSocket):  # type: ignore[misc]
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
         finally:
-            request = self.environ.get("aiohttp.request") if hasattr(self, "environ") else None
-            transport = request.transport if request is not None else None
-            if transport is not None and not transport.is_closing():
-                transport.abort()
+            self.abort()
+
+    def abort(self) -> None:
+        environ = getattr(self, "environ", None)
+        request = environ.get("aiohttp.request") if environ is not None else None
+        transport = request.transport if request is not None else None
+        if transport is not None and not transport.is_closing():
+            transport.abort()
 
     async def wait(self) -> Any:
         data = await super().wait()
@@ -226,6 +263,8 @@ class RoomsHub:
         self.sio.eio._async = {**self.sio.eio._async, "websocket": _GuardedWebSocket}
         self.websockets = _OpenWebSockets()
         self.sio.eio.polysignal_websockets = self.websockets
+        self.sio.websockets = self.websockets
+        self.sio.max_queued = max(64, self.settings.send_buffer_bytes // 1024)
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)
         self.sio.on("*", self.on_event)
