@@ -77,6 +77,14 @@ def test_backend_selected_by_url():
     assert from_env.signal_channel == "signal:publish"
 
 
+def test_refresh_kept_below_the_ttl(caplog: pytest.LogCaptureFixture):
+    """A refresh period not below the TTL would let presence lapse: it is shortened, loudly."""
+    url = "redis://127.0.0.1:1/0"
+    backend = RedisBackend(node_settings(backend_url=url, presence_ttl=3, presence_refresh=10.0))
+    assert backend.presence_refresh == 1.0
+    assert "PRESENCE_REFRESH (10s) is not below PRESENCE_TTL (3s)" in caplog.text
+
+
 # --- presence in Redis ---
 
 

@@ -201,6 +201,15 @@ class RedisBackend(Backend):
         self.prefix = settings.signal_channel
         self.presence_ttl = max(1, settings.presence_ttl)
         self.presence_refresh = max(0.05, settings.presence_refresh)
+        if self.presence_refresh >= self.presence_ttl:
+            # Presence would expire between two refreshes: refresh three times per TTL instead.
+            presence_log.warning(
+                "PRESENCE_REFRESH (%gs) is not below PRESENCE_TTL (%ds); refreshing every %gs",
+                self.presence_refresh,
+                self.presence_ttl,
+                self.presence_ttl / 3,
+            )
+            self.presence_refresh = self.presence_ttl / 3
         self.cache_ttl = settings.presence_cache_ttl
         self.backoff_max = max(BACKOFF_BASE, settings.redis_backoff_max)
         self._own = _head(self.node_id)
