@@ -11,7 +11,13 @@ import redis.asyncio as aioredis
 
 from backends.cluster import Cluster, Inbox, eventually
 from polysignal.backends import BackendUnavailable, create_backend
-from polysignal.backends.redis import RedisBackend, escape, presence_key, redis_name
+from polysignal.backends.redis import (
+    OUTBOX_MAX_ITEMS,
+    RedisBackend,
+    escape,
+    presence_key,
+    redis_name,
+)
 from polysignal.config import Settings
 
 from support import UNIT, RedisServer, node_settings, redis_server_binary, require
@@ -193,6 +199,48 @@ async def test_malformed_bus_messages_are_dropped(redis_cluster: Cluster, r: aio
     assert await a.send_direct(b.node_id, "k", b"and this")
     assert await direct.next() == (a.node_id, b"and this")
     assert b.ready
+
+
+async def test_outbox_is_bounded_while_redis_stalls(redis_cluster: Cluster, r: aioredis.Redis):
+    """Redis not answering writes: publishers wait at the outbox bound instead of queueing
+    without limit, and everything flows once Redis answers again."""
+    a, b = await redis_cluster.node("a"), await redis_cluster.node("b")
+    received = 0
+
+    def count(topic: str, frame: bytes) -> None:
+        nonlocal received
+        received += 1
+
+    b.on_topic_message(count)
+    topic = redis_cluster.topic()
+    b.local_count_changed(topic, 1)
+    await redis_cluster.settle()
+    await a.topic_clients(topic, 0)
+    total = OUTBOX_MAX_ITEMS + 100
+
+    async def flood() -> None:
+        for i in range(total):
+            await a.publish(topic, b"%d" % i)
+
+    await r.execute_command("CLIENT", "PAUSE", "2000", "WRITE")
+    task = asyncio.create_task(flood())
+
+    async def blocked() -> bool:
+        assert isinstance(a, RedisBackend)
+        return not a._drained.is_set()
+
+    await eventually(blocked, "publishers held at the outbox bound")
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not task.done()
+    assert isinstance(a, RedisBackend) and len(a._outbox) <= OUTBOX_MAX_ITEMS
+    await asyncio.wait_for(task, 20 * UNIT)
+
+    async def all_received() -> bool:
+        return received == total
+
+    await eventually(all_received, f"{total} frames at b", timeout=20 * UNIT)
+    assert a.ready and a.dropped_publishes == 0
 
 
 # --- faults ---
