@@ -11,6 +11,7 @@ const require = createRequire(import.meta.url)
 const { Client } = require('cevitxe-signal-client')
 
 const [urlA, urlB = urlA] = process.argv.slice(2)
+if (!urlA) throw new Error('usage: node relay_cevitxe.mjs <ws url> [<ws url>]')
 const key = `key-${process.pid}`
 const deadline = setTimeout(() => finish({ ok: false, error: 'timed out' }), 20000)
 const clients = []

@@ -5,6 +5,7 @@
 import { Client } from '@localfirst/relay/Client.js'
 
 const [urlA, urlB = urlA] = process.argv.slice(2)
+if (!urlA) throw new Error('usage: node relay_v4.mjs <ws url> [<ws url>]')
 const documentId = `doc-${process.pid}`
 const deadline = setTimeout(() => finish({ ok: false, error: 'timed out' }), 20000)
 const clients = []
@@ -24,7 +25,7 @@ function decode (data) {
   return { kind: 'binary', value: Buffer.from(data).toString('hex') }
 }
 
-function run (peerId, url, otherId) {
+function run (peerId, url) {
   return new Promise((resolve, reject) => {
     const client = new Client({ peerId, url })
     clients.push(client)
@@ -43,13 +44,13 @@ function run (peerId, url, otherId) {
 }
 
 try {
-  const alice = run('alice', urlA, 'bob')
+  const alice = run('alice', urlA)
   // Bob starts once Alice is connected to her server, so he is the one whose Join introduces.
   await new Promise((resolve) => {
     const wait = () => (clients[0].open ? resolve() : setTimeout(wait, 20))
     wait()
   })
-  const bob = run('bob', urlB, 'alice')
+  const bob = run('bob', urlB)
   const [a, b] = await Promise.all([alice, bob])
   finish({ ok: true, documentId, alice: a, bob: b })
 } catch (error) {

@@ -40,6 +40,7 @@ from urllib.parse import unquote
 
 from aiohttp import WSMsgType, web
 
+from polysignal.backends.base import BackendUnavailable
 from polysignal.core.errors import ClientError, CloseCode, LimitExceeded
 from polysignal.core.relay import (
     Directory,
@@ -138,6 +139,7 @@ class RelayHub:
         self.directory = Directory(settings.max_topics_per_connection)
         self.peers: dict[str, PeerSocket] = {}
         self.ends: dict[str, PipeEnd] = {}
+        self.holding: dict[str, PipeEnd] = {}  # claim key -> the end held under it here
         self.matching: dict[str, asyncio.Future[bool]] = {}
         self.lease = float(max(settings.id_lease_ttl, 3))
         self._tasks: set[asyncio.Task[None]] = set()
@@ -274,10 +276,26 @@ class RelayHub:
 
     async def _register(self, sock: PeerSocket) -> None:
         """Make ``sock`` the peer's one socket in the cluster, evicting an older one."""
+        try:
+            claimed = await self._claim_peer(sock)
+        except BackendUnavailable as exc:
+            # The backend is away: keep serving this node's peers (DESIGN.md §3).
+            log.warning("peer id %r not claimed cluster-wide (%s); serving it here", sock.peer, exc)
+        else:
+            if not claimed:
+                log.warning("peer id %r: claim kept failing; serving it here", sock.peer)
+        old = self.peers.get(sock.peer)
+        if old is not None:
+            self._evict_peer(sock.peer, old.token)
+        self.peers[sock.peer] = sock
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_peers())
+
+    async def _claim_peer(self, sock: PeerSocket) -> bool:
         key = peer_claim_key(sock.peer)
         for _ in range(RENDEZVOUS_ATTEMPTS):
             if await self.backend.claim(key, sock.token, self.lease):
-                break
+                return True
             holder = await self.backend.lookup(key)
             if holder is None:
                 continue
@@ -289,16 +307,7 @@ class RelayHub:
                 await self.backend.send_direct(
                     holder.node_id, Direct.EVICT_PEER, proto.encode_end(ref)
                 )
-        else:
-            log.warning(
-                "peer id %r: could not claim it cluster-wide; serving it locally", sock.peer
-            )
-        old = self.peers.get(sock.peer)
-        if old is not None:
-            self._evict_peer(sock.peer, old.token)
-        self.peers[sock.peer] = sock
-        if self._renewer is None:
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_peers())
+        return False
 
     def _evict_peer(self, peer: str, token: str) -> None:
         old = self.peers.get(peer)
@@ -398,6 +407,24 @@ class RelayHub:
 
     async def _rendezvous(self, end: PipeEnd) -> bool:
         """Hold ``end`` or pipe it to its held reciprocal, wherever that is; False if closed."""
+        try:
+            return await self._rendezvous_cluster(end)
+        except BackendUnavailable as exc:
+            log.warning("pipe rendezvous on this node only (%s)", exc)
+            return self._rendezvous_locally(end)
+
+    def _rendezvous_locally(self, end: PipeEnd) -> bool:
+        held = self.holding.get(end.claim_key)
+        if held is None or held.state is not PipeState.HOLDING:
+            self._hold(end)
+        elif held.a == end.a and end.a != end.b:
+            self._evict_end(held.id, "replaced by a newer connection request")
+            self._hold(end)
+        else:
+            self._pipe_locally(held, end)
+        return True
+
+    async def _rendezvous_cluster(self, end: PipeEnd) -> bool:
         backend = self.backend
         for _ in range(RENDEZVOUS_ATTEMPTS):
             if await backend.claim(end.claim_key, end.token, self.lease):
@@ -435,6 +462,7 @@ class RelayHub:
 
     def _hold(self, end: PipeEnd) -> None:
         end.state = PipeState.HOLDING
+        self.holding[end.claim_key] = end
         end.watchdog = asyncio.get_running_loop().create_task(self._watch(end))
         log.debug("holding %r for %s", end, end.claim_key)
 
@@ -460,6 +488,7 @@ class RelayHub:
     def _evict_end(self, end_id: str, reason: str) -> None:
         end = self.ends.get(end_id)
         if end is not None and end.state is PipeState.HOLDING:
+            self._stop_holding(end)
             end.state = PipeState.CLOSED
             end.conn.close(CloseCode.NORMAL, reason)
 
@@ -473,6 +502,8 @@ class RelayHub:
         log.debug("piped %r <-> %r", held, arrived)
 
     def _stop_holding(self, end: PipeEnd) -> None:
+        if self.holding.get(end.claim_key) is end:
+            del self.holding[end.claim_key]
         if end.watchdog is not None:
             end.watchdog.cancel()
             end.watchdog = None

@@ -1,0 +1,71 @@
+"""The published relay clients (Node) against polysignal: @localfirst/relay 4.2.2 and
+cevitxe-signal-client 0.4.2 discover each other, get piped sockets and talk (PROTOCOLS.md §2.5-2.7).
+
+On one node, and on two in-process nodes sharing a ``MemoryBus`` (the Redis variant with node
+processes is in tests/multinode/test_relay_multinode.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from polysignal.backends.memory import MemoryBackend, MemoryBus
+
+from support import RunningServer, node_ready, node_settings, run_node, running_server
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.node]
+
+
+def check_v4(result: dict[str, Any]) -> None:
+    """Both clients got `peer-connect` for the document and each other's text and binary frame."""
+    assert result["ok"], result
+    for me, other in (("alice", "bob"), ("bob", "alice")):
+        got = result[me]
+        assert got["remote"] == other and got["doc"] == result["documentId"]
+        assert got["got"] == [
+            {"kind": "text", "value": f"hello from {other}"},
+            {"kind": "binary", "value": "000102ff"},
+        ]
+
+
+def check_cevitxe(result: dict[str, Any]) -> None:
+    """Both clients emitted `peer` for the key and read the other's message on that socket."""
+    assert result["ok"], result
+    for me, other in (("alice", "bob"), ("bob", "alice")):
+        assert result[me] == {"remote": other, "key": result["key"], "got": f"hello from {other}"}
+
+
+@contextlib.asynccontextmanager
+async def two_nodes() -> AsyncIterator[tuple[RunningServer, RunningServer]]:
+    bus = MemoryBus()
+    async with (
+        running_server(node_settings(node_id="n1"), MemoryBackend("n1", bus)) as one,
+        running_server(node_settings(node_id="n2"), MemoryBackend("n2", bus)) as two,
+    ):
+        yield one, two
+
+
+async def test_localfirst_relay_4_clients_on_one_node(server):
+    node_ready()
+    check_v4(await run_node("relay_v4.mjs", server.ws_url, timeout=30))
+
+
+async def test_cevitxe_signal_client_on_one_node(server):
+    node_ready()
+    check_cevitxe(await run_node("relay_cevitxe.mjs", server.ws_url, timeout=30))
+
+
+async def test_localfirst_relay_4_clients_on_two_nodes():
+    node_ready()
+    async with two_nodes() as (one, two):
+        check_v4(await run_node("relay_v4.mjs", one.ws_url, two.ws_url, timeout=30))
+
+
+async def test_cevitxe_signal_client_on_two_nodes():
+    node_ready()
+    async with two_nodes() as (one, two):
+        check_cevitxe(await run_node("relay_cevitxe.mjs", one.ws_url, two.ws_url, timeout=30))
