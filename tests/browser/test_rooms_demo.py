@@ -20,6 +20,9 @@ def check(result: dict[str, Any]) -> None:
     assert result["ownerReceived"] == ["hello from the joiner"]
     assert result["joinerReceived"] == ["hello from the owner"]
     assert "connected to 1 peer(s)" in result["ownerStatus"]
+    for key in ("ownerVideos", "joinerVideos"):  # own camera, and the other's over WebRTC
+        assert sorted(v["local"] for v in result[key]) == [False, True], result[key]
+        assert all(v["tracks"] == ["audio", "video"] for v in result[key]), result[key]
 
 
 async def test_two_demo_pages_make_a_webrtc_call():

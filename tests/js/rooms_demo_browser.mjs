@@ -28,6 +28,7 @@ async function openDemo (browser, base, hash) {
 
 async function signIn (page, name) {
   await page.fill('#name', name)
+  await page.check('#media') // Chromium's fake camera and microphone (browser.mjs flags)
   await page.click('#connect')
   await page.waitForFunction(() => window.demo.session !== null, null, { timeout: TIMEOUT })
 }
@@ -71,6 +72,13 @@ try {
   result.joinerReceived = await joiner.page.evaluate(() => window.demo.received.map((m) => m.text))
   result.ownerStatus = await owner.page.textContent('#status')
   result.iceServers = await joiner.page.evaluate(() => window.demo.iceConfig.iceServers)
+  // Each page shows its own camera and, once media flows, the other's.
+  for (const [key, side] of [['ownerVideos', owner], ['joinerVideos', joiner]]) {
+    await side.page.waitForFunction(() => document.querySelectorAll('#videos video').length === 2, null, { timeout: TIMEOUT })
+    result[key] = await side.page.evaluate(() => [...document.querySelectorAll('#videos video')].map((v) => ({
+      local: v.id === 'video-local', tracks: v.srcObject ? v.srcObject.getTracks().map((t) => t.kind).sort() : []
+    })))
+  }
   result.ok = true
 } catch (error) {
   result.ok = false
