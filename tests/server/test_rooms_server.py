@@ -824,3 +824,26 @@ async def test_redis_outage_is_answered_and_survived(caplog):
         redis.stop()
     errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
     assert not errors, [(r.name, r.getMessage()) for r in errors]
+
+
+async def test_room_lease_is_renewed_while_the_room_lives():
+    """The owner's node renews the room's claim: past several lease periods the name is still
+    taken, and it is freed when the room closes."""
+    async with running_server(node_settings(**rooms_settings(), id_lease_ttl=1)) as srv:
+        owner = await RoomsClient().connect(srv.url)
+        other = await RoomsClient().connect(srv.url)
+        try:
+            await owner.login()
+            await other.login()
+            await create_room(owner, "leased")
+            await asyncio.sleep(2.5 * UNIT)  # 2.5 leases
+            await other.send("room-create-request", room="leased")
+            assert (await other.expect("room-create-reject"))["message"] == proto.ROOM_TAKEN
+            await other.send("room-join-request", room="leased")
+            assert (await owner.expect("room-join-request"))["peer_id"] == other.sid
+            await owner.close()
+            await asyncio.sleep(0.2 * UNIT)
+            await create_room(other, "leased")
+        finally:
+            await owner.close()
+            await other.close()

@@ -248,7 +248,7 @@ class RoomsHub:
             max_payload_bytes=self.settings.max_payload_bytes,
             max_room_length=self.settings.max_topic_length,
         )
-        self.lease = float(max(self.settings.id_lease_ttl, 3))
+        self.lease = float(max(self.settings.id_lease_ttl, 1))
         self.peers: dict[str, Peer] = {}
         self.views: dict[str, RoomView] = {}
         self.local: dict[str, set[str]] = {}  # room -> this node's member sids
