@@ -83,8 +83,8 @@ def scenario_configs(d: Durations) -> dict[str, Json]:
             "payloadBytes": 1000,
             "fanoutPerPublish": 10,
             "ramp": {
-                "startRate": 2000,
-                "factor": 1.3,
+                "startRate": 2500,
+                "factor": 1.4,
                 "stepSeconds": d.step_seconds,
                 "warmupSeconds": d.warmup_seconds,
                 "maxSteps": 12,
@@ -671,9 +671,9 @@ burst 400, 64 KiB frames, 256 topics per connection, 1 MiB send buffer, presence
 with two settings changed for the benchmark: `ECHO=1` (deliver to the sender too, as y-webrtc's
 server does, so every server writes the same frames per publish) and `MAX_CONNECTIONS_PER_IP=20000`
 (the default 1000 would refuse S3's 10,000 connections from 127.0.0.1). S1 ramps the publish rate
-by 1.3x per step until delivered/s stops growing (or the server sheds), then measures latency at
-70% of the maximum. polysignal-redis-2 is two polysignal nodes on one Redis, every room split
-across both (on one server core with redis-server)."""
+by 1.4x per step (from 2,500/s) until delivered/s stops growing or the server sheds load for two
+steps in a row, then measures latency at 70% of the maximum. polysignal-redis-2 is two polysignal
+nodes on one Redis, every room split across both (on one server core with redis-server)."""
 
 
 def main(argv: list[str] | None = None) -> int:

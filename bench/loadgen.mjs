@@ -1,4 +1,4 @@
-// The load generator: drives the topics protocol (y-webrtc / Flow-Like) with the npm `ws` client.
+// The load generator: drives the topics protocol (y-webrtc / Flow-Like) over raw TCP sockets.
 //
 //   node loadgen.mjs '<json config>'
 //
@@ -19,7 +19,6 @@ import { readFileSync } from 'node:fs'
 import net from 'node:net'
 import { performance } from 'node:perf_hooks'
 import { createInterface } from 'node:readline'
-import WebSocket from 'ws'
 
 const config = JSON.parse(process.argv[2] || '{}')
 const urls = config.urls || []
@@ -65,52 +64,168 @@ const percentile = (values, p) => {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]
 }
 
-// Open `count` sockets, at most `parallel` handshakes at a time; each runs `onOpen(ws, i)`.
-const connectAll = async (count, parallel, makeUrl, onOpen, timeoutMs) => {
-  const sockets = new Array(count)
+// --- a raw WebSocket client ---
+// The generator parses and frames WebSocket itself on plain TCP sockets: server frames are read
+// in place out of each TCP chunk (one call per chunk, not one event per message), and client
+// frames use a zero mask key (legal, RFC 6455 §5.3), so a payload is copied, not XORed. This
+// keeps the generator's CPU well below the server's.
+const HANDSHAKE = port => Buffer.from('GET / HTTP/1.1\r\nHost: 127.0.0.1:' + port + '\r\n' +
+  'Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n' +
+  'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n', 'latin1')
+const HEAD_END = Buffer.from('\r\n\r\n')
+
+// A masked client frame of an ASCII string, with a zero mask key.
+const clientText = (text, opcode = 0x1) => {
+  const length = text.length
+  let frame
+  let at
+  if (length < 126) {
+    frame = Buffer.allocUnsafe(6 + length)
+    frame[1] = 0x80 | length
+    at = 2
+  } else if (length < 65536) {
+    frame = Buffer.allocUnsafe(8 + length)
+    frame[1] = 0x80 | 126
+    frame.writeUInt16BE(length, 2)
+    at = 4
+  } else {
+    throw new Error('frame too long for the generator')
+  }
+  frame[0] = 0x80 | opcode
+  frame.writeUInt32BE(0, at)
+  frame.latin1Write(text, at + 4)
+  return frame
+}
+const CLOSE_1000 = Buffer.from([0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
+const PING_FRAME = clientText('{"type":"ping"}')
+
+// isPublish / isPong look at the 10th and 11th bytes of '{"type":"publish"' / '{"type":"pong"'.
+const isPublish = (buf, start) => buf[start + 9] === 0x70 && buf[start + 10] === 0x75
+const isPong = (buf, start) => buf[start + 9] === 0x70 && buf[start + 10] === 0x6f
+
+class RawPeer {
+  constructor (url, onText) {
+    const port = Number(new URL(url).port)
+    this.onText = onText
+    this.rest = null
+    this.head = null
+    this.onPong = null
+    this.closed = false
+    this.socket = net.connect(port, '127.0.0.1')
+    this.socket.setNoDelay(true)
+    this.opened = new Promise((resolve, reject) => {
+      this.socket.once('error', reject)
+      this.socket.once('close', () => reject(new Error('closed during the handshake')))
+      this.socket.on('connect', () => this.socket.write(HANDSHAKE(port)))
+      this.socket.on('data', chunk => {
+        if (this.head !== true) {
+          this.head = this.head ? Buffer.concat([this.head, chunk]) : chunk
+          const end = this.head.indexOf(HEAD_END)
+          if (end < 0) return
+          if (this.head.toString('latin1', 0, 12) !== 'HTTP/1.1 101') {
+            reject(new Error(this.head.toString('latin1', 0, 40)))
+            this.socket.destroy()
+            return
+          }
+          chunk = this.head.subarray(end + 4)
+          this.head = true
+          resolve(this)
+          if (chunk.length === 0) return
+        }
+        this.onData(chunk)
+      })
+    })
+    this.socket.on('error', () => {})
+    this.socket.on('close', () => { this.closed = true })
+  }
+
+  onData (chunk) {
+    const buf = this.rest ? Buffer.concat([this.rest, chunk]) : chunk
+    const n = buf.length
+    let off = 0
+    while (n - off >= 2) {
+      const first = buf[off]
+      let length = buf[off + 1] & 0x7f
+      let start = off + 2
+      if (length === 126) {
+        if (n - off < 4) break
+        length = buf.readUInt16BE(off + 2)
+        start = off + 4
+      } else if (length === 127) {
+        if (n - off < 10) break
+        length = Number(buf.readBigUInt64BE(off + 2))
+        start = off + 10
+      }
+      const end = start + length
+      if (end > n) break
+      const opcode = first & 0x0f
+      if (opcode === 0x1) {
+        if (this.onPong !== null && isPong(buf, start)) this.onPong()
+        else this.onText(buf, start, end)
+      } else if (opcode === 0x9) {
+        this.socket.write(clientText(buf.toString('latin1', start, end), 0xa))
+      }
+      off = end
+    }
+    this.rest = off < n ? buf.subarray(off) : null
+  }
+
+  send (text) { this.socket.write(clientText(text)) }
+  get buffered () { return this.socket.writableLength }
+
+  // Send a ping and wait for its pong: the server has handled everything sent before it.
+  pingPong () {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => { this.onPong = null; reject(new Error('no pong')) }, 10000)
+      this.onPong = () => { clearTimeout(timer); this.onPong = null; resolve() }
+      this.socket.write(PING_FRAME)
+    })
+  }
+
+  // The closing handshake; the server then closes TCP (RFC 6455 §7.1.1).
+  close () {
+    if (this.closed) return Promise.resolve()
+    return new Promise(resolve => {
+      this.socket.once('close', resolve)
+      this.socket.write(CLOSE_1000)
+    })
+  }
+}
+
+// Open `count` peers, at most `parallel` handshakes at a time; each runs `onOpen(peer, i)`.
+const connectAll = async (count, parallel, makeUrl, onText, onOpen, timeoutMs) => {
+  const peers = new Array(count)
   let next = 0
   let failed = 0
+  let firstError = null
   const until = Math.min(deadline, now() + timeoutMs)
   const worker = async () => {
     while (next < count && now() < until) {
       const i = next++
-      const ok = await new Promise(resolve => {
-        const ws = new WebSocket(makeUrl(i), { perMessageDeflate: false })
-        const timer = setTimeout(() => { ws.terminate(); resolve(false) }, 10000)
-        ws.on('error', () => { clearTimeout(timer); resolve(false) })
-        ws.on('open', () => {
-          sockets[i] = ws
-          onOpen(ws, i).then(() => { clearTimeout(timer); resolve(true) }, () => resolve(false))
-        })
-      })
-      if (!ok) failed++
+      const peer = new RawPeer(makeUrl(i), onText)
+      peers[i] = peer
+      let timer
+      const ok = await Promise.race([
+        peer.opened.then(() => onOpen(peer, i)).then(() => true, error => {
+          firstError = firstError || String(error && error.message)
+          return false
+        }),
+        new Promise(resolve => { timer = setTimeout(() => resolve(false), 10000) })
+      ])
+      clearTimeout(timer)
+      if (!ok) {
+        failed++
+        peer.socket.destroy()
+      }
     }
   }
   await Promise.all(Array.from({ length: Math.min(parallel, count) }, worker))
-  return { sockets, failed }
+  return { peers: peers.filter(Boolean), failed, firstError }
 }
 
-// Send a ping and wait for its pong: the server has handled everything sent before it.
-const pingPong = ws => new Promise((resolve, reject) => {
-  const timer = setTimeout(() => reject(new Error('no pong')), 10000)
-  const onMessage = data => {
-    if (data.length < 40 && data.toString().includes('"pong"')) {
-      clearTimeout(timer)
-      ws.off('message', onMessage)
-      resolve()
-    }
-  }
-  ws.on('message', onMessage)
-  ws.send('{"type":"ping"}')
-})
-
-const closeAll = async sockets => {
-  const open = sockets.filter(ws => ws && ws.readyState === WebSocket.OPEN)
-  await Promise.race([
-    Promise.all(open.map(ws => new Promise(resolve => { ws.once('close', resolve); ws.close() }))),
-    sleep(5000)
-  ])
-  for (const ws of sockets) if (ws && ws.readyState !== WebSocket.CLOSED) ws.terminate()
+const closeAll = async peers => {
+  await Promise.race([Promise.all(peers.map(peer => peer.close())), sleep(5000)])
+  for (const peer of peers) if (!peer.closed) peer.socket.destroy()
 }
 
 // --- S1 / S2 / S5: fan-out ---
@@ -125,27 +240,26 @@ async function fanout () {
   let latencies = []
   let lastMessageAt = now()
 
-  const onMessage = data => {
+  const onText = (buf, start, end) => {
     lastMessageAt = now()
-    if (data[9] !== 0x70 || data[10] !== 0x75) return // not {"type":"publish"...
+    if (!isPublish(buf, start)) return
     delivered++
     if (!recording) return
-    const at = data.indexOf(tsMark)
-    if (at < 0) return
-    const end = data.indexOf(0x2c, at) // ','
-    latencies.push(lastMessageAt - Number(data.toString('latin1', at + 5, end)))
+    const at = buf.indexOf(tsMark, start)
+    if (at < 0 || at >= end) return
+    const stop = buf.indexOf(0x2c, at) // ','
+    latencies.push(lastMessageAt - Number(buf.toString('latin1', at + 5, stop)))
   }
   // Peer i of room r connects to urls[i % urls.length]: with two nodes every room spans both.
-  const { sockets, failed } = await connectAll(
-    count, 100, i => urls[(i % peers) % urls.length],
-    async (ws, i) => {
-      ws.on('message', onMessage)
-      ws.send(JSON.stringify({ type: 'subscribe', topics: [`room-${Math.floor(i / peers)}`] }))
-      await pingPong(ws)
+  const { peers: sockets, failed, firstError } = await connectAll(
+    count, 100, i => urls[(i % peers) % urls.length], onText,
+    async (peer, i) => {
+      peer.send(`{"type":"subscribe","topics":["room-${Math.floor(i / peers)}"]}`)
+      await peer.pingPong()
     },
     60000
   )
-  if (failed) throw new Error(`${failed} of ${count} connections failed`)
+  if (failed) throw new Error(`${failed} of ${count} connections failed: ${firstError}`)
 
   // One frame per publish: the prefix and suffix are built once, the timestamp goes between.
   const prefix = []
@@ -203,7 +317,7 @@ async function fanout () {
         cursor = (cursor + 1) % count
         const ws = sockets[i]
         sent++
-        if (owed - delivered > maxOutstanding || ws.bufferedAmount > 64 * 1024) { shed++; continue }
+        if (owed - delivered > maxOutstanding || ws.buffered > 64 * 1024) { shed++; continue }
         owed += fanoutPerPublish
         ws.send(prefix[i] + now().toFixed(3) + suffix[i])
       }
@@ -238,19 +352,18 @@ async function fanout () {
     const steps = []
     let rate = ramp.startRate
     let best = null
-    let flat = 0
+    let saturated = 0
     for (let n = 0; n < ramp.maxSteps && now() < deadline; n++) {
       const result = await step(rate, ramp.stepSeconds, ramp.warmupSeconds)
       steps.push(result)
-      if (best === null || result.deliveredPerSecond > best.deliveredPerSecond * 1.03) {
-        flat = 0
-      } else {
-        flat++
-      }
+      // A step is saturated when delivered/s grew less than 3% over the best so far, or the
+      // server could not keep up (over 5% of the offered publishes shed because deliveries
+      // were owed). Two saturated steps in a row end the ramp.
+      const measured = result.offeredPublishesPerSecond * (ramp.stepSeconds - ramp.warmupSeconds)
+      const grew = best === null || result.deliveredPerSecond > best.deliveredPerSecond * 1.03
+      saturated = grew && result.shed <= 0.05 * measured ? 0 : saturated + 1
       if (best === null || result.deliveredPerSecond > best.deliveredPerSecond) best = result
-      // Stop once delivered/s has stopped growing for two steps, or the server no longer keeps
-      // up with the offered rate (publishes shed because deliveries are owed).
-      if (flat >= 2 || result.shed > 0.05 * result.offeredPublishesPerSecond * (ramp.stepSeconds - ramp.warmupSeconds)) break
+      if (saturated >= 2) break
       rate *= ramp.factor
     }
     const loadRate = (ramp.latencyFraction * best.deliveredPerSecond) / fanoutPerPublish
@@ -270,24 +383,24 @@ async function idle () {
   const count = config.count
   const t0 = now()
   const mark = cpuMark()
-  const { sockets, failed } = await connectAll(
-    count, config.parallel || 200, i => urls[i % urls.length],
-    async ws => {
-      ws.send(`{"type":"subscribe","topics":["idle-${ws._socket.localPort}"]}`)
-      await pingPong(ws)
+  const { peers: sockets, failed, firstError } = await connectAll(
+    count, config.parallel || 200, i => urls[i % urls.length], () => {},
+    async (peer, i) => {
+      peer.send(`{"type":"subscribe","topics":["idle-${i}"]}`)
+      await peer.pingPong()
     },
     120000
   )
   const connectSeconds = (now() - t0) / 1000
   const cpu = cpuSince(mark)
-  const open = sockets.filter(ws => ws && ws.readyState === WebSocket.OPEN).length
+  const open = sockets.filter(peer => !peer.closed).length
   // The runner reads the servers' memory now, then answers on stdin.
   console.log('READY')
   const lines = createInterface({ input: process.stdin })
   await Promise.race([new Promise(resolve => lines.once('line', resolve)), sleep(60000)])
   lines.close()
   await closeAll(sockets)
-  return { scenario: 'idle', count, open, failed, connectSeconds: round(connectSeconds, 3), ...cpu }
+  return { scenario: 'idle', count, open, failed, firstError, connectSeconds: round(connectSeconds, 3), ...cpu }
 }
 
 // --- S4: churn ---

@@ -123,7 +123,8 @@ class TopicsHub:
         try:
             match cmd:
                 case proto.Publish():
-                    log.debug("%r publish %s", conn, elide(data))
+                    if log.isEnabledFor(logging.DEBUG):  # elide() costs on every publish
+                        log.debug("%r publish %s", conn, elide(data))
                     await self.publish(conn, cmd)
                 case proto.Subscribe():
                     self.subscribe(conn, cmd)
