@@ -847,3 +847,38 @@ async def test_room_lease_is_renewed_while_the_room_lives():
         finally:
             await owner.close()
             await other.close()
+
+
+async def test_rooms_per_socket_are_limited():
+    async with running_server(
+        node_settings(**rooms_settings(), max_topics_per_connection=2)
+    ) as srv:
+        clients = [await RoomsClient().connect(srv.url) for _ in range(3)]
+        a, b, c = clients
+        try:
+            for client in clients:
+                await client.login()
+            await create_room(a, "a1")
+            await create_room(b, "b1")
+            await create_room(c, "c1")
+            # a asks for two rooms while it holds one; the second accept would be a third room
+            await a.send("room-join-request", room="b1")
+            await a.send("room-join-request", room="c1")
+            await b.expect("room-join-request")
+            await c.expect("room-join-request")
+            await b.send("room-join-accept", room="b1", peer_id=a.sid)
+            assert (await a.expect("room-join-accept"))["room"] == "b1"
+            await c.send("room-join-accept", room="c1", peer_id=a.sid)
+            reject = await a.expect("room-join-reject")
+            assert reject["room"] == "c1" and "too many rooms" in reject["message"]
+            await c.assert_silent("room-user-join")
+            await c.send("relay-ice-candidate", to=a.sid, room="c1", ice_candidate={})
+            assert (await c.expect("error"))["message"] == proto.NOT_SHARING_ROOM
+            # and a third room is refused outright, by create or by request
+            await a.send("room-create-request", room="a3")
+            assert "too many rooms" in (await a.expect("room-create-reject"))["message"]
+            await a.send("room-join-request", room="c1")
+            assert "too many rooms" in (await a.expect("room-join-reject"))["message"]
+        finally:
+            for client in clients:
+                await client.close()

@@ -85,7 +85,10 @@ class Peer:
     bucket: TokenBucket
     data: dict[str, Any] = field(default_factory=dict)  # socket.data: {} or {"peerinfo": ...}
     rooms: dict[str, None] = field(default_factory=dict)  # rooms it is a member of, in order
-    requested: set[str] = field(default_factory=set)  # rooms it asked to join
+    # Rooms it asked to join, to withdraw the requests when it leaves; the oldest are forgotten
+    # past the limit (a forgotten request stays pending at its owner: harmless, it admits no one
+    # once the socket is gone).
+    requested: dict[str, None] = field(default_factory=dict)
     last_error: float = 0.0
 
 
@@ -383,7 +386,7 @@ class RoomsHub:
                 log.warning("socket %s: leave of room %r not sent to its owner: %s", sid, room, exc)
             except Exception:
                 log.exception("socket %s: leaving room %r failed", sid, room)
-        for room in peer.requested - set(peer.rooms):
+        for room in [r for r in peer.requested if r not in peer.rooms]:
             try:
                 await self._to_owner(ClusterMessage(ClusterOp.LEAVE, room, sid=sid))
             except BackendUnavailable as exc:
@@ -503,20 +506,19 @@ class RoomsHub:
 
     def _check_room_count(self, peer: Peer, payload: Any) -> None:
         limit = self.settings.max_topics_per_connection
-        if len(peer.rooms) + len(peer.requested) >= limit:
+        if len(peer.rooms) >= limit:
             raise proto.BadEvent(f"too many rooms for one socket (limit {limit})", payload)
 
     def _add_local(self, peer: Peer, room: str) -> None:
         peer.rooms[room] = None
-        peer.requested.discard(room)
+        peer.requested.pop(room, None)
         self.local.setdefault(room, set()).add(peer.sid)
 
     async def join_request(self, peer: Peer, kind: ClientEvent, data: Any) -> None:
         cmd = proto.parse_join(data, self.limits)
         if cmd.room in peer.rooms:
             raise proto.BadEvent(proto.ALREADY_IN_ROOM, cmd.payload)
-        if cmd.room not in peer.requested:
-            self._check_room_count(peer, cmd.payload)
+        self._check_room_count(peer, cmd.payload)
         msg = ClusterMessage(
             ClusterOp.JOIN_REQUEST,
             cmd.room,
@@ -525,9 +527,11 @@ class RoomsHub:
             data=peer.data,
             payload=cmd.payload,
         )
-        peer.requested.add(cmd.room)
+        peer.requested[cmd.room] = None
+        if len(peer.requested) > self.settings.max_topics_per_connection:
+            del peer.requested[next(iter(peer.requested))]
         if not await self._to_owner(msg):
-            peer.requested.discard(cmd.room)
+            peer.requested.pop(cmd.room, None)
             raise proto.BadEvent(proto.ROOM_NOT_FOUND, cmd.payload)
 
     def _owned_view(self, peer: Peer, cmd: proto.Answer) -> RoomView:
@@ -687,8 +691,20 @@ class RoomsHub:
         if snap is None:
             return
         peer = self.peers.get(msg.sid)
-        if peer is None:
+        if peer is None or len(peer.rooms) >= self.settings.max_topics_per_connection:
             await self._to_node(msg.node, ClusterMessage(ClusterOp.LEAVE, msg.room, sid=msg.sid))
+            if peer is not None:  # accepted into more rooms than it may hold, all at once
+                limit = self.settings.max_topics_per_connection
+                await self.emit(
+                    ServerEvent.ROOM_JOIN_REJECT,
+                    proto.body(
+                        room=msg.room,
+                        peer_id=peer.sid,
+                        message=f"too many rooms for one socket (limit {limit})",
+                        payload=msg.payload,
+                    ),
+                    peer.sid,
+                )
             return
         self._install(snap)
         self._add_local(peer, msg.room)
