@@ -312,9 +312,10 @@ async def test_workers_serve_from_every_worker(r, env, uid, session):
     topic = f"workers-{uid}"
     try:
         node.start()
+        await wait_workers_listening(node, node_id, 2)
         listener = await session.ws_connect(node.ws_url)
         await subscribe(listener, topic)
-        await sync(listener)
+        await wait_presence_total(r, topic, 1)
         origins: set[str] = set()
         publishers: list[WS] = []
         for _ in range(40):  # the kernel spreads connections over the workers
@@ -345,6 +346,16 @@ async def test_workers_serve_from_every_worker(r, env, uid, session):
         assert await r.hgetall(f"topic:presence:{topic}") == {}
     finally:
         node.stop()
+
+
+async def wait_workers_listening(node: NodeProcess, node_id: str, count: int) -> None:
+    """Until every worker logged that it listens (each waits for Redis first)."""
+
+    async def listening() -> bool:
+        text = node.log()
+        return all(f"(node {node_id}-{i}, backend" in text for i in range(1, count + 1))
+
+    await eventually(listening, f"{count} workers listening")
 
 
 async def wait_presence_total(r: aioredis.Redis, topic: str, total: int) -> None:

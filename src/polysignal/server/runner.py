@@ -16,9 +16,12 @@ from collections.abc import Callable
 from aiohttp import web
 
 from polysignal.config import Settings, redact_url
-from polysignal.server.app import create_app
+from polysignal.server.app import NODE_KEY, create_app
 
 log = logging.getLogger("polysignal.server")
+
+BACKEND_WAIT = 10.0
+"""Seconds a worker of ``--workers`` waits for its backend before listening regardless."""
 
 
 async def serve(
@@ -37,6 +40,8 @@ async def serve(
         shutdown_timeout=settings.shutdown_timeout,
     )
     await runner.setup()
+    if reuse_port:
+        await _await_backend(app, settings)
     site = web.TCPSite(
         runner, settings.host, settings.port, reuse_port=reuse_port or None, backlog=2048
     )
@@ -65,6 +70,22 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("stopped")
+
+
+async def _await_backend(app: web.Application, settings: Settings) -> None:
+    """A worker sharing the port waits (bounded) for its backend before it takes connections,
+    so the kernel does not hand peers to a worker that cannot reach the other workers yet."""
+    backend = app[NODE_KEY].backend
+    for _ in range(int(BACKEND_WAIT / 0.05)):
+        if backend.ready:
+            return
+        await asyncio.sleep(0.05)
+    if not backend.ready:
+        log.warning(
+            "backend %s not reachable after %gs; listening anyway (local delivery only)",
+            redact_url(settings.backend_url),
+            BACKEND_WAIT,
+        )
 
 
 def _bound_port(runner: web.AppRunner, default: int) -> int:
