@@ -449,6 +449,11 @@ async def test_unknown_event_and_odd_shapes_never_crash(connect, rooms):
     assert (await client.expect("auth-reject"))["message"].startswith("auth-request: expected")
     await client.send("room-create-request", room="bin", payload=b"\x01\x02")
     assert "no binary" in (await client.expect("room-create-reject"))["message"]
+    deep: Any = []
+    for _ in range(400):  # deeper than orjson serializes
+        deep = [deep]
+    await client.send("room-create-request", room="deep", payload=deep)
+    assert (await client.expect("room-create-reject"))["message"].startswith("payload must")
     await create_room(client, "after")
 
 

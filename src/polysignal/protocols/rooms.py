@@ -245,7 +245,7 @@ def json_size(value: Any) -> int:
     try:
         return len(orjson.dumps(value))
     except TypeError:
-        raise BadEvent("payload must be JSON data (no binary)") from None
+        raise BadEvent("payload must be JSON data (no binary, at most 254 levels deep)") from None
 
 
 def _payload(data: dict[str, Any], limits: Limits) -> Maybe:

@@ -40,6 +40,7 @@ from engineio.async_drivers.aiohttp import WebSocket as EngineIoWebSocket
 from polysignal.backends.base import BackendUnavailable
 from polysignal.core.errors import CloseCode
 from polysignal.core.limits import TokenBucket
+from polysignal.logs import elide
 from polysignal.protocols import rooms as proto
 from polysignal.protocols.rooms import MISSING, ClientEvent, ClusterMessage, ClusterOp, ServerEvent
 from polysignal.server.node import Node
@@ -425,6 +426,8 @@ class RoomsHub:
             return
         data = args[0] if args else None
         name = event if isinstance(event, str) else repr(event)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("socket %s: %s %s", sid, name[:64], _elided(data))
         if not peer.bucket.allow(time.monotonic()):
             now = time.monotonic()
             if now - peer.last_error >= 1.0:
@@ -837,6 +840,13 @@ class RoomsHub:
 
     async def vendor_client(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(VENDOR_CLIENT)
+
+
+def _elided(data: Any) -> str:
+    try:
+        return elide(orjson.dumps(data, default=repr))
+    except TypeError:  # nested deeper than orjson goes
+        return "<unsized>"
 
 
 def _same(given: str, expected: str) -> bool:
