@@ -202,6 +202,12 @@ def test_relay_and_answer_parsing():
         proto.parse_relay(
             proto.ClientEvent.RELAY_SESSION_DESCRIPTION, {"to": "p", "room": "r"}, LIMITS
         )
+    with pytest.raises(proto.BadEvent, match="ice_candidate must be JSON data"):
+        proto.parse_relay(
+            proto.ClientEvent.RELAY_ICE_CANDIDATE,
+            {"to": "p", "room": "r", "ice_candidate": {"c": b"binary"}},
+            LIMITS,
+        )
     answer = proto.parse_answer(
         proto.ClientEvent.ROOM_JOIN_ACCEPT, {"room": "r", "peer_id": "p", "to": 5}, LIMITS
     )

@@ -240,12 +240,12 @@ class Relay:
     payload: Maybe = MISSING
 
 
-def json_size(value: Any) -> int:
+def json_size(value: Any, what: str = "payload") -> int:
     """Bytes of ``value`` as JSON; BadEvent if it is not JSON data (e.g. binary)."""
     try:
         return len(orjson.dumps(value))
     except TypeError:
-        raise BadEvent("payload must be JSON data (no binary, at most 254 levels deep)") from None
+        raise BadEvent(f"{what} must be JSON data (no binary, at most 254 levels deep)") from None
 
 
 def _payload(data: dict[str, Any], limits: Limits) -> Maybe:
@@ -292,7 +292,7 @@ def parse_auth_request(data: Any, limits: Limits) -> AuthRequest:
     peerinfo: Maybe = MISSING
     if "peerinfo" in data and data["peerinfo"] is not None:
         peerinfo = data["peerinfo"]
-        size = json_size(peerinfo)
+        size = json_size(peerinfo, "peerinfo")
         if size > limits.max_payload_bytes:
             raise BadEvent(
                 f"peerinfo is too large: {size} bytes, the limit is {limits.max_payload_bytes}",
@@ -342,7 +342,7 @@ def parse_relay(event: ClientEvent, data: Any, limits: Limits) -> Relay:
     body = data.get(key)
     if not isinstance(body, dict | str):
         raise BadEvent(f"{event}: '{key}' must be an object, got {json_type(body)}", payload)
-    json_size(body)
+    json_size(body, key)
     return Relay(to, room, body, payload)
 
 
