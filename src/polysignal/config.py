@@ -359,7 +359,8 @@ FIELDS: tuple[FieldSpec, ...] = (
         "id_lease_ttl",
         "ID_LEASE_TTL",
         _parse_int,
-        "Seconds a claimed peer id lives in the cluster registry unless renewed.",
+        "Seconds a claimed peer id (or rooms room name) lives in the cluster registry unless "
+        "renewed.",
         "signal-fire",
     ),
     FieldSpec("app_secret", "APP_SECRET", _secret, "HMAC key of the rooms tokens.", "rooms"),
