@@ -440,7 +440,7 @@ class RedisBackend(Backend):
                     )
                     attempt = 0
                 self._on_disconnect()
-                delay = min(self.backoff_max, BACKOFF_BASE * 2**attempt)
+                delay = min(self.backoff_max, BACKOFF_BASE * 2 ** min(attempt, 30))
                 delay *= random.uniform(0.5, 1.0)
                 level = logging.WARNING if attempt & (attempt - 1) == 0 else logging.DEBUG
                 log.log(
