@@ -1,10 +1,11 @@
 // The published socket.io-client 4.x against polysignal's rooms protocol: an app token from
 // POST /app, auth-request, room-create, join request/accept, both relays, leave.
-// Usage: node rooms_socketio.mjs <owner base url> <joiner base url> <APP_PASS>
-// (two urls: owner and joiner on two nodes). Prints one JSON object as its last line.
+// Usage: node rooms_socketio.mjs <owner base url> <joiner base url> <APP_PASS> [websocket]
+// (two urls: owner and joiner on two nodes; "websocket": the joiner too skips long-polling,
+// for servers without sticky sessions). Prints one JSON object as its last line.
 import { io } from 'socket.io-client'
 
-const [ownerUrl, joinerUrl, password] = process.argv.slice(2)
+const [ownerUrl, joinerUrl, password, joinerTransport] = process.argv.slice(2)
 const room = `room-${process.pid}`
 const sockets = []
 const deadline = setTimeout(() => finish({ ok: false, error: 'timed out' }), 20000)
@@ -51,7 +52,7 @@ try {
   // The owner uses the demo's websocket-only transport; the joiner the default (polling, then
   // upgrade), so both engine.io transports are exercised.
   const owner = await connect(ownerUrl, token, 'owner', { transports: ['websocket'] })
-  const joiner = await connect(joinerUrl, token, 'joiner', {})
+  const joiner = await connect(joinerUrl, token, 'joiner', joinerTransport === 'websocket' ? { transports: ['websocket'] } : {})
 
   const created = next(owner, 'room-create-accept')
   owner.emit('room-create-request', { auth: owner.session, room })

@@ -209,3 +209,17 @@ async def test_graceful_stop_of_the_owners_node_hands_the_room_over(redis_url):
         finally:
             for client in (owner, member, asker):
                 await client.close()
+
+
+async def test_published_client_against_workers_sharing_one_port(redis_url):
+    """WORKERS=2: the kernel spreads the clients over two worker nodes behind one port.
+    WebSocket only: long-polling would need sticky sessions (docs/protocols/rooms.md)."""
+    node_ready()
+    node = NodeProcess({**rooms_env(redis_url), "WORKERS": "2"})
+    try:
+        node.start()
+        for _ in range(3):  # three runs, so owner and joiner likely meet different workers
+            url = node.url
+            check_flow(await run_node("rooms_socketio.mjs", url, url, PASSWORD, "websocket"))
+    finally:
+        assert node.stop() in (0, -15), node.log()
