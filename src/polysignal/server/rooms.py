@@ -392,6 +392,8 @@ class RoomsHub:
                 await self._to_owner(ClusterMessage(ClusterOp.LEAVE, room, sid=sid))
             except BackendUnavailable as exc:
                 log.warning("socket %s: request for room %r not withdrawn: %s", sid, room, exc)
+            except Exception:
+                log.exception("socket %s: withdrawing its request for room %r failed", sid, room)
 
     async def _leave(self, peer: Peer, room: str) -> None:
         """§5.5 "Disconnect": the others in the room get ``room-user-leave``."""
