@@ -81,7 +81,8 @@ class Backend(ABC):
         """True when cross-node operations currently work (``/readyz``)."""
 
     async def sync(self) -> None:
-        """Wait until every change this node made so far is visible to the other nodes.
+        """Wait until every change this node made so far is visible to the other nodes, and
+        this node has applied every presence change the others had made visible before.
 
         Raises ``BackendUnavailable`` when the backing service is unreachable.
         """
