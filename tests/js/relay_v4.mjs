@@ -25,19 +25,34 @@ function decode (data) {
   return { kind: 'binary', value: Buffer.from(data).toString('hex') }
 }
 
+// The client emits `peer-connect` only after an `await`, so frames the server flushes from a held
+// socket as the pair connects (PROTOCOLS.md §2.4) can reach the socket before the application's
+// listener exists; the original servers flush the same way. So each side first says "ready",
+// and sends its payload once it hears the other's "ready" (answering the first one with "again",
+// in case its own "ready" went out before the other side listened).
 function run (peerId, url) {
   return new Promise((resolve, reject) => {
     const client = new Client({ peerId, url })
     clients.push(client)
     const got = []
+    let sent = false
     client.on('error', (error) => reject(new Error(`${peerId}: ${error}`)))
     client.on('peer-connect', ({ peerId: remote, documentId: doc, socket }) => {
       socket.addEventListener('message', (event) => {
-        got.push(decode(event.data))
+        const message = decode(event.data)
+        if (message.kind === 'text' && (message.value === 'ready' || message.value === 'again')) {
+          if (message.value === 'ready') socket.send('again')
+          if (!sent) {
+            sent = true
+            socket.send(`hello from ${peerId}`)
+            socket.send(Uint8Array.from([0, 1, 2, 255]))
+          }
+          return
+        }
+        got.push(message)
         if (got.length === 2) resolve({ remote, doc, got })
       })
-      socket.send(`hello from ${peerId}`)
-      socket.send(Uint8Array.from([0, 1, 2, 255]))
+      socket.send('ready')
     })
     client.join(documentId)
   })

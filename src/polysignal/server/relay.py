@@ -101,6 +101,7 @@ class PipeEnd:
     remote: tuple[str, str] | None = None  # (node id, end id) when it is on another node
     flush: asyncio.Task[None] | None = None  # sends the held frames to a remote partner
     watchdog: asyncio.Task[None] | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # rendezvous finished
     claim_key: str = field(init=False)
     token: str = field(init=False)
 
@@ -318,10 +319,11 @@ class RelayHub:
         old.conn.close(CloseCode.NORMAL, "replaced by a newer connection with the same peer id")
 
     async def _unregister(self, sock: PeerSocket) -> None:
-        if self.peers.get(sock.peer) is not sock:
-            return  # already replaced: the newer socket's state is not ours to remove
-        del self.peers[sock.peer]
-        self._presence(self.directory.remove(sock.peer))
+        if self.peers.get(sock.peer) is sock:
+            del self.peers[sock.peer]
+            self._presence(self.directory.remove(sock.peer))
+        # else: replaced; the newer socket's state is not ours to remove. Releasing our own
+        # token is always safe: it frees the claim only if we still hold it.
         with contextlib.suppress(Exception):
             await self.backend.release(peer_claim_key(sock.peer), sock.token)
 
@@ -412,6 +414,8 @@ class RelayHub:
         except BackendUnavailable as exc:
             log.warning("pipe rendezvous on this node only (%s)", exc)
             return self._rendezvous_locally(end)
+        finally:
+            end.settled.set()
 
     def _rendezvous_locally(self, end: PipeEnd) -> bool:
         held = self.holding.get(end.claim_key)
@@ -449,10 +453,15 @@ class RelayHub:
                 continue
             if holder.node_id == self.node.node_id:
                 other = self.ends.get(token.end)
-                await backend.release(end.claim_key, holder.token)
+                if other is not None:
+                    # Its claim may have succeeded a moment before it learnt so (the reply
+                    # comes on another Redis connection than ours): let it start holding.
+                    await self._settled(other)
                 if other is not None and other.state is PipeState.HOLDING:
                     self._pipe_locally(other, end)
+                    await backend.release(end.claim_key, holder.token)
                     return True
+                await backend.release(end.claim_key, holder.token)  # a stale hold
                 continue
             if await self._match_remote(end, holder.node_id, token.end):
                 return True
@@ -533,6 +542,24 @@ class RelayHub:
     def _on_match(self, origin: str, payload: bytes) -> None:
         ref = proto.decode_end(payload)
         end = self.ends.get(ref.end)
+        if end is not None and end.state is PipeState.RENDEZVOUS:
+            # The matcher saw this end's claim before this node saw its reply: the end is
+            # about to hold. Answer once it does, instead of refusing a valid match.
+            self._spawn(self._match_when_settled(end, origin, ref))
+            return
+        self._answer_match(end, origin, ref)
+
+    async def _match_when_settled(self, end: PipeEnd, origin: str, ref: proto.EndRef) -> None:
+        await self._settled(end)
+        self._answer_match(self.ends.get(ref.end), origin, ref)
+
+    async def _settled(self, end: PipeEnd) -> None:
+        """Wait (bounded) until ``end`` has finished its rendezvous."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(MATCH_TIMEOUT):
+                await end.settled.wait()
+
+    def _answer_match(self, end: PipeEnd | None, origin: str, ref: proto.EndRef) -> None:
         if end is None or end.state is not PipeState.HOLDING:
             reply = proto.encode_end(proto.EndRef(ref.other))
             self._spawn(self._send_all(origin, Direct.NO_MATCH, [reply]))
