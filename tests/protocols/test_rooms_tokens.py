@@ -220,6 +220,14 @@ def test_auth_request_parsing():
     assert proto.parse_auth_request({"token": "t", "peerinfo": None}, LIMITS).peerinfo is (
         proto.MISSING
     )
+    for falsy in (None, False, 0, "", 0.0):  # as the original's `if (peerinfo)`
+        assert proto.parse_auth_request({"token": "t", "peerinfo": falsy}, LIMITS).peerinfo is (
+            proto.MISSING
+        )
+    for truthy in ([], {}, "0", 1, True):
+        assert proto.parse_auth_request({"token": "t", "peerinfo": truthy}, LIMITS).peerinfo == (
+            truthy
+        )
     with pytest.raises(proto.BadEvent, match="peerinfo is too large"):
         proto.parse_auth_request({"token": "t", "peerinfo": "x" * 200}, LIMITS)
 

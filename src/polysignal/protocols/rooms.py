@@ -290,7 +290,7 @@ def parse_auth_request(data: Any, limits: Limits) -> AuthRequest:
     data = _object(data, ClientEvent.AUTH_REQUEST)
     payload = _payload(data, limits)
     peerinfo: Maybe = MISSING
-    if "peerinfo" in data and data["peerinfo"] is not None:
+    if js_truthy(data.get("peerinfo")):  # the original's `if (peerinfo) socket.data = {peerinfo}`
         peerinfo = data["peerinfo"]
         size = json_size(peerinfo, "peerinfo")
         if size > limits.max_payload_bytes:
@@ -299,6 +299,15 @@ def parse_auth_request(data: Any, limits: Limits) -> AuthRequest:
                 payload,
             )
     return AuthRequest(data.get("token"), payload, peerinfo)
+
+
+def js_truthy(value: Any) -> bool:
+    """JavaScript's truthiness of a JSON value: ``[]`` and ``{}`` are true, ``0`` and ``""`` not."""
+    if value is None or value is False or value == "":
+        return False
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value == value and value != 0  # NaN is falsy too
+    return True
 
 
 def parse_create(data: Any, limits: Limits) -> CreateRoom:
