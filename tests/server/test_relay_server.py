@@ -25,6 +25,7 @@ from support import (
     UNIT,
     RunningServer,
     assert_silent,
+    free_port,
     node_settings,
     receive_json,
     running_server,
@@ -553,3 +554,36 @@ async def test_duplicate_pipe_request_on_another_node_replaces_the_held_one():
         peer = await one.ws("/connection/b/a/k")
         await peer.send_str("hi")
         assert await receive_frame(new) == (TEXT, "hi")
+
+
+# --- backend away ------------------------------------------------------------------------------
+
+
+async def test_one_node_keeps_serving_while_redis_is_unreachable():
+    """Claims fail with BackendUnavailable: introductions, pipes and replacements stay local."""
+    settings = node_settings(
+        backend_url=f"redis://127.0.0.1:{free_port()}/0", redis_backoff_max=0.5
+    )
+    async with running_server(settings) as srv:
+        assert not srv.node.backend.ready
+        a = await srv.ws("/introduction/a")
+        await join_v4(a, "k")
+        await until(lambda: "a" in hub(srv).directory)
+        b = await srv.ws("/introduction/b")
+        await join_v4(b, "k")
+        assert (await receive_msgpack(b))["peerId"] == "a"
+        assert (await receive_msgpack(a))["peerId"] == "b"
+        again = await srv.ws("/introduction/a")
+        assert (await closed_with(a))[0] == CloseCode.NORMAL
+        await join_v4(again, "k")
+        assert (await receive_msgpack(again))["peerId"] == "b"
+        old = await srv.ws("/connection/a/b/k")
+        await until(lambda: bool(hub(srv).holding))
+        first = await srv.ws("/connection/a/b/k")
+        assert "replaced" in (await closed_with(old))[1]
+        await first.send_str("held")
+        await until(lambda: len(hub(srv).ends) == 1)
+        second = await srv.ws("/connection/b/a/k")
+        assert await receive_frame(second) == (TEXT, "held")
+        await second.send_bytes(b"\x01")
+        assert await receive_frame(first) == (BINARY, b"\x01")

@@ -280,8 +280,9 @@ class RelayHub:
         try:
             claimed = await self._claim_peer(sock)
         except BackendUnavailable as exc:
-            # The backend is away: keep serving this node's peers (DESIGN.md §3).
-            log.warning("peer id %r not claimed cluster-wide (%s); serving it here", sock.peer, exc)
+            # The backend is away (it warns about that itself): keep serving this node's peers
+            # (DESIGN.md §3).
+            log.debug("peer id %r not claimed cluster-wide (%s); serving it here", sock.peer, exc)
         else:
             if not claimed:
                 log.warning("peer id %r: claim kept failing; serving it here", sock.peer)
@@ -412,7 +413,7 @@ class RelayHub:
         try:
             return await self._rendezvous_cluster(end)
         except BackendUnavailable as exc:
-            log.warning("pipe rendezvous on this node only (%s)", exc)
+            log.debug("pipe rendezvous on this node only (%s)", exc)
             return self._rendezvous_locally(end)
         finally:
             end.settled.set()
