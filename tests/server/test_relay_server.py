@@ -17,8 +17,10 @@ import msgpack
 import orjson
 import pytest
 
+from polysignal.backends.base import Claim
 from polysignal.backends.memory import MemoryBackend, MemoryBus
 from polysignal.core.errors import CloseCode
+from polysignal.core.relay import peer_claim_key
 from polysignal.server.relay import RELAY_KEY, RelayHub
 
 from support import (
@@ -587,3 +589,20 @@ async def test_one_node_keeps_serving_while_redis_is_unreachable():
         assert await receive_frame(second) == (TEXT, "held")
         await second.send_bytes(b"\x01")
         assert await receive_frame(first) == (BINARY, b"\x01")
+
+
+async def test_peer_id_lease_is_renewed_and_a_lost_claim_closes_the_socket():
+    """The claim outlives its TTL while the socket is open; taken over elsewhere (an eviction
+    message that never arrived), the socket yields at the next renewal."""
+    async with running_server(node_settings(id_lease_ttl=3)) as srv:
+        ws = await srv.ws("/introduction/leased")
+        await until(lambda: "leased" in hub(srv).peers)
+        backend = srv.node.backend
+        key = peer_claim_key("leased")
+        token = hub(srv).peers["leased"].token
+        await asyncio.sleep(3.5 * UNIT)  # longer than the lease
+        assert await backend.lookup(key) == Claim(srv.node.node_id, token)
+        assert await backend.release(key, token)
+        assert await backend.claim(key, "a newer socket elsewhere", 60)
+        code, reason = await closed_with(ws, timeout=3 * UNIT)
+        assert code == CloseCode.NORMAL and "replaced" in reason

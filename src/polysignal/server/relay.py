@@ -225,6 +225,8 @@ class RelayHub:
             return False
         if sock.generation is None:
             sock.generation = decoded.generation
+        if self.peers.get(sock.peer) is not sock:
+            return False  # replaced by a newer socket (and closing): its frames no longer count
         try:
             match decoded.command:
                 case proto.Join() as join:
@@ -243,8 +245,6 @@ class RelayHub:
         return True
 
     async def _join(self, sock: PeerSocket, join: proto.Join) -> None:
-        if self.peers.get(sock.peer) is not sock:
-            return  # replaced by a newer socket; its frames no longer count
         # DocumentLimitExceeded (a ClientError) leaves the peer's set unchanged and closes it.
         added, removed, intros = self.directory.join(sock.peer, join.document_ids, join.leave)
         self._presence(added + removed)
@@ -332,23 +332,24 @@ class RelayHub:
         """Keep this node's peer id claims alive; a claim lost to another node closes its socket."""
         while True:
             await asyncio.sleep(self.lease / 3)
-            for sock in list(self.peers.values()):
-                try:
-                    ours = await self.backend.renew(
-                        peer_claim_key(sock.peer), sock.token, self.lease
-                    )
-                except Exception:
-                    log.warning("renewing the claim of peer %r failed", sock.peer, exc_info=True)
-                    continue
-                # Lost elsewhere without being told (e.g. a lost eviction message): yield.
-                if (
-                    not ours
-                    and self.peers.get(sock.peer) is sock
-                    and not await self.backend.claim(
-                        peer_claim_key(sock.peer), sock.token, self.lease
-                    )
-                ):
-                    self._evict_peer(sock.peer, sock.token)
+            try:
+                await self._renew_round()
+            except BackendUnavailable as exc:
+                # The backend warns about its outage itself; leases are renewed (or claimed
+                # again, if they expired meanwhile) on the first round after it returns.
+                log.debug("peer id leases not renewed: %s", exc)
+
+    async def _renew_round(self) -> None:
+        for sock in list(self.peers.values()):
+            key = peer_claim_key(sock.peer)
+            if await self.backend.renew(key, sock.token, self.lease):
+                continue
+            # Not ours any more: taken over by a newer socket elsewhere whose eviction message
+            # was lost, or expired during an outage. Claim it again, or yield to the holder.
+            if self.peers.get(sock.peer) is sock and not await self.backend.claim(
+                key, sock.token, self.lease
+            ):
+                self._evict_peer(sock.peer, sock.token)
 
     # --- announcements and introductions from other nodes ---
     def _on_announce(self, topic: str, payload: bytes) -> None:
