@@ -82,6 +82,7 @@ def scenario_configs(d: Durations) -> dict[str, Json]:
             "peers": 10,
             "payloadBytes": 1000,
             "fanoutPerPublish": 10,
+            "latencyEvery": 4,
             "ramp": {
                 "startRate": 2500,
                 "factor": 1.4,
@@ -497,7 +498,26 @@ METRICS = (
     Metric("S3", "S3 KiB per idle connection", lambda r: r["kibPerConnection"], False),
     Metric("S3", "S3 s to connect 10k", lambda r: r["connectSeconds"], False),
     Metric("S4", "S4 churn cycles/s", lambda r: r["cyclesPerSecond"], True),
+    # Per CPU-second of the server process(es): what the server gets done with the CPU it got,
+    # a figure that other load on the machine disturbs much less than the rates above.
+    Metric(
+        "S1",
+        "S1 delivered per server CPU-second, at max",
+        lambda r: _per_cpu(r["atMax"]["deliveredPerSecond"], r["atMax"]["serverCpu"]),
+        True,
+    ),
+    Metric(
+        "S4",
+        "S4 cycles per server CPU-second",
+        lambda r: _per_cpu(r["cyclesPerSecond"], r["serverCpu"]),
+        True,
+    ),
 )
+
+
+def _per_cpu(rate: float, cpu: float) -> float | None:
+    return rate / cpu if cpu > 0.05 else None
+
 
 GENERATOR_CPU_OF: dict[str, Callable[[Json], float]] = {
     "S1": lambda r: float(r["atMax"]["generatorCpu"]),
