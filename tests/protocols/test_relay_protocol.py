@@ -163,15 +163,28 @@ def test_cluster_messages_round_trip():
     assert proto.decode_introduce(proto.encode_introduce(intro)) == intro
     ref = proto.EndRef("e1", "e2", "why")
     assert proto.decode_end(proto.encode_end(ref)) == ref
-    frame = proto.PipedFrame("e1", 2, b"\x00\xff")
-    assert proto.decode_frame(proto.encode_frame(frame)) == frame
+    frames = proto.PipedFrames("e1", "e2", ((2, b"\x00\xff"), (1, b"text")))
+    assert proto.decode_frames(proto.encode_frames(frames)) == frames
+    ack = proto.Ack("e1", 4096)
+    assert proto.decode_ack(proto.encode_ack(ack)) == ack
 
 
 @pytest.mark.parametrize(
-    "payload", [b"\xc1", packb([1, 2]), packb(["a", 1, 2]), packb(["n", "p", "x", []])]
+    "payload",
+    [
+        b"\xc1",
+        packb([1, 2]),
+        packb(["a", "b", [1]]),
+        packb(["a", "b", ["x", b"y"]]),
+        packb(["n", "p", "x", "y"]),
+    ],
 )
 def test_malformed_cluster_messages_raise(payload):
     with pytest.raises(MalformedFrame):
         proto.decode_announce(payload)
     with pytest.raises(MalformedFrame):
-        proto.decode_frame(payload)
+        proto.decode_frames(payload)
+    with pytest.raises(MalformedFrame):
+        proto.decode_ack(payload)
+    with pytest.raises(MalformedFrame):
+        proto.decode_ack(packb(["a", -1]))

@@ -606,3 +606,42 @@ async def test_peer_id_lease_is_renewed_and_a_lost_claim_closes_the_socket():
         assert await backend.claim(key, "a newer socket elsewhere", 60)
         code, reason = await closed_with(ws, timeout=3 * UNIT)
         assert code == CloseCode.NORMAL and "replaced" in reason
+
+
+async def slow_reader_case(sender: WS, receiver: WS) -> None:
+    """8 MiB through a pipe whose reader pauses: every frame arrives, in order; nobody is cut."""
+    chunk = 32 * 1024
+    count = 256
+
+    async def send_all() -> None:
+        for i in range(count):
+            await sender.send_bytes(i.to_bytes(4, "big") * (chunk // 4))
+
+    # The reader stops reading for a while: the kernel's buffers fill, then the server's.
+    transport = receiver._response.connection.transport
+    assert transport is not None
+    transport.pause_reading()
+    sending = asyncio.create_task(send_all())
+    await asyncio.sleep(0.5 * UNIT)
+    transport.resume_reading()
+    for i in range(count):
+        kind, data = await receive_frame(receiver, timeout=10 * UNIT)
+        assert kind is BINARY and data[:4] == i.to_bytes(4, "big") and len(data) == chunk
+    await sending
+    await receiver.send_str("done")
+    assert await receive_frame(sender) == (TEXT, "done")
+
+
+async def test_a_slow_reader_slows_the_writer_instead_of_being_cut_off():
+    async with running_server(node_settings(send_buffer_bytes=256 * 1024)) as srv:
+        first, second = await pipe_pair(srv)
+        await slow_reader_case(first, second)
+
+
+async def test_a_slow_reader_on_another_node_slows_the_writer():
+    """Flow control across nodes: the receiving node acknowledges what its client has read."""
+    async with two_nodes(send_buffer_bytes=256 * 1024) as (one, two):
+        first = await one.ws("/connection/a/b/k")
+        await until(lambda: bool(hub(one).holding))
+        second = await two.ws("/connection/b/a/k")
+        await slow_reader_case(first, second)

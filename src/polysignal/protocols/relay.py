@@ -217,7 +217,8 @@ class Direct(StrEnum):
     MATCHED = "relay.matched"  # the held socket is now piped to yours
     NO_MATCH = "relay.no-match"  # the held socket is gone; try again
     EVICT_PIPE = "relay.evict-pipe"  # a newer duplicate /connection request replaces yours
-    FRAME = "relay.frame"  # one piped frame for a socket on your node
+    FRAMES = "relay.frames"  # piped frames, in order, for a socket on your node
+    ACK = "relay.ack"  # that many bytes of your frames reached my socket's client (flow control)
     CLOSE = "relay.close"  # the other end of a pipe closed
 
 
@@ -251,12 +252,12 @@ class EndRef:
 
 
 @dataclass(frozen=True, slots=True)
-class PipedFrame:
-    """A frame piped to the end ``end``, with its WebSocket opcode (text or binary)."""
+class PipedFrames:
+    """Frames piped from the end ``sender`` to the end ``end``, in order, with their opcodes."""
 
     end: str
-    opcode: int
-    data: bytes
+    sender: str
+    frames: tuple[tuple[int, bytes], ...]
 
 
 def pack(value: list[Any]) -> bytes:
@@ -270,7 +271,7 @@ def encode_announce(msg: Announce) -> bytes:
 
 def decode_announce(payload: bytes) -> Announce:
     node, peer, joined, documents = _unpack(payload, 4)
-    return Announce(str(node), str(peer), _strs(joined), _strs(documents))
+    return Announce(_str(node), _str(peer), _strs(joined), _strs(documents))
 
 
 def encode_introduce(msg: Introduce) -> bytes:
@@ -279,7 +280,7 @@ def encode_introduce(msg: Introduce) -> bytes:
 
 def decode_introduce(payload: bytes) -> Introduce:
     to, peer, documents = _unpack(payload, 3)
-    return Introduce(str(to), str(peer), _strs(documents))
+    return Introduce(_str(to), _str(peer), _strs(documents))
 
 
 def encode_end(msg: EndRef) -> bytes:
@@ -288,18 +289,40 @@ def encode_end(msg: EndRef) -> bytes:
 
 def decode_end(payload: bytes) -> EndRef:
     end, other, reason = _unpack(payload, 3)
-    return EndRef(str(end), str(other), str(reason))
+    return EndRef(_str(end), _str(other), _str(reason))
 
 
-def encode_frame(msg: PipedFrame) -> bytes:
-    return pack([msg.end, msg.opcode, msg.data])
+def encode_frames(msg: PipedFrames) -> bytes:
+    return pack([msg.end, msg.sender, [item for frame in msg.frames for item in frame]])
 
 
-def decode_frame(payload: bytes) -> PipedFrame:
-    end, opcode, data = _unpack(payload, 3)
-    if not isinstance(data, bytes) or not isinstance(opcode, int):
-        raise MalformedFrame("bad piped frame")
-    return PipedFrame(str(end), opcode, data)
+def decode_frames(payload: bytes) -> PipedFrames:
+    end, sender, flat = _unpack(payload, 3)
+    if not isinstance(flat, list) or len(flat) % 2:
+        raise MalformedFrame("invalid cluster message")
+    frames = tuple(zip(flat[::2], flat[1::2], strict=True))
+    if not all(isinstance(op, int) and isinstance(data, bytes) for op, data in frames):
+        raise MalformedFrame("invalid cluster message")
+    return PipedFrames(_str(end), _str(sender), frames)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """``size`` bytes of frames piped to ``end``'s partner were written to its client."""
+
+    end: str
+    size: int
+
+
+def encode_ack(msg: Ack) -> bytes:
+    return pack([msg.end, msg.size])
+
+
+def decode_ack(payload: bytes) -> Ack:
+    end, size = _unpack(payload, 2)
+    if not isinstance(size, int) or size < 0:
+        raise MalformedFrame("invalid cluster message")
+    return Ack(_str(end), size)
 
 
 def _unpack(payload: bytes, size: int) -> list[Any]:
@@ -308,6 +331,12 @@ def _unpack(payload: bytes, size: int) -> list[Any]:
     except Exception:
         raise MalformedFrame("invalid cluster message") from None
     if not isinstance(value, list) or len(value) != size:
+        raise MalformedFrame("invalid cluster message")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
         raise MalformedFrame("invalid cluster message")
     return value
 

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from enum import Enum
@@ -64,6 +65,8 @@ CONNECTION = "connection"
 MATCH_TIMEOUT = 5.0
 """Seconds a ``/connection`` socket waits for the holder's node to confirm a cross-node pipe."""
 RENDEZVOUS_ATTEMPTS = 4
+PIPE_BATCH_BYTES = 64 * 1024
+"""Piped frames sent to another node in one direct message, at most (unless one is larger)."""
 BACKPRESSURE_POLL = 0.01
 BACKPRESSURE_WAIT = 30.0
 
@@ -99,7 +102,14 @@ class PipeEnd:
     state: PipeState = PipeState.RENDEZVOUS
     partner: PipeEnd | None = None  # the other end, when it is on this node
     remote: tuple[str, str] | None = None  # (node id, end id) when it is on another node
-    flush: asyncio.Task[None] | None = None  # sends the held frames to a remote partner
+    # Frames on their way to a remote partner, sent in order by one pump task per end.
+    outbox: deque[tuple[int, bytes]] = field(default_factory=deque)
+    outbox_bytes: int = 0
+    pump: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # the outbox has frames
+    room: asyncio.Event = field(default_factory=asyncio.Event)  # the outbox has room
+    unacked: int = 0  # bytes sent to the remote partner not yet written to its client
+    acked: asyncio.Event = field(default_factory=asyncio.Event)
     watchdog: asyncio.Task[None] | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # rendezvous finished
     claim_key: str = field(init=False)
@@ -153,7 +163,8 @@ class RelayHub:
             Direct.MATCHED: self._on_matched,
             Direct.NO_MATCH: self._on_no_match,
             Direct.EVICT_PIPE: self._on_evict_pipe,
-            Direct.FRAME: self._on_frame,
+            Direct.FRAMES: self._on_frames,
+            Direct.ACK: self._on_ack,
             Direct.CLOSE: self._on_close,
         }
         for kind, handler in handlers.items():
@@ -538,6 +549,7 @@ class RelayHub:
         if matched:
             end.remote = (node_id, holder_end)
             end.state = PipeState.PIPED
+            self._start_pump(end, None)
             log.debug("piped %r <-> %s on node %s", end, holder_end, node_id)
         return matched
 
@@ -569,25 +581,77 @@ class RelayHub:
         self._stop_holding(end)
         end.state = PipeState.PIPED
         end.remote = (origin, ref.other)
-        frames = end.buffer.take()
-        end.flush = asyncio.get_running_loop().create_task(self._flush_remote(end, frames))
+        for opcode, data in end.buffer.take():  # the held frames go first, in order
+            self._queue(end, opcode, data)
+        self._start_pump(end, proto.encode_end(proto.EndRef(ref.other, end.id)))
 
-    async def _flush_remote(self, end: PipeEnd, frames: list[tuple[int, bytes]]) -> None:
-        """Confirm the match, then send the held frames in order; later frames wait for this."""
+    def _start_pump(self, end: PipeEnd, matched: bytes | None) -> None:
+        end.room.set()
+        end.pump = asyncio.get_running_loop().create_task(self._pump(end, matched))
+
+    def _queue(self, end: PipeEnd, opcode: int, data: bytes) -> None:
+        end.outbox.append((opcode, data))
+        end.outbox_bytes += len(data)
+        end.wake.set()
+
+    async def _pump(self, end: PipeEnd, matched: bytes | None) -> None:
+        """Send ``end``'s frames to its remote partner in order, batching what has queued up
+        meanwhile into one direct message; after the socket closed, tell the partner.
+
+        ``matched`` (on the holder's side) confirms the match before any frame.
+        """
         assert end.remote is not None
         node_id, other = end.remote
-        matched = proto.encode_end(proto.EndRef(other, end.id))
-        messages = [(Direct.MATCHED, matched)]
-        messages += [
-            (Direct.FRAME, proto.encode_frame(proto.PipedFrame(other, op, data)))
-            for op, data in frames
-        ]
-        for kind, payload in messages:
-            if not await self.backend.send_direct(node_id, kind, payload):
-                end.conn.close(CloseCode.TRY_AGAIN_LATER, "the peer's node is unreachable")
-                return
-        with contextlib.suppress(Exception):
-            await self.backend.release(end.claim_key, end.token)
+        limit = self.node.settings.relay_buffer_bytes
+        window = self._window()
+        try:
+            if matched is not None:
+                if not await self.backend.send_direct(node_id, Direct.MATCHED, matched):
+                    raise BackendUnavailable(f"node {node_id} is gone")
+                with contextlib.suppress(Exception):
+                    await self.backend.release(end.claim_key, end.token)
+            while end.remote is not None:
+                if not end.outbox:
+                    if end.state is PipeState.CLOSED:
+                        await self.backend.send_direct(
+                            node_id, Direct.CLOSE, proto.encode_end(proto.EndRef(other))
+                        )
+                        return
+                    end.wake.clear()
+                    await end.wake.wait()
+                    continue
+                batch: list[tuple[int, bytes]] = []
+                size = 0
+                while end.outbox and (
+                    not batch or size + len(end.outbox[0][1]) <= PIPE_BATCH_BYTES
+                ):
+                    opcode, data = end.outbox.popleft()
+                    batch.append((opcode, data))
+                    size += len(data)
+                end.outbox_bytes -= size
+                if not limit or end.outbox_bytes <= limit // 2:
+                    end.room.set()
+                # Flow control: at most ``window`` bytes on their way to the partner's client,
+                # so a slow reader there slows this writer instead of being cut off (1013).
+                while end.unacked and end.unacked + size > window and end.remote is not None:
+                    end.acked.clear()
+                    try:
+                        async with asyncio.timeout(BACKPRESSURE_WAIT):
+                            await end.acked.wait()
+                    except TimeoutError:
+                        raise BackendUnavailable("the peer's client stopped reading") from None
+                message = proto.encode_frames(proto.PipedFrames(other, end.id, tuple(batch)))
+                end.unacked += size
+                if not await self.backend.send_direct(node_id, Direct.FRAMES, message):
+                    raise BackendUnavailable(f"node {node_id} is gone")
+        except BackendUnavailable as exc:
+            log.debug("%r: %s", end, exc)
+            end.remote = None  # later frames from the client end the pipe instead of queueing
+            end.conn.close(CloseCode.TRY_AGAIN_LATER, "the peer's node is unreachable")
+        finally:
+            end.outbox.clear()
+            end.outbox_bytes = 0
+            end.room.set()  # never leave the reader waiting for a pump that stopped
 
     def _on_matched(self, origin: str, payload: bytes) -> None:
         future = self.matching.get(proto.decode_end(payload).end)
@@ -603,16 +667,48 @@ class RelayHub:
         ref = proto.decode_end(payload)
         self._evict_end(ref.end, ref.reason)
 
-    def _on_frame(self, origin: str, payload: bytes) -> None:
-        frame = proto.decode_frame(payload)
-        end = self.ends.get(frame.end)
-        if end is not None and frame.opcode in (OP_TEXT, OP_BINARY):
-            end.conn.send_frame(build_frame(frame.data, frame.opcode))
+    def _window(self) -> int:
+        """Bytes a pump may have unacknowledged: well under the receiver's send buffer, so
+        those bytes plus what its client has not read yet stay below ``send_buffer_bytes``."""
+        settings = self.node.settings
+        bounds = [b for b in (settings.relay_buffer_bytes, settings.send_buffer_bytes) if b]
+        return max(PIPE_BATCH_BYTES, min(bounds, default=4 << 20) // 4)
+
+    def _on_frames(self, origin: str, payload: bytes) -> None:
+        piped = proto.decode_frames(payload)
+        end = self.ends.get(piped.end)
+        if end is None:
+            return  # closed meanwhile; its close tells the sender
+        size = 0
+        for opcode, data in piped.frames:
+            if opcode in (OP_TEXT, OP_BINARY):
+                end.conn.send_frame(build_frame(data, opcode))
+                size += len(data)
+        # Acknowledge once the client has taken most of it (the write happens at the end of
+        # this loop iteration, so the check runs in a task).
+        # (The receiving end may still be waiting for MATCHED: frames follow it at once.)
+        self._spawn(self._ack_when_read(end, origin, piped.sender, size))
+
+    async def _ack_when_read(self, end: PipeEnd, node_id: str, other: str, size: int) -> None:
+        conn = end.conn
+        conn.flush()
+        await self._backpressure(conn, conn.max_buffer // 4)
+        await self.backend.send_direct(
+            node_id, Direct.ACK, proto.encode_ack(proto.Ack(other, size))
+        )
+
+    def _on_ack(self, origin: str, payload: bytes) -> None:
+        ack = proto.decode_ack(payload)
+        end = self.ends.get(ack.end)
+        if end is not None:
+            end.unacked = max(0, end.unacked - ack.size)
+            end.acked.set()
 
     def _on_close(self, origin: str, payload: bytes) -> None:
         end = self.ends.get(proto.decode_end(payload).end)
         if end is not None:
             end.remote = None  # the other end is gone: nothing to tell it
+            end.wake.set()  # let the pump see it
             end.conn.close(CloseCode.NORMAL, "peer closed")
 
     async def _pipe(self, end: PipeEnd, opcode: int, data: bytes) -> bool:
@@ -628,23 +724,29 @@ class RelayHub:
             case PipeState.PIPED if end.partner is not None:
                 partner = end.partner
                 partner.conn.send_frame(build_frame(data, opcode))
+                partner.conn.flush()  # so the transport's buffer shows what waits for the reader
                 await self._backpressure(partner.conn)
                 return True
             case PipeState.PIPED if end.remote is not None:
-                if end.flush is not None and not end.flush.done():
-                    await end.flush  # the held frames go first
-                node_id, other = end.remote
-                piped = proto.encode_frame(proto.PipedFrame(other, opcode, data))
-                if not await self.backend.send_direct(node_id, Direct.FRAME, piped):
-                    end.conn.close(CloseCode.TRY_AGAIN_LATER, "the peer's node is unreachable")
-                    return False
+                self._queue(end, opcode, data)
+                limit = self.node.settings.relay_buffer_bytes
+                if limit and end.outbox_bytes > limit:
+                    # Stop reading from this client until the pump has caught up (bounded).
+                    end.room.clear()
+                    try:
+                        async with asyncio.timeout(BACKPRESSURE_WAIT):
+                            await end.room.wait()
+                    except TimeoutError:
+                        end.conn.close(CloseCode.TRY_AGAIN_LATER, "the peer's node is too slow")
+                        return False
                 return True
         return False
 
-    async def _backpressure(self, conn: Connection) -> None:
-        """Stop reading from a pipe's sender while its receiver has much unsent data, so a slow
-        reader slows the writer instead of being cut off (bounded wait)."""
-        limit = conn.max_buffer // 2
+    async def _backpressure(self, conn: Connection, limit: int | None = None) -> None:
+        """Wait (bounded) while ``conn`` has more than ``limit`` bytes unsent (default: half its
+        send buffer), so a slow reader slows the writer instead of being cut off."""
+        if limit is None:
+            limit = conn.max_buffer // 2
         loop = asyncio.get_running_loop()
         deadline = loop.time() + BACKPRESSURE_WAIT
         # aiohttp offers no public drain for a WebSocketResponse's transport: poll, bounded.
@@ -667,15 +769,16 @@ class RelayHub:
         if partner is not None:
             partner.partner = None
             partner.conn.close(CloseCode.NORMAL, "peer closed")
-        if end.remote is not None:
-            node_id, other = end.remote
-            if end.flush is not None:
-                with contextlib.suppress(Exception):
-                    await end.flush
-            with contextlib.suppress(Exception):
-                await self.backend.send_direct(
-                    node_id, Direct.CLOSE, proto.encode_end(proto.EndRef(other))
-                )
+        if end.pump is not None:
+            # The pump sends what is still queued, then tells the remote partner (bounded).
+            end.wake.set()
+            try:
+                async with asyncio.timeout(BACKPRESSURE_WAIT):
+                    await asyncio.shield(end.pump)
+            except TimeoutError:
+                end.pump.cancel()
+            except Exception:
+                log.exception("%r: pump failed", end)
 
     # --- tasks ---
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
