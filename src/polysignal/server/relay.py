@@ -22,8 +22,10 @@ Across nodes, through the backend only:
   newer socket on another node evicts the older one;
 * a ``/connection`` request claims one rendezvous name shared by both directions: the first
   holds it, the second finds the holder's node and socket in the claim and is piped to it; frames
-  then cross with ``send_direct``, sent one after another by one coroutine per socket, so their
-  order is kept.
+  then cross with ``send_direct``, sent in order by one pump task per socket, which batches what
+  queued up meanwhile into one message and keeps at most a window of bytes unacknowledged by the
+  receiving node (it acknowledges once its client has read them), so a slow reader on one node
+  slows the writer on another instead of being cut off.
 """
 
 from __future__ import annotations
