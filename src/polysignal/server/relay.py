@@ -461,7 +461,7 @@ class RelayHub:
                 await backend.release(end.claim_key, holder.token)
                 reason = "replaced by a newer connection request"
                 if holder.node_id == self.node.node_id:
-                    self._evict_end(token.end, reason)
+                    await self._evict_end_when_settled(token.end, reason)
                 else:
                     ref = proto.encode_end(proto.EndRef(token.end, reason=reason))
                     await backend.send_direct(holder.node_id, Direct.EVICT_PIPE, ref)
@@ -508,6 +508,14 @@ class RelayHub:
                 return
             with contextlib.suppress(Exception):
                 await self.backend.renew(end.claim_key, end.token, self.lease)
+
+    async def _evict_end_when_settled(self, end_id: str, reason: str) -> None:
+        """Evict a held end, letting one that is about to hold (its claim's reply has not reached
+        it yet) start holding first, so it cannot hold on without its claim afterwards."""
+        end = self.ends.get(end_id)
+        if end is not None:
+            await self._settled(end)
+        self._evict_end(end_id, reason)
 
     def _evict_end(self, end_id: str, reason: str) -> None:
         end = self.ends.get(end_id)
@@ -667,7 +675,7 @@ class RelayHub:
 
     def _on_evict_pipe(self, origin: str, payload: bytes) -> None:
         ref = proto.decode_end(payload)
-        self._evict_end(ref.end, ref.reason)
+        self._spawn(self._evict_end_when_settled(ref.end, ref.reason))
 
     def _window(self) -> int:
         """Bytes a pump may have unacknowledged: well under the receiver's send buffer, so
