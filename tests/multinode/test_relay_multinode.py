@@ -8,6 +8,7 @@ clients of every generation and with the published npm clients.
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -211,3 +212,17 @@ async def test_stopping_a_node_closes_the_pipes_it_carried(redis_url, session):
         one.stop()
         assert (await closed_with(first))[0] == CloseCode.GOING_AWAY
         assert (await closed_with(second))[0] == CloseCode.NORMAL
+
+
+async def test_a_killed_node_ends_the_pipes_it_carried_at_the_next_frame(redis_url, session):
+    """No close reaches the survivor from a killed node; its next frame finds the node gone."""
+    with node_processes(2, node_env(redis_url)) as (one, two):
+        key = f"doc-{uid()}"
+        first = await session.ws_connect(f"{one.ws_url}/connection/a/b/{key}")
+        second = await session.ws_connect(f"{two.ws_url}/connection/b/a/{key}")
+        await first.send_str("ready?")
+        assert await receive_frame(second) == (TEXT, "ready?")
+        one.stop(signal.SIGKILL)
+        await second.send_str("anyone there?")
+        code, reason = await closed_with(second)
+        assert code == CloseCode.TRY_AGAIN_LATER and "unreachable" in reason
