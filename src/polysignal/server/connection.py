@@ -42,6 +42,12 @@ class WebSocket(web.WebSocketResponse):
         return await super().close(code=code, message=message, drain=drain)
 
 
+WRITE_THROUGH_BYTES = 16 * 1024
+"""Held bytes that are written at once instead of at the end of the iteration: such a write is
+worth its system call alone, and the transport's buffer (which the slow-consumer limit and the
+relay's backpressure watch) then grows with big volumes as it would without batching."""
+
+
 class WriteBatch:
     """The connections sent frames during this event-loop iteration; flushed at its end."""
 
@@ -143,15 +149,15 @@ class Connection:
             return False
         pending = self._pending
         if pending is None:
+            if len(frame) >= WRITE_THROUGH_BYTES:
+                return self._write(frame)
             self._pending = [frame]
             self._pending_bytes = len(frame)
             self._batch.add(self)
         else:
             pending.append(frame)
             self._pending_bytes += len(frame)
-            if self._pending_bytes > self.max_buffer:
-                # Held frames count against the send buffer too: write them now, so a flood
-                # within one iteration closes a peer that does not read, as single writes would.
+            if self._pending_bytes >= WRITE_THROUGH_BYTES:
                 self.flush()
         return True
 
