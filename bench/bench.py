@@ -729,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         tuple(t.strip() for t in args.targets.split(",")) if args.targets else None,
     )
     run.execute()
+    after = os.getloadavg()
+    header += f"; after it {after[0]:.2f} {after[1]:.2f} {after[2]:.2f}"
     table = medians(run.results)
     text = "\n".join(
         [
