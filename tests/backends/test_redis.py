@@ -332,6 +332,31 @@ async def test_redis_restart_resumes_delivery(private_redis: RedisServer):
         await b.close()
 
 
+async def test_topic_churn_during_an_outage_keeps_no_backlog(private_redis: RedisServer):
+    """Topics that come and go while Redis is away leave nothing queued; those still in use
+    are written when it returns."""
+    a = RedisBackend(fast_settings(private_redis.url, "churn-a"))
+    await a.start()
+    try:
+        for i in range(10_000):
+            a.local_count_changed(f"gone-{i}", 1)
+            a.local_count_changed(f"gone-{i}", 0)
+        a.local_count_changed("kept", 1)
+        assert len(a._dirty) == 1
+        private_redis.start()
+
+        async def ready() -> bool:
+            return a.ready
+
+        await eventually(ready, "connected", timeout=10 * UNIT)
+        await a.sync()
+        client = aioredis.Redis.from_url(private_redis.url)
+        assert await client.keys("topic:presence:*") == [b"topic:presence:kept"]
+        await client.aclose()
+    finally:
+        await a.close()
+
+
 async def test_close_while_redis_is_down_does_not_hang(private_redis: RedisServer):
     private_redis.start()
     a = RedisBackend(fast_settings(private_redis.url, "close-a"))

@@ -339,6 +339,13 @@ class RedisBackend(Backend):
             self._local[key] = count
         else:
             self._local.pop(key, None)
+            if key not in self._asserted and (
+                topic_channel(self.prefix, namespace, topic) not in self._subscribed
+            ):
+                # Nothing of it reached Redis: nothing to undo. Keeps ``_dirty`` bounded by
+                # the topics in use, also when peers churn through topics during an outage.
+                self._dirty.pop(key, None)
+                return
         self._dirty[key] = None
         self._wake.set()
 
