@@ -374,6 +374,11 @@ async function fanout () {
     out.maxDeliveredPerSecond = best.deliveredPerSecond
     out.atMax = best
     out.atFraction = { fraction: ramp.latencyFraction, ...await step(loadRate, ramp.latencySeconds, ramp.warmupSeconds) }
+    // The same publish rate for every target (the reference's 70% rate, given by the runner),
+    // so latency is also compared at equal load.
+    if (ramp.referenceRate) {
+      out.atReferenceRate = await step(ramp.referenceRate, ramp.latencySeconds, ramp.warmupSeconds)
+    }
   } else {
     out.fixed = await step(config.rate, config.seconds, config.warmupSeconds)
   }
