@@ -35,8 +35,9 @@ Y_WEBRTC_SERVER = BENCH / "node_modules" / "y-webrtc" / "bin" / "server.js"
 BUN = BENCH / "node_modules" / ".bin" / "bun"
 LOADGEN = BENCH / "loadgen.mjs"
 
+# Server and generator on different cores; a one-core machine can only share it (and says so).
 SERVER_CPU = "0"
-GENERATOR_CPU = "1"
+GENERATOR_CPU = "1" if (os.cpu_count() or 1) > 1 else "0"
 
 # polysignal runs with every feature on and its default limits, except these (table notes):
 # ECHO=1 makes it deliver a publish to its sender too, as y-webrtc's server does, so both do the
@@ -753,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.wait_redis_backend:
         wait_for_redis_backend(args.wait_redis_backend)
     header = conditions()
+    if GENERATOR_CPU == SERVER_CPU:
+        header += " · ONE CORE: server and generator share it, figures are not comparable"
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     run = Run(
         durations,
