@@ -190,10 +190,11 @@ async def test_graceful_stop_removes_presence_at_once(r, env, uid, session):
         await subscribe(b1, topic)
         await wait_presence(r, topic, {a.node_id: "1", b.node_id: "1"})
         b_id = b.node_id
-        assert b.stop(signal.SIGTERM) == 0
+        closing = asyncio.create_task(b1.receive())  # answers the 1001 close at once
+        assert await asyncio.to_thread(b.stop, signal.SIGTERM) == 0
         # No waiting: the stopped node removed its field before it exited.
         assert await r.hgetall(f"topic:presence:{topic}") == {a.node_id: "1"}
-        closed = await b1.receive(timeout=2 * UNIT)
+        closed = await closing
         assert closed.type is aiohttp.WSMsgType.CLOSE and closed.data == 1001
         assert await r.exists(f"{env['SIGNAL_CHANNEL']}:alive:{b_id}") == 0
 
@@ -339,13 +340,25 @@ async def test_workers_serve_from_every_worker(r, env, uid, session):
             return bool((await receive_json(listener))["clients"] == total)
 
         await eventually(counted_all, f"clients == {total}", timeout=3 * UNIT)
+        # Read on every client, so each answers the workers' 1001 close at once.
+        readers = [asyncio.create_task(_drain(ws)) for ws in (listener, *publishers)]
         # A port held by both workers: a plain TCP client is accepted.
         with socket.create_connection(("127.0.0.1", node.port), timeout=2):
             pass
-        assert node.stop(signal.SIGTERM) == 0
+        assert await asyncio.to_thread(node.stop, signal.SIGTERM) == 0
         assert await r.hgetall(f"topic:presence:{topic}") == {}
+        assert set(await asyncio.gather(*readers)) == {1001}
     finally:
         node.stop()
+
+
+async def _drain(ws: WS) -> int | None:
+    """Read ``ws`` until it closes (at most 10,000 messages); the close code."""
+    for _ in range(10_000):
+        msg = await ws.receive()
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+            return ws.close_code
+    raise AssertionError("no close after 10,000 messages")
 
 
 async def wait_workers_listening(node: NodeProcess, node_id: str, count: int) -> None:
@@ -428,12 +441,16 @@ async def test_worker_restarted_and_orphans_stop(r, env, uid, session):
             await subscribe(ws, topic)
             await sync(ws)
         await wait_presence_total(r, topic, 6)
+        # Read on every client, so each answers the workers' 1001 close at once.
+        readers = [asyncio.create_task(ws.receive()) for ws in clients]
         node.stop(signal.SIGKILL)  # the parent only
 
         async def workers_gone() -> bool:
             return not any(pid_alive(pid) for pid in pids.values())
 
-        await eventually(workers_gone, "orphaned workers stopped")
+        await eventually(workers_gone, "orphaned workers stopped", timeout=30 * UNIT)
+        closes = await asyncio.gather(*readers)
+        assert {(m.type, m.data) for m in closes} == {(aiohttp.WSMsgType.CLOSE, 1001)}
         counts = await r.hgetall(f"topic:presence:{topic}")
         assert counts == {}, "each worker removed its presence on the way out"
     finally:
