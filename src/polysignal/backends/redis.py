@@ -182,7 +182,8 @@ class _Remote:
 class _Out:
     """One outbox entry: a PUBLISH, or (channel None) a marker resolved when flushed.
 
-    ``topic`` is set for topic publishes: the writer skips those that no other node can receive.
+    ``topic`` is set for topic publishes (``data`` is then the bare frame): the writer skips
+    those that no other node can receive and prefixes the origin to the others.
     """
 
     channel: bytes | None
@@ -375,7 +376,8 @@ class RedisBackend(Backend):
                 self._drop_publish()
                 return
         channel = topic_channel(self.prefix, namespace, topic)
-        self._enqueue(_Out(channel, self._own + frame, None, (namespace, topic)))
+        # The origin envelope is added when the frame is sent (most are not: see the writer).
+        self._enqueue(_Out(channel, frame, None, (namespace, topic)))
 
     # --- direct delivery ---
     async def send_direct(self, node_id: str, kind: str, payload: bytes) -> bool:
@@ -612,11 +614,15 @@ class RedisBackend(Backend):
     async def _flush_outbox(self, writer: AbstractConnection) -> None:
         count = min(len(self._outbox), MAX_BATCH)
         items = [self._outbox.popleft() for _ in range(count)]
-        # Decided here, not when ``publish`` was called: the reader has run since, so every
-        # presence notice that reached this process before now has been applied.
+        # Decided here, not when ``publish`` was called: this task was woken by the publish, so
+        # a reader woken by notice bytes that reached the process before the publish's frame
+        # was scheduled ahead of it and has applied them.
         now = time.monotonic()
         sent = [i for i in items if i.channel is not None and not self._nobody_else(i.topic, now)]
-        commands = [("PUBLISH", i.channel, i.data) for i in sent]
+        own = self._own
+        commands = [
+            ("PUBLISH", i.channel, i.data if i.topic is None else own + i.data) for i in sent
+        ]
         replies = await _execute(writer, commands)
         self._outbox_bytes -= sum(len(i.data) for i in items)
         if not self._drained.is_set() and (
