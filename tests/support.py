@@ -248,7 +248,11 @@ class NodeProcess:
 
     def start(self, wait_ready: bool = True) -> NodeProcess:
         self.launch()
-        self.wait_http("/healthz" if not wait_ready else "/readyz")
+        try:
+            self.wait_http("/healthz" if not wait_ready else "/readyz")
+        except BaseException:
+            self.stop(signal.SIGKILL)  # never leave a half-started node behind
+            raise
         return self
 
     def launch(self) -> None:
