@@ -43,7 +43,8 @@ OFFER = {"type": "offer", "sdp": "v=0\r\n"}
 @pytest.fixture(scope="module")
 def nodes(redis_url: str) -> Iterator[list[NodeProcess]]:
     """Two node processes on one Redis, with a short session timeout."""
-    env = {"REDIS_URL": redis_url, "SESSION_TIMEOUT": "1", "ICE_SERVERS": "[]"}
+    # Long enough that a start and its accept crossing two nodes on a busy machine beat it.
+    env = {"REDIS_URL": redis_url, "SESSION_TIMEOUT": "3", "ICE_SERVERS": "[]"}
     with node_processes(2, env) as started:
         yield started
 
@@ -126,7 +127,7 @@ async def test_session_and_relays_between_two_nodes(nodes, http):
     await b.ok("answer", a.id, {"answer": {"type": "answer", "sdp": "v=0\r\n"}})
     assert (await a.next())["cmd"] == "answer"
     # The accepted session never times out.
-    await assert_silent(a.ws, timeout=1.5 * UNIT)
+    await assert_silent(a.ws, timeout=3.5 * UNIT)
 
 
 async def test_timeout_reject_and_disconnect_between_two_nodes(nodes, http):
