@@ -58,3 +58,28 @@ else:
             raise DecodeError(str(exc)) from None
 
     loads, dumps = _orjson_loads, orjson.dumps
+
+
+def type_name(value: object) -> str:
+    """How error messages name the type of a decoded wire value: "a number", "null", ..."""
+    match value:
+        case None:
+            return "null"
+        case bool():
+            return "a boolean"
+        case int() | float():
+            return "a number"
+        case str():
+            return "a string"
+        case list() | tuple():
+            return "a list"
+        case dict():
+            return "an object"
+        case bytes() | bytearray():
+            return "binary"
+    return type(value).__name__
+
+
+def clip(text: str, limit: int = 40) -> str:
+    """``text`` shortened for an error message, so a client cannot make the server echo a blob."""
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -34,6 +34,7 @@ import msgpack
 import orjson
 
 from polysignal.core.errors import LimitExceeded, MalformedFrame, UnknownCommand
+from polysignal.protocols.jsonwire import clip, type_name
 
 NAMESPACE = "relay"
 """The backend topic namespace: one topic per document id, its presence = peers that joined it."""
@@ -117,7 +118,7 @@ def decode(frame: str | bytes, encoding: Encoding, limits: RelayLimits = RelayLi
         except Exception:  # the msgpack library raises many types for bad input; none is ours
             raise MalformedFrame("invalid msgpack") from None
     if not isinstance(message, dict):
-        raise MalformedFrame(f"expected an object (map), got {_type_name(message)}")
+        raise MalformedFrame(f"expected an object (map), got {type_name(message)}")
     kind = message.get("type")
     if not isinstance(kind, str):
         raise MalformedFrame("missing 'type'" if kind is None else "'type' must be a string")
@@ -127,7 +128,7 @@ def decode(frame: str | bytes, encoding: Encoding, limits: RelayLimits = RelayLi
         case MessageType.JOIN | MessageType.LEAVE:
             pass
         case _:
-            raise UnknownCommand(f"unknown message type {_clip(kind)!r}")
+            raise UnknownCommand(f"unknown message type {clip(kind)!r}")
     if encoding is Encoding.MSGPACK:
         ids = _id_list(message, "documentIds", limits, required=True)
         generation = Generation.V4
@@ -160,14 +161,14 @@ def _id_list(
             raise MalformedFrame(f"missing '{field}'")
         return ()
     if not isinstance(raw, list):
-        raise MalformedFrame(f"'{field}' must be a list, got {_type_name(raw)}")
+        raise MalformedFrame(f"'{field}' must be a list, got {type_name(raw)}")
     if len(raw) > limits.max_documents:
         raise LimitExceeded(
             f"'{field}' has {len(raw)} entries; a peer may hold at most {limits.max_documents}"
         )
     for index, item in enumerate(raw):
         if not isinstance(item, str):
-            raise MalformedFrame(f"{field}[{index}] is {_type_name(item)}, not a string")
+            raise MalformedFrame(f"{field}[{index}] is {type_name(item)}, not a string")
         check_id(f"{field}[{index}]", item, limits)
     # Duplicates within one frame collapse, keeping the first position (the original's dedupe).
     return tuple(dict.fromkeys(raw))
@@ -345,26 +346,3 @@ def _strs(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise MalformedFrame("invalid cluster message")
     return tuple(value)
-
-
-def _type_name(value: object) -> str:
-    match value:
-        case None:
-            return "null"
-        case bool():
-            return "a boolean"
-        case int() | float():
-            return "a number"
-        case str():
-            return "a string"
-        case bytes():
-            return "binary"
-        case list():
-            return "a list"
-        case dict():
-            return "an object"
-    return type(value).__name__
-
-
-def _clip(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"

@@ -31,6 +31,7 @@ from typing import Any, Final
 import orjson
 
 from polysignal.core.errors import ClientError
+from polysignal.protocols.jsonwire import type_name
 
 
 class ClientEvent(StrEnum):
@@ -263,7 +264,7 @@ def _payload(data: dict[str, Any], limits: Limits) -> Maybe:
 
 def _object(data: Any, event: ClientEvent) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise BadEvent(f"{event}: expected an object, got {json_type(data)}")
+        raise BadEvent(f"{event}: expected an object, got {type_name(data)}")
     return data
 
 
@@ -272,7 +273,7 @@ def _string(data: dict[str, Any], key: str, event: ClientEvent, payload: Maybe) 
     if value is None or value == "":
         raise BadEvent(f"{event}: '{key}' is required", payload)
     if not isinstance(value, str):
-        raise BadEvent(f"{event}: '{key}' must be a string, got {json_type(value)}", payload)
+        raise BadEvent(f"{event}: '{key}' must be a string, got {type_name(value)}", payload)
     return value
 
 
@@ -350,7 +351,7 @@ def parse_relay(event: ClientEvent, data: Any, limits: Limits) -> Relay:
     key = RELAY_BODY[event]
     body = data.get(key)
     if not isinstance(body, dict | str):
-        raise BadEvent(f"{event}: '{key}' must be an object, got {json_type(body)}", payload)
+        raise BadEvent(f"{event}: '{key}' must be an object, got {type_name(body)}", payload)
     json_size(body, key)
     return Relay(to, room, body, payload)
 
@@ -377,25 +378,6 @@ def peerinfo_of(data: dict[str, Any]) -> Maybe:
 
 def error_body(message: str, event: str | None = None, payload: Maybe = MISSING) -> dict[str, Any]:
     return body(message=message, event=event if event is not None else MISSING, payload=payload)
-
-
-def json_type(value: object) -> str:
-    match value:
-        case None:
-            return "null"
-        case bool():
-            return "a boolean"
-        case int() | float():
-            return "a number"
-        case str():
-            return "a string"
-        case list() | tuple():
-            return "a list"
-        case dict():
-            return "an object"
-        case bytes() | bytearray():
-            return "binary"
-    return type(value).__name__
 
 
 # --- messages between nodes (server/rooms.py sends them through the backend) -------------------

@@ -21,6 +21,7 @@ from typing import Any
 
 from polysignal.core.errors import ClientError, MalformedFrame, UnknownCommand
 from polysignal.protocols import jsonwire
+from polysignal.protocols.jsonwire import clip, type_name
 
 
 class MessageType(StrEnum):
@@ -74,12 +75,12 @@ def decode(frame: str | bytes, limits: TopicLimits = TopicLimits()) -> Command:
     except jsonwire.DecodeError:
         raise MalformedFrame("invalid JSON") from None
     if not isinstance(message, dict):
-        raise MalformedFrame(f"expected a JSON object, got {_json_type(message)}")
+        raise MalformedFrame(f"expected a JSON object, got {type_name(message)}")
     kind = message.get("type")
     if kind is None:
         raise MalformedFrame("missing 'type'")
     if not isinstance(kind, str):
-        raise MalformedFrame(f"'type' must be a string, got {_json_type(kind)}")
+        raise MalformedFrame(f"'type' must be a string, got {type_name(kind)}")
     match kind:
         case MessageType.SUBSCRIBE:
             topics, problems = _topic_list(kind, message, limits)
@@ -92,13 +93,13 @@ def decode(frame: str | bytes, limits: TopicLimits = TopicLimits()) -> Command:
             if topic is None or topic == "":
                 raise MalformedFrame("publish: missing 'topic'")
             if not isinstance(topic, str):
-                raise MalformedFrame(f"publish: 'topic' must be a string, got {_json_type(topic)}")
+                raise MalformedFrame(f"publish: 'topic' must be a string, got {type_name(topic)}")
             _check_length(kind, topic, limits)
             return Publish(topic, message)
         case MessageType.PING:
             return Ping()
         case _:
-            raise UnknownCommand(f"unknown type {_clip(kind)!r}")
+            raise UnknownCommand(f"unknown type {clip(kind)!r}")
 
 
 def _topic_list(
@@ -108,12 +109,12 @@ def _topic_list(
     if raw is None:
         raise MalformedFrame(f"{kind}: missing 'topics'")
     if not isinstance(raw, list):
-        raise MalformedFrame(f"{kind}: 'topics' must be a list, got {_json_type(raw)}")
+        raise MalformedFrame(f"{kind}: 'topics' must be a list, got {type_name(raw)}")
     topics: list[str] = []
     problems: list[str] = []
     for index, topic in enumerate(raw):
         if not isinstance(topic, str):
-            problems.append(f"topics[{index}] is {_json_type(topic)}, not a string")
+            problems.append(f"topics[{index}] is {type_name(topic)}, not a string")
         elif topic == "":
             problems.append(f"topics[{index}] is empty")
         elif len(topic) > limits.max_topic_length:
@@ -142,24 +143,3 @@ def encode_error(message: str) -> bytes:
 
 def skipped_entries_error(kind: str, problems: tuple[str, ...]) -> bytes:
     return encode_error(f"{kind}: skipped " + "; ".join(problems))
-
-
-def _json_type(value: object) -> str:
-    match value:
-        case None:
-            return "null"
-        case bool():
-            return "a boolean"
-        case int() | float():
-            return "a number"
-        case str():
-            return "a string"
-        case list():
-            return "a list"
-        case dict():
-            return "an object"
-    return type(value).__name__
-
-
-def _clip(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
