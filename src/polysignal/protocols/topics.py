@@ -141,5 +141,9 @@ def encode_error(message: str) -> bytes:
     return jsonwire.dumps({"type": MessageType.ERROR, "message": message})
 
 
+def rate_limited_error(rate: float) -> bytes:
+    return encode_error(f"rate limit exceeded ({rate:g} messages/s); messages dropped")
+
+
 def skipped_entries_error(kind: str, problems: tuple[str, ...]) -> bytes:
     return encode_error(f"{kind}: skipped " + "; ".join(problems))

@@ -56,20 +56,9 @@ async def serve(
     )
     if on_listening is not None:
         on_listening(port)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-        log.info("shutting down: closing connections with 1001")
-    finally:
-        # The handlers stay installed until cleanup is done, so a repeated signal does not kill
-        # the process halfway through releasing its cluster state.
-        await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        log.info("stopped")
+    await run_until_signalled(
+        runner, stop, on_stop=lambda: log.info("shutting down: closing connections with 1001")
+    )
 
 
 async def _await_backend(app: web.Application, settings: Settings) -> None:
@@ -86,6 +75,31 @@ async def _await_backend(app: web.Application, settings: Settings) -> None:
             redact_url(settings.backend_url),
             BACKEND_WAIT,
         )
+
+
+async def run_until_signalled(
+    runner: web.AppRunner,
+    stop: asyncio.Event | None = None,
+    on_stop: Callable[[], None] | None = None,
+) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then clean ``runner`` up.
+
+    The handlers stay installed until cleanup is done, so a repeated signal does not kill the
+    process halfway through releasing its cluster state.
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        if on_stop is not None:
+            on_stop()
+    finally:
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
 
 
 def _bound_port(runner: web.AppRunner, default: int) -> int:

@@ -107,12 +107,7 @@ class TopicsHub:
     async def _on_frame(self, conn: Connection, data: str) -> None:
         if not conn.allow_message():
             if conn.should_report_rate_limit():
-                conn.send_text(
-                    proto.encode_error(
-                        f"rate limit exceeded ({self.node.settings.rate_limit:g} messages/s); "
-                        "messages dropped"
-                    )
-                )
+                conn.send_text(proto.rate_limited_error(self.node.settings.rate_limit))
             return
         try:
             cmd = proto.decode(data, self.limits)

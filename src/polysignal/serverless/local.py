@@ -17,7 +17,6 @@ import asyncio
 import base64
 import logging
 import secrets
-import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +27,10 @@ from aiohttp import WSMsgType, hdrs, web
 from polysignal.backends.memory import MemoryBackend
 from polysignal.config import Settings
 from polysignal.protocols import topics as proto
+from polysignal.server.app import is_websocket
 from polysignal.server.connection import Connection
 from polysignal.server.node import Node
+from polysignal.server.runner import run_until_signalled
 from polysignal.serverless.aws import dynamodb_client
 from polysignal.serverless.sender import Delivery
 from polysignal.serverless.service import Route, SignalingHandler
@@ -137,7 +138,7 @@ class LocalGateway:
         return await loop.run_in_executor(self.executor, self.handler, event, None)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if not _is_websocket(request):
+        if not is_websocket(request):
             if request.path == "/":
                 raise web.HTTPUpgradeRequired(
                     headers={hdrs.UPGRADE: "websocket"},
@@ -171,21 +172,9 @@ class LocalGateway:
     ) -> None:
         if not conn.allow_message():
             if conn.should_report_rate_limit():
-                conn.send_text(
-                    proto.encode_error(
-                        f"rate limit exceeded ({self.node.settings.rate_limit:g} messages/s); "
-                        "messages dropped"
-                    )
-                )
+                conn.send_text(proto.rate_limited_error(self.node.settings.rate_limit))
             return
         await self.invoke(api_gateway_event(Route.DEFAULT, connection_id, request, data))
-
-
-def _is_websocket(request: web.Request) -> bool:
-    return (
-        request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
-        and "upgrade" in request.headers.get(hdrs.CONNECTION, "").lower()
-    )
 
 
 def create_local_app(
@@ -258,17 +247,7 @@ async def serve_local(
     )
     if on_listening is not None:
         on_listening(bound)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await runner.cleanup()
-        log.info("stopped")
+    await run_until_signalled(runner, stop)
 
 
 def run_local(
