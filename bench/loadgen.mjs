@@ -103,6 +103,8 @@ const PING_FRAME = clientText('{"type":"ping"}')
 const isPublish = (buf, start) => buf[start + 9] === 0x70 && buf[start + 10] === 0x75
 const isPong = (buf, start) => buf[start + 9] === 0x70 && buf[start + 10] === 0x6f
 
+const READ_BUFFER = Buffer.allocUnsafe(256 * 1024)
+
 class RawPeer {
   constructor (url, onText) {
     const port = Number(new URL(url).port)
@@ -111,15 +113,22 @@ class RawPeer {
     this.head = null
     this.onPong = null
     this.closed = false
-    this.socket = net.connect(port, '127.0.0.1')
+    let onChunk = null
+    // Reads land in one shared buffer and are handled at once (no stream, no 'data' event);
+    // what must outlive the callback (a partial frame) is copied.
+    this.socket = net.connect({
+      port,
+      host: '127.0.0.1',
+      onread: { buffer: READ_BUFFER, callback: (bytes, buf) => { onChunk(buf.subarray(0, bytes)) } }
+    })
     this.socket.setNoDelay(true)
     this.opened = new Promise((resolve, reject) => {
       this.socket.once('error', reject)
       this.socket.once('close', () => reject(new Error('closed during the handshake')))
       this.socket.on('connect', () => this.socket.write(HANDSHAKE(port)))
-      this.socket.on('data', chunk => {
+      onChunk = chunk => {
         if (this.head !== true) {
-          this.head = this.head ? Buffer.concat([this.head, chunk]) : chunk
+          this.head = this.head ? Buffer.concat([this.head, chunk]) : Buffer.from(chunk)
           const end = this.head.indexOf(HEAD_END)
           if (end < 0) return
           if (this.head.toString('latin1', 0, 12) !== 'HTTP/1.1 101') {
@@ -133,7 +142,7 @@ class RawPeer {
           if (chunk.length === 0) return
         }
         this.onData(chunk)
-      })
+      }
     })
     this.socket.on('error', () => {})
     this.socket.on('close', () => { this.closed = true })
@@ -168,7 +177,7 @@ class RawPeer {
       }
       off = end
     }
-    this.rest = off < n ? buf.subarray(off) : null
+    this.rest = off < n ? Buffer.from(buf.subarray(off)) : null
   }
 
   send (text) { this.socket.write(clientText(text)) }
@@ -442,13 +451,18 @@ async function churn () {
   // generator a connect, three writes and a few reads, much less than the server's work.
   const cycle = (w, n) => new Promise(resolve => {
     const url = new URL(urls[(w + n) % urls.length])
-    const socket = net.connect(Number(url.port), '127.0.0.1')
+    let onChunk = null
+    const socket = net.connect({
+      port: Number(url.port),
+      host: '127.0.0.1',
+      onread: { buffer: READ_BUFFER, callback: (bytes, buf) => { onChunk(buf.subarray(0, bytes)) } }
+    })
     const timer = setTimeout(() => { socket.destroy(); resolve(false) }, 5000)
     let state = 0 // 0 handshake, 1 waiting for pong, 2 closing
     let head = ''
     socket.setNoDelay(true)
     socket.on('connect', () => socket.write(handshake(url.port)))
-    socket.on('data', data => {
+    onChunk = data => {
       if (state === 0) {
         head += data.toString('latin1')
         const end = head.indexOf('\r\n\r\n')
@@ -462,7 +476,7 @@ async function churn () {
         state = 2
         socket.write(CLOSE_FRAME)
       }
-    })
+    }
     socket.on('error', () => {})
     // The server closes TCP after the closing handshake (RFC 6455 §7.1.1).
     socket.on('close', () => { clearTimeout(timer); resolve(state === 2) })
