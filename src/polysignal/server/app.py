@@ -34,6 +34,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
     app = web.Application(client_max_size=max(settings.max_frame_bytes, 1 << 20))
     app[NODE_KEY] = node
     app[TOPICS_KEY] = topics.setup(app, node)
+    # `/` first: most connections arrive there, and a plain route resolves before any pattern.
+    app.router.add_get("/", _dispatch)
     # The other protocols register their HTTP routes and WebSocket matchers here, in matching
     # order: Signal-Fire (by subprotocol, any path) first, then the relay paths, then rooms.
     signalfire.setup(app, node)

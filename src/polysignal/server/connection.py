@@ -20,7 +20,7 @@ import weakref
 from contextlib import suppress
 from typing import Any
 
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from polysignal.core.errors import CloseCode
 from polysignal.core.limits import TokenBucket
@@ -31,8 +31,30 @@ log = logging.getLogger("polysignal.server")
 _ids = itertools.count(1)
 
 
+PING_FRAME = b"\x89\x00"
+"""An empty WebSocket ping (RFC 6455 §5.5.2), the same bytes for every peer."""
+
+
 class WebSocket(web.WebSocketResponse):
-    """aiohttp's WebSocketResponse, closing oversize frames with Flow-Like's reason text."""
+    """aiohttp's WebSocketResponse with polysignal's liveness and close reasons.
+
+    Pings are answered here and any frame, pong included, marks the peer ``alive``; the node's
+    one ping sweep (``Node``) pings every peer each ``PING_INTERVAL`` and closes those that stayed
+    silent since the last sweep, as y-webrtc's server does. One sweep per node instead of a timer
+    per connection keeps idle connections smaller (bench/README.md, S3).
+    """
+
+    alive = True
+
+    async def receive(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 (aiohttp API)
+        while True:
+            msg = await super().receive(timeout)
+            self.alive = True
+            if msg.type is WSMsgType.PING:
+                with suppress(ConnectionError, RuntimeError):
+                    await self.pong(msg.data)
+            elif msg.type is not WSMsgType.PONG:
+                return msg
 
     async def close(
         self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import suppress
 
 from aiohttp import web
 
@@ -19,7 +19,7 @@ from polysignal.backends.base import Backend
 from polysignal.config import Settings
 from polysignal.core.errors import CloseCode
 from polysignal.core.limits import AddressCounter
-from polysignal.server.connection import Connection, WebSocket
+from polysignal.server.connection import PING_FRAME, Connection, WebSocket
 
 log = logging.getLogger("polysignal.server")
 
@@ -41,64 +41,54 @@ class Node:
         # Run at shutdown after connections are closed and before the backend closes.
         self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self.stopping = False
+        self._ping_sweep: asyncio.Task[None] | None = None
+
+    def start_ping_sweep(self) -> None:
+        """Start the node's ping sweep (once, on the first connection) unless it is off."""
+        if self._ping_sweep is None and self.settings.ping_interval > 0 and not self.stopping:
+            self._ping_sweep = asyncio.get_running_loop().create_task(self._sweep_pings())
+
+    async def _sweep_pings(self) -> None:
+        """Every ``PING_INTERVAL``: close peers silent since the last sweep, ping the others."""
+        interval = self.settings.ping_interval
+        while True:
+            await asyncio.sleep(interval)
+            for conn in list(self.connections):
+                ws = conn.ws
+                if ws.closed or conn.closing:
+                    continue
+                if not ws.alive:
+                    log.debug("%r did not answer a ping within %gs", conn, interval)
+                    conn.close(CloseCode.GOING_AWAY, "ping timeout", grace=1.0)
+                    continue
+                ws.alive = False
+                conn.send_frame(PING_FRAME)
 
     def add_ws_route(self, matcher: WsMatcher, handler: WsHandler) -> None:
         self.ws_routes.append((matcher, handler))
 
-    @asynccontextmanager
-    async def websocket(
+    def websocket(
         self,
         request: web.Request,
         protocol: str,
         *,
         subprotocols: Iterable[str] = (),
         max_frame_bytes: int | None = None,
-    ) -> AsyncIterator[Connection]:
+    ) -> Accept:
         """Accept ``request`` as a WebSocket of ``protocol``; refuse with 429/503 when over limits.
 
-        On exit the connection is forgotten and closed if it is still open.
+        Use as ``async with node.websocket(request, "topics") as conn:``. On exit the connection
+        is forgotten and closed if it is still open.
         """
-        if self.stopping:
-            raise web.HTTPServiceUnavailable(text="shutting down")
-        address = client_address(request)
-        if not self.addresses.acquire(address):
-            log.warning("refused %s: %d connections from it", address, self.addresses.limit)
-            raise web.HTTPTooManyRequests(text="too many connections from this address")
-        conn: Connection | None = None
-        try:
-            ws = WebSocket(
-                protocols=tuple(subprotocols),
-                heartbeat=self.settings.ping_interval or None,
-                max_msg_size=max_frame_bytes or self.settings.max_frame_bytes,
-                compress=False,
-                autoping=True,
-            )
-            await ws.prepare(request)
-            transport = request.transport
-            if transport is None:  # the client vanished during the handshake
-                raise ConnectionResetError("transport closed during handshake")
-            conn = Connection(
-                ws,
-                transport,
-                address=address,
-                protocol=protocol,
-                max_buffer=self.settings.send_buffer_bytes,
-                rate=self.settings.rate_limit,
-                burst=self.settings.rate_burst,
-            )
-            self.connections.add(conn)
-            log.debug("%r open", conn)
-            yield conn
-        finally:
-            self.addresses.release(address)
-            if conn is not None:
-                self.connections.discard(conn)
-                if not conn.ws.closed:
-                    conn.close(CloseCode.NORMAL)
-                log.debug("%r closed", conn)
+        return Accept(self, request, protocol, tuple(subprotocols), max_frame_bytes)
 
     async def close_connections(self, grace: float) -> None:
         """Close every open WebSocket with 1001 and wait up to ``grace`` seconds for them."""
+        if self._ping_sweep is not None:
+            self._ping_sweep.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._ping_sweep
+            self._ping_sweep = None
         conns = list(self.connections)
         for conn in conns:
             conn.close(CloseCode.GOING_AWAY, "server shutting down", grace=grace)
@@ -106,6 +96,84 @@ class Node:
             await asyncio.wait(
                 [asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=grace + 0.5
             )
+
+
+class Accept:
+    """The ``async with`` of ``Node.websocket``: a plain object, not a generator, because one lives
+    as long as its connection (measured: it keeps idle connections smaller)."""
+
+    __slots__ = (
+        "_address",
+        "_conn",
+        "_max_frame_bytes",
+        "_node",
+        "_protocol",
+        "_request",
+        "_subprotocols",
+    )
+
+    def __init__(
+        self,
+        node: Node,
+        request: web.Request,
+        protocol: str,
+        subprotocols: tuple[str, ...],
+        max_frame_bytes: int | None,
+    ) -> None:
+        self._node = node
+        self._request = request
+        self._protocol = protocol
+        self._subprotocols = subprotocols
+        self._max_frame_bytes = max_frame_bytes
+        self._address = ""
+        self._conn: Connection | None = None
+
+    async def __aenter__(self) -> Connection:
+        node, request = self._node, self._request
+        if node.stopping:
+            raise web.HTTPServiceUnavailable(text="shutting down")
+        address = client_address(request)
+        if not node.addresses.acquire(address):
+            log.warning("refused %s: %d connections from it", address, node.addresses.limit)
+            raise web.HTTPTooManyRequests(text="too many connections from this address")
+        self._address = address
+        settings = node.settings
+        try:
+            ws = WebSocket(
+                protocols=self._subprotocols,
+                max_msg_size=self._max_frame_bytes or settings.max_frame_bytes,
+                compress=False,
+                autoping=False,  # WebSocket.receive answers pings and notes liveness
+            )
+            await ws.prepare(request)
+            transport = request.transport
+            if transport is None:  # the client vanished during the handshake
+                raise ConnectionResetError("transport closed during handshake")
+        except BaseException:
+            node.addresses.release(address)
+            raise
+        conn = self._conn = Connection(
+            ws,
+            transport,
+            address=address,
+            protocol=self._protocol,
+            max_buffer=settings.send_buffer_bytes,
+            rate=settings.rate_limit,
+            burst=settings.rate_burst,
+        )
+        node.connections.add(conn)
+        node.start_ping_sweep()
+        log.debug("%r open", conn)
+        return conn
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._node.addresses.release(self._address)
+        conn = self._conn
+        if conn is not None:
+            self._node.connections.discard(conn)
+            if not conn.ws.closed:
+                conn.close(CloseCode.NORMAL)
+            log.debug("%r closed", conn)
 
 
 def client_address(request: web.Request) -> str:
