@@ -286,7 +286,8 @@ FIELDS: tuple[FieldSpec, ...] = (
         "ping_interval",
         "PING_INTERVAL",
         _parse_float,
-        "Seconds between WebSocket pings; no pong within half of it closes. 0 = off.",
+        "Seconds between WebSocket pings; a peer silent (no pong) for one interval is closed. "
+        "0 = off.",
         "limits",
     ),
     FieldSpec(
