@@ -632,7 +632,7 @@ def markdown(table: dict[str, dict[str, float | None]]) -> str:
 
 
 def target_checks(table: dict[str, dict[str, float | None]]) -> list[str]:
-    """The issue's targets, each marked met or missed with the measured ratio."""
+    """The benchmark's targets, each marked met or missed with the measured ratio."""
     node = table.get("node", {})
     poly = table.get("polysignal", {})
     bun = table.get("bun", {})
