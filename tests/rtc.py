@@ -127,3 +127,13 @@ class RtcPeer:
 
     async def close(self) -> None:
         await self.pc.close()
+
+
+async def exchange_and_close(a: RtcPeer, b: RtcPeer) -> None:
+    """A data-channel message crosses both ways between two connected peers; then both close."""
+    a.send("hello from a")
+    assert await b.receive() == "hello from a"
+    b.send("hello from b")
+    assert await a.receive() == "hello from b"
+    await a.close()
+    await b.close()

@@ -45,12 +45,3 @@ async def call(caller: Client, callee: Client) -> tuple[RtcPeer, RtcPeer]:
             await a.add_candidate((await caller.next_signal(callee.id)).data["candidate"])
         await asyncio.gather(a.wait_open(), b.wait_open())
     return a, b
-
-
-async def exchange(a: RtcPeer, b: RtcPeer) -> None:
-    a.send("hello from a")
-    assert await b.receive() == "hello from a"
-    b.send("hello from b")
-    assert await a.receive() == "hello from b"
-    await a.close()
-    await b.close()

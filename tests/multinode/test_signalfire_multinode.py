@@ -18,9 +18,9 @@ import orjson
 import pytest
 
 from polysignal.client.signalfire import Outcome, SignalFireError, connect
-from signalfire_rtc import call, exchange
+from signalfire_rtc import call
 
-from rtc import loopback_only
+from rtc import exchange_and_close, loopback_only
 from support import (
     UNIT,
     NodeProcess,
@@ -164,7 +164,7 @@ async def test_aiortc_peers_on_two_nodes(nodes):
         ):
             with pytest.raises(SignalFireError, match="Can't Send to Yourself"):
                 await caller.create_session(caller.id)
-            await exchange(*await call(caller, callee))
+            await exchange_and_close(*await call(caller, callee))
 
 
 async def test_browsers_on_two_nodes(nodes):

@@ -8,9 +8,9 @@ import pytest
 
 from polysignal.backends import MemoryBackend, MemoryBus
 from polysignal.client.signalfire import connect
-from signalfire_rtc import call, exchange
+from signalfire_rtc import call
 
-from rtc import loopback_only
+from rtc import exchange_and_close, loopback_only
 from support import node_settings, running_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,7 +24,7 @@ async def test_two_aiortc_peers_through_signal_fire(server):
             await connect(server.ws_url + "/signal-fire", subprotocol=None) as callee,
         ):
             assert caller.configuration is None
-            await exchange(*await call(caller, callee))
+            await exchange_and_close(*await call(caller, callee))
             assert caller.late_errors == [] and callee.late_errors == []
 
 
@@ -43,4 +43,4 @@ async def test_two_aiortc_peers_on_two_nodes_of_one_bus():
             caller = await stack.enter_async_context(await connect(n1.ws_url + "/"))
             callee = await stack.enter_async_context(await connect(n2.ws_url + "/"))
             assert caller.configuration == {"iceServers": []}
-            await exchange(*await call(caller, callee))
+            await exchange_and_close(*await call(caller, callee))

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
-from rtc import RtcPeer, loopback_only
+from rtc import RtcPeer, exchange_and_close, loopback_only
 from support import RunningServer, receive_json
 
 pytestmark = pytest.mark.timeout(60)
@@ -67,15 +67,6 @@ async def handshake_through(ws_a, ws_b) -> tuple[RtcPeer, RtcPeer]:
         await a.add_candidate((await _next_signal(ws_a, "peer-a"))["candidate"])
     await asyncio.gather(a.wait_open(), b.wait_open())
     return a, b
-
-
-async def exchange_and_close(a: RtcPeer, b: RtcPeer) -> None:
-    a.send("hello from a")
-    assert await b.receive() == "hello from a"
-    b.send("hello from b")
-    assert await a.receive() == "hello from b"
-    await a.close()
-    await b.close()
 
 
 async def test_two_aiortc_peers_connect_through_topics(server: RunningServer):

@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from webrtc.test_topics_webrtc import ROOM, exchange_and_close, handshake_through
+from webrtc.test_topics_webrtc import ROOM, handshake_through
 
-from rtc import loopback_only
+from rtc import exchange_and_close, loopback_only
 from support import UNIT, node_processes
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.redis, pytest.mark.slow]
