@@ -41,6 +41,7 @@ def test_redis_url_alone_selects_redis():
         ({"RATE_LIMIT": "-1"}, "RATE_LIMIT"),
         ({"ICE_SERVERS": "{"}, "ICE_SERVERS"),
         ({"WORKERS": "2"}, "--workers"),
+        ({"RELAY_MAX_FRAME_BYTES": "2000000"}, "RELAY_MAX_FRAME_BYTES"),
     ],
 )
 def test_bad_values_fail_loudly(env, needle):

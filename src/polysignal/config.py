@@ -135,6 +135,7 @@ class Settings:
     # --- relay ---
     relay_buffer_bytes: int = 1 << 20
     relay_wait_timeout: float = 60.0
+    relay_max_frame_bytes: int = 256 * 1024
     # --- signal-fire ---
     signalfire_path: str = "/signal-fire"
     session_timeout: float = 30.0
@@ -187,6 +188,13 @@ class Settings:
             )
         if self.max_frame_bytes < 1024:
             raise ConfigError("MAX_FRAME_BYTES: must be at least 1024")
+        if self.relay_max_frame_bytes < 1024:
+            raise ConfigError("RELAY_MAX_FRAME_BYTES: must be at least 1024")
+        if self.relay_max_frame_bytes > min(self.relay_buffer_bytes, self.send_buffer_bytes):
+            raise ConfigError(
+                "RELAY_MAX_FRAME_BYTES: must not exceed RELAY_BUFFER_BYTES or SEND_BUFFER_BYTES, "
+                "or one frame would overflow the buffers that hold it"
+            )
         if not self.signalfire_path.startswith("/"):
             raise ConfigError("SIGNALFIRE_PATH: must start with '/'")
 
@@ -333,6 +341,13 @@ FIELDS: tuple[FieldSpec, ...] = (
         "RELAY_WAIT_TIMEOUT",
         _parse_float,
         "Seconds a `/connection` socket is held waiting for its peer.",
+        "relay",
+    ),
+    FieldSpec(
+        "relay_max_frame_bytes",
+        "RELAY_MAX_FRAME_BYTES",
+        _parse_int,
+        "Largest frame on a `/connection` pipe (document sync); larger closes with 1009.",
         "relay",
     ),
     FieldSpec(

@@ -357,6 +357,21 @@ async def test_pipe_forwards_text_and_binary_both_ways_byte_exact(server):
     assert await receive_frame(first) == (TEXT, '{"json":"kept as text"}')
 
 
+async def test_pipes_carry_frames_larger_than_signalling_frames_up_to_their_own_limit():
+    settings = node_settings(max_frame_bytes=4096, relay_max_frame_bytes=200_000)
+    async with running_server(settings) as srv:
+        first, second = await pipe_pair(srv)
+        blob = bytes(range(256)) * 700  # 179,200 bytes: over MAX_FRAME_BYTES, under the pipe's
+        await first.send_bytes(blob)
+        assert await receive_frame(second) == (BINARY, blob)
+        await second.send_bytes(b"x" * 200_001)
+        assert (await closed_with(second))[0] == CloseCode.MESSAGE_TOO_BIG
+        # The introduction channel keeps the signalling limit.
+        ws = await srv.ws("/introduction/big")
+        await join_json(ws, "x" * 5000)
+        assert (await closed_with(ws))[0] == CloseCode.MESSAGE_TOO_BIG
+
+
 async def test_frames_sent_while_held_are_flushed_in_order_first(server):
     first = await server.ws("/connection/a/b/k")
     for i in range(20):
@@ -526,6 +541,20 @@ async def test_pipe_across_nodes_keeps_order_and_frame_types():
         await second.close()
         assert (await closed_with(first))[0] == CloseCode.NORMAL
         await until(lambda: not hub(one).ends and not hub(two).ends)
+
+
+async def test_large_pipe_frames_cross_nodes_whole():
+    async with two_nodes() as (one, two):
+        first = await one.ws("/connection/a/b/k")
+        await until(lambda: bool(hub(one).ends))
+        second = await two.ws("/connection/b/a/k")
+        blobs = [bytes([i]) * 250_000 for i in range(3)]
+        for blob in blobs:
+            await first.send_bytes(blob)
+        for blob in blobs:
+            assert await receive_frame(second, timeout=5 * UNIT) == (BINARY, blob)
+        await second.send_str("y" * 200_000)
+        assert await receive_frame(first, timeout=5 * UNIT) == (TEXT, "y" * 200_000)
 
 
 async def test_same_peer_id_on_another_node_replaces_the_first():

@@ -181,7 +181,9 @@ class RelayHub:
         parsed = parse_path(request.rel_url.raw_path)
         assert parsed is not None  # the matcher said so
         endpoint, params = parsed
-        async with self.node.websocket(request, "relay") as conn:
+        # Pipes carry document sync, whose messages outgrow signalling frames.
+        limit = None if endpoint == INTRODUCTION else self.node.settings.relay_max_frame_bytes
+        async with self.node.websocket(request, "relay", max_frame_bytes=limit) as conn:
             try:
                 if endpoint == INTRODUCTION:
                     await self._introduction(conn, params)
