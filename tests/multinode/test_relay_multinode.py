@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from polysignal.core.errors import CloseCode
+from server.test_relay_server import slow_reader_case
 
 from support import (
     UNIT,
@@ -166,22 +167,7 @@ async def test_slow_reader_on_the_other_node_slows_the_writer(nodes, session):
     second = await session.ws_connect(f"{two.ws_url}/connection/b/a/{key}")
     await first.send_str("start")
     assert await receive_frame(second) == (TEXT, "start")
-    chunk, count = 32 * 1024, 256
-
-    async def send_all() -> None:
-        for i in range(count):
-            await first.send_bytes(i.to_bytes(4, "big") * (chunk // 4))
-
-    transport = second._response.connection.transport
-    assert transport is not None
-    transport.pause_reading()
-    sending = asyncio.create_task(send_all())
-    await asyncio.sleep(0.5 * UNIT)
-    transport.resume_reading()
-    for i in range(count):
-        kind, data = await receive_frame(second, timeout=10 * UNIT)
-        assert kind is BINARY and data[:4] == i.to_bytes(4, "big") and len(data) == chunk
-    await sending
+    await slow_reader_case(first, second)
     await first.close()
     assert (await closed_with(second))[0] == CloseCode.NORMAL
 

