@@ -1,13 +1,20 @@
-"""One exception tree for everything a client can get wrong, with its close code.
+"""One exception tree, and the answers a protocol gives to it.
 
-Protocol handlers catch ``ClientError`` and answer in the protocol's own way (an error frame,
-``ok:false``, an error event); ``close_code`` is used where the protocol has no error frame or
-the fault ends the connection. Anything else that escapes a handler is a bug: it is logged with a
-traceback and answered generically.
+* ``ClientError``: something a client sent is not acceptable. Each protocol says how it answers
+  one (``protocols/<p>.py``, ``answer``): an error frame, an ``ok:false`` ack, or a close with
+  ``close_code``.
+* ``BackendUnavailable``: the cluster's backing service (Redis) cannot be reached right now; the
+  operation did not happen. Degraded service, not a bug.
+* Anything else that escapes a handler is a bug: logged with a traceback, answered generically.
+
+The server's connection driver (``server/driver.py``) is the one place that maps an exception to
+its answer; an ``Answer`` is a ``Reply`` (a frame to send, the connection stays open) or a
+``Close`` (a close code and reason), or None (say nothing).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum
 
 
@@ -18,6 +25,7 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
     UNSUPPORTED_DATA = 1003
+    INVALID_DATA = 1007
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
@@ -27,7 +35,11 @@ class CloseCode(IntEnum):
     SERVER_ERROR = 4500
 
 
-class ClientError(Exception):
+class PolysignalError(Exception):
+    """The root of polysignal's own exceptions."""
+
+
+class ClientError(PolysignalError):
     """Something a client sent is not acceptable; ``str(exc)`` is safe to send back."""
 
     close_code: CloseCode = CloseCode.POLICY_VIOLATION
@@ -53,3 +65,26 @@ class LimitExceeded(ClientError):
 
 class FrameTooLarge(LimitExceeded):
     close_code = CloseCode.MESSAGE_TOO_BIG
+
+
+class BackendUnavailable(PolysignalError, ConnectionError):
+    """The backing service (Redis) cannot be reached right now; the operation did not happen."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer with a message carrying ``payload``; the connection stays open."""
+
+    payload: bytes
+    binary: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Answer by closing the connection with ``code`` and ``reason``."""
+
+    code: int
+    reason: str
+
+
+Answer = Reply | Close | None
