@@ -30,6 +30,7 @@ from polysignal.backends.base import Backend
 from polysignal.config import Settings
 from polysignal.server.app import NODE_KEY, create_app
 from polysignal.server.node import Node
+from polysignal.server.runner import NodeServer
 
 ROOT = Path(__file__).resolve().parent.parent
 JS_DIR = ROOT / "tests" / "js"
@@ -69,7 +70,7 @@ class RunningServer:
     """A polysignal app served in the test's own event loop."""
 
     app: web.Application
-    runner: web.AppRunner
+    server: NodeServer
     port: int
     session: aiohttp.ClientSession
     clients: list[aiohttp.ClientWebSocketResponse] = field(default_factory=list)
@@ -99,13 +100,10 @@ async def running_server(
     """Serve a fresh app on a free loopback port for the duration of the block."""
     settings = settings or node_settings()
     app = create_app(settings, backend)
-    runner = web.AppRunner(app, shutdown_timeout=2 * UNIT)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    node_server = NodeServer(app)
+    port = await node_server.start("127.0.0.1", 0)
     session = aiohttp.ClientSession()
-    server = RunningServer(app, runner, port, session)
+    server = RunningServer(app, node_server, port, session)
     try:
         yield server
     finally:
@@ -113,7 +111,7 @@ async def running_server(
             with contextlib.suppress(Exception):
                 await client.close()
         await session.close()
-        await runner.cleanup()
+        await node_server.stop()
 
 
 async def receive_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 2 * UNIT) -> Any:

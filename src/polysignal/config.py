@@ -116,6 +116,9 @@ class Settings:
     log_level: str = "INFO"
     workers: int = 1
     shutdown_timeout: float = 5.0
+    header_timeout: float = 10.0
+    max_header_bytes: int = 16384
+    max_headers: int = 100
     # --- shared limits ---
     max_frame_bytes: int = 65536
     max_topics_per_connection: int = 256
@@ -186,6 +189,10 @@ class Settings:
                 "--workers > 1 needs a shared backend: set BACKEND=redis://... (or REDIS_URL); "
                 "workers on the memory backend could not see each other's peers"
             )
+        if self.max_header_bytes < 1024:
+            raise ConfigError("MAX_HEADER_BYTES: must be at least 1024")
+        if self.max_headers < 1:
+            raise ConfigError("MAX_HEADERS: must be at least 1")
         if self.max_frame_bytes < 1024:
             raise ConfigError("MAX_FRAME_BYTES: must be at least 1024")
         if self.relay_max_frame_bytes < 1024:
@@ -246,6 +253,28 @@ FIELDS: tuple[FieldSpec, ...] = (
         _parse_float,
         "Seconds a graceful stop waits for peers to close.",
         "server",
+    ),
+    FieldSpec(
+        "header_timeout",
+        "HEADER_TIMEOUT",
+        _parse_float,
+        "Seconds a new connection has to send its whole request line and headers (else 408). "
+        "0 = no limit.",
+        "server",
+    ),
+    FieldSpec(
+        "max_header_bytes",
+        "MAX_HEADER_BYTES",
+        _parse_int,
+        "Largest request line and headers, together, in bytes (else 431).",
+        "limits",
+    ),
+    FieldSpec(
+        "max_headers",
+        "MAX_HEADERS",
+        _parse_int,
+        "Most header lines in a request (else 431).",
+        "limits",
     ),
     FieldSpec(
         "max_frame_bytes",

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable, Hashable
 
 
 class _TagFormatter(logging.Formatter):
@@ -41,3 +43,32 @@ def configure(level: str = "INFO") -> None:
 def elide(payload: bytes | str) -> str:
     """How a payload appears in a DEBUG line: its size only."""
     return f"<{len(payload)} bytes>"
+
+
+class Throttle:
+    """Lets a repeated log line through once per ``interval`` seconds per key.
+
+    Bad input from clients, and the same fault over and over, must not flood the log: the caller
+    asks ``allow(key)`` before logging; it answers None while the key is held back, else the
+    number of lines held back since the last one let through (for "... (N more)").
+    """
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[Hashable, float] = {}
+        self._held: dict[Hashable, int] = {}
+
+    def allow(self, key: Hashable) -> int | None:
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+
+def more(held: int) -> str:
+    """The suffix of a throttled line: " (N more like it)" when lines were held back."""
+    return f" ({held} more like it)" if held else ""

@@ -90,5 +90,5 @@ async def test_debug_log_elides_payloads(caplog):
         await ws.send_str("not json TOP-SECRET-SDP")
         assert (await receive_json(ws))["type"] == "error"
     text = caplog.text
-    assert "publish <" in text and "bytes>" in text
+    assert "message <54 bytes>" in text and "message <23 bytes>" in text
     assert "TOP-SECRET-SDP" not in text

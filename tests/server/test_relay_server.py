@@ -21,7 +21,8 @@ from polysignal.backends.base import Claim
 from polysignal.backends.memory import MemoryBackend, MemoryBus
 from polysignal.core.errors import CloseCode
 from polysignal.core.relay import peer_claim_key
-from polysignal.server.relay import RELAY_KEY, RelayHub
+from polysignal.server.app import RELAY_KEY
+from polysignal.server.relay import RelayHub
 
 from support import (
     UNIT,

@@ -607,7 +607,7 @@ async def test_graceful_shutdown_disconnects_socketio_clients():
         gone = asyncio.Event()
         client.sio.on("disconnect", lambda *_: gone.set())
         await client.login()
-        await srv.runner.cleanup()
+        await srv.server.stop()
         await asyncio.wait_for(gone.wait(), 3 * UNIT)
         await client.close()
 

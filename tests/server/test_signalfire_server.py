@@ -14,7 +14,8 @@ import pytest
 
 from polysignal.backends import MemoryBackend, MemoryBus
 from polysignal.client.signalfire import Outcome, SignalFireError, connect
-from polysignal.server.signalfire import CLAIM_PREFIX, HUB_KEY
+from polysignal.server.app import SIGNALFIRE_KEY as HUB_KEY
+from polysignal.server.signalfire import CLAIM_PREFIX
 
 from support import UNIT, RunningServer, assert_silent, node_settings, receive_json, running_server
 
@@ -511,7 +512,7 @@ async def test_shutdown_releases_every_id():
         async with running_server(backend=MemoryBackend("going", bus)) as going:
             peer = await join(going)
             watcher = await join(other)
-            await going.runner.cleanup()
+            await going.server.stop()
             assert (await peer.closed()).data == 1001
         await watcher.expect_error("session-start", peer.id, None, "Peer Not Found")
 

@@ -272,6 +272,6 @@ async def test_graceful_shutdown_closes_peers_with_1001():
     async with running_server() as srv:
         ws = await srv.ws()
         await sync(ws)
-        await srv.runner.cleanup()
+        await srv.server.stop()
         msg = await ws.receive(timeout=3 * UNIT)
         assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1001

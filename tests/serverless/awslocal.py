@@ -18,9 +18,9 @@ from urllib.parse import unquote
 
 import aiohttp
 import yaml
-from aiohttp import web
 
 from polysignal.config import Settings
+from polysignal.server.runner import NodeServer
 from polysignal.serverless.local import create_local_app
 from polysignal.serverless.service import SignalingHandler
 from polysignal.serverless.settings import ServerlessSettings
@@ -220,12 +220,9 @@ class Client:
 async def running_local(env: Mapping[str, str]) -> AsyncIterator[LocalServer]:
     """``serverless-local``'s app, configured from ``env``, on a free loopback port."""
     settings = ServerlessSettings.from_env(env)
-    app = create_local_app(settings, Settings(log_level="WARNING"))
-    runner = web.AppRunner(app, shutdown_timeout=2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    app = create_local_app(settings, Settings(log_level="WARNING", shutdown_timeout=2))
+    node_server = NodeServer(app)
+    port = await node_server.start("127.0.0.1", 0)
     session = aiohttp.ClientSession()
     server = LocalServer(port, session)
     try:
@@ -235,7 +232,7 @@ async def running_local(env: Mapping[str, str]) -> AsyncIterator[LocalServer]:
             with contextlib.suppress(Exception):
                 await ws.close()
         await session.close()
-        await runner.cleanup()
+        await node_server.stop()
 
 
 @dataclass

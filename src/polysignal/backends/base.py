@@ -34,6 +34,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from polysignal.core.errors import BackendUnavailable
+
 TopicHandler = Callable[[str, bytes], None]
 """Called with (topic, frame) for a frame published on another node."""
 
@@ -45,9 +47,7 @@ DirectHandler = Callable[[str, bytes], "Awaitable[None] | None"]
 
 log = logging.getLogger("polysignal.backend")
 
-
-class BackendUnavailable(ConnectionError):
-    """The backing service (Redis) cannot be reached right now; the operation did not happen."""
+__all__ = ["TOPICS", "Backend", "BackendUnavailable", "Claim", "DirectHandler", "TopicHandler"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +103,19 @@ class Backend(ABC):
     @abstractmethod
     async def publish(self, topic: str, frame: bytes, namespace: str = TOPICS) -> None:
         """Deliver ``frame`` to the subscribers of ``topic`` on every *other* node."""
+
+    # Without waiting: the paths a publish takes when nothing has to be waited for, so the
+    # server's hot path needs no task. Each answers None/False when the caller must await the
+    # method above instead.
+    def topic_clients_nowait(
+        self, topic: str, local_count: int, namespace: str = TOPICS
+    ) -> int | None:
+        """``topic_clients`` when it is known without asking the backing service, else None."""
+        return None
+
+    def publish_nowait(self, topic: str, frame: bytes, namespace: str = TOPICS) -> bool:
+        """``publish`` when it needs no wait (False: nothing was done; await ``publish``)."""
+        return False
 
     # --- direct delivery ---
     def on_direct(self, kind: str, handler: DirectHandler) -> None:

@@ -73,21 +73,28 @@ class MemoryBackend(Backend):
                 del self.bus.presence[key]
 
     async def topic_clients(self, topic: str, local_count: int, namespace: str = TOPICS) -> int:
+        return self.topic_clients_nowait(topic, local_count, namespace)
+
+    def topic_clients_nowait(self, topic: str, local_count: int, namespace: str = TOPICS) -> int:
         counts = self.bus.presence.get((namespace, topic))
         if not counts:
             return local_count
         return sum(counts.values()) - counts.get(self.node_id, 0) + local_count
 
     async def publish(self, topic: str, frame: bytes, namespace: str = TOPICS) -> None:
+        self.publish_nowait(topic, frame, namespace)
+
+    def publish_nowait(self, topic: str, frame: bytes, namespace: str = TOPICS) -> bool:
         counts = self.bus.presence.get((namespace, topic))
         if not counts:
-            return
+            return True
         loop = asyncio.get_running_loop()
         for node_id in counts:
             if node_id != self.node_id:
                 node = self.bus.nodes.get(node_id)
                 if node is not None:
                     loop.call_soon(node._deliver_topic, namespace, topic, frame)
+        return True
 
     async def send_direct(self, node_id: str, kind: str, payload: bytes) -> bool:
         node = self.bus.nodes.get(node_id)

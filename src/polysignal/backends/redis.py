@@ -350,14 +350,23 @@ class RedisBackend(Backend):
         self._dirty[key] = None
         self._wake.set()
 
-    async def topic_clients(self, topic: str, local_count: int, namespace: str = TOPICS) -> int:
-        key = (namespace, topic)
-        entry = self._cache.get(key)
+    def topic_clients_nowait(
+        self, topic: str, local_count: int, namespace: str = TOPICS
+    ) -> int | None:
+        entry = self._cache.get((namespace, topic))
         if entry is not None and entry.expires > time.monotonic():
             return local_count + entry.total
         if not self._connected:
             # Only this node's peers can be reached while Redis is away; count those.
             return local_count
+        return None
+
+    async def topic_clients(self, topic: str, local_count: int, namespace: str = TOPICS) -> int:
+        known = self.topic_clients_nowait(topic, local_count, namespace)
+        if known is not None:
+            return known
+        key = (namespace, topic)
+        entry = self._cache.get(key)
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 entry = await self._read_presence(key)
@@ -367,14 +376,24 @@ class RedisBackend(Backend):
         return local_count + entry.total
 
     async def publish(self, topic: str, frame: bytes, namespace: str = TOPICS) -> None:
+        if self.publish_nowait(topic, frame, namespace):
+            return
+        await self._drained.wait()
         if not self._connected:
             self._drop_publish()
             return
+        self._enqueue_publish(topic, frame, namespace)
+
+    def publish_nowait(self, topic: str, frame: bytes, namespace: str = TOPICS) -> bool:
+        if not self._connected:
+            self._drop_publish()
+            return True
         if not self._drained.is_set():
-            await self._drained.wait()
-            if not self._connected:
-                self._drop_publish()
-                return
+            return False  # the outbox is full: the publisher waits for the writer
+        self._enqueue_publish(topic, frame, namespace)
+        return True
+
+    def _enqueue_publish(self, topic: str, frame: bytes, namespace: str) -> None:
         channel = topic_channel(self.prefix, namespace, topic)
         # The origin envelope is added when the frame is sent (most are not: see the writer).
         self._enqueue(_Out(channel, frame, None, (namespace, topic)))

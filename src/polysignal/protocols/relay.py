@@ -33,7 +33,16 @@ from typing import Any
 import msgpack
 import orjson
 
-from polysignal.core.errors import LimitExceeded, MalformedFrame, UnknownCommand
+from polysignal.core.errors import (
+    Answer,
+    BackendUnavailable,
+    ClientError,
+    Close,
+    CloseCode,
+    LimitExceeded,
+    MalformedFrame,
+    UnknownCommand,
+)
 from polysignal.protocols.jsonwire import clip, type_name
 
 NAMESPACE = "relay"
@@ -204,6 +213,16 @@ def encode_introduction(
 
 def encoding_of(generation: Generation) -> Encoding:
     return Encoding.MSGPACK if generation is Generation.V4 else Encoding.JSON
+
+
+def answer(error: Exception) -> Answer:
+    """How the relay answers an error: it has no error frame (its clients throw on anything but
+    an ``Introduction``), so the socket closes, with the error's code and message."""
+    if isinstance(error, ClientError):
+        return Close(error.close_code, error.message)
+    if isinstance(error, BackendUnavailable):
+        return Close(CloseCode.TRY_AGAIN_LATER, "the cluster is unavailable; try again")
+    return Close(CloseCode.INTERNAL_ERROR, "internal error")
 
 
 # --- the cluster format -------------------------------------------------------------------------

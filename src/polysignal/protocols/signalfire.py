@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from polysignal.core.errors import ClientError, CloseCode
+from polysignal.core.errors import Answer, ClientError, Close, CloseCode, Reply
 
 SUBPROTOCOL = "Signal-Fire@3"
 LEGACY_SUBPROTOCOL = "Signal-Fire@2"
@@ -253,3 +253,14 @@ def encode_welcome(client_id: str, ice_servers: tuple[dict[str, Any], ...] | Non
     if ice_servers is not None:
         data["configuration"] = {"iceServers": list(ice_servers)}
     return orjson.dumps({"id": new_id(), "cmd": Cmd.WELCOME.value, "data": data})
+
+
+def answer(error: Exception, request_id: MessageId | None) -> Answer:
+    """How Signal-Fire answers an error: ``CloseRequest`` closes with 4400; any other fault
+    while handling request ``request_id`` is its ``ok:false`` reply ``Internal Server Error``
+    (with no request to answer, the socket closes with 4500)."""
+    if isinstance(error, ClientError):
+        return Close(error.close_code, error.message)
+    if request_id is None:
+        return Close(CloseCode.SERVER_ERROR, ErrorText.INTERNAL.value)
+    return Reply(encode_error(request_id, ErrorText.INTERNAL))

@@ -9,8 +9,8 @@
 <- {"type":"error","message":"..."}             polysignal's answer to bad input
 ```
 
-Decoding never raises anything but ``ClientError``; the caller turns it into an error frame and
-keeps the connection open (y-webrtc ignores message types it does not know).
+Decoding never raises anything but ``ClientError``; ``answer`` turns it into an error frame and
+the connection stays open (y-webrtc ignores message types it does not know).
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from polysignal.core.errors import ClientError, MalformedFrame, UnknownCommand
+from polysignal.core.errors import (
+    Answer,
+    BackendUnavailable,
+    ClientError,
+    MalformedFrame,
+    Reply,
+    UnknownCommand,
+)
 from polysignal.protocols import jsonwire
 from polysignal.protocols.jsonwire import clip, type_name
 
@@ -147,3 +154,16 @@ def rate_limited_error(rate: float) -> bytes:
 
 def skipped_entries_error(kind: str, problems: tuple[str, ...]) -> bytes:
     return encode_error(f"{kind}: skipped " + "; ".join(problems))
+
+
+INTERNAL_ERROR = encode_error("internal error")
+UNAVAILABLE = encode_error("the cluster is unavailable; try again")
+
+
+def answer(error: Exception) -> Answer:
+    """How the topics protocol answers an error: an error frame; the connection stays open."""
+    if isinstance(error, ClientError):
+        return Reply(encode_error(error.message))
+    if isinstance(error, BackendUnavailable):
+        return Reply(UNAVAILABLE)
+    return Reply(INTERNAL_ERROR)

@@ -1,14 +1,18 @@
-"""The aiohttp application: one port, every protocol (DESIGN.md §1).
+"""One node's composition: its protocols on the driver, and the aiohttp app for plain HTTP.
 
-* WebSocket offering `Signal-Fire@3`/`@2` (any path), or any on `/signal-fire`: Signal-Fire
-* WebSocket on `/introduction/{id}` or `/connection/{a}/{b}/{key}`: relay
-* `/socket.io/`, `POST /app`, `GET /demo`: rooms
-* any other WebSocket: topics
-* `GET /readyz`: 200 when the backend is usable, else 503
-* plain `GET /`: 426 Upgrade Required; any other plain GET: `200 okay` (health)
+Every request enters through the front door (``server/frontdoor.py``); the routes are the
+README's "HTTP and WebSocket routes" table:
 
-Each protocol module has ``setup(app, node)``, which adds its HTTP routes and WebSocket matchers;
-WebSocket matchers are tried in the order of ``PROTOCOLS`` (subprotocol routing before paths).
+* WebSocket offering ``Signal-Fire@3``/``@2`` (any path), or any on ``/signal-fire``: Signal-Fire
+* WebSocket on ``/introduction/{id}`` or ``/connection/{a}/{b}/{key}``: relay
+* any other WebSocket (outside ``/socket.io/``): topics
+* ``/socket.io/``, ``POST /app``, ``GET /demo``: rooms, on aiohttp and python-socketio
+* ``GET /readyz``: 200 when the backend is usable, else 503
+* plain ``GET /``: 426 Upgrade Required; any other plain GET: ``200 okay`` (health)
+
+WebSocket routes are tried in that order (subprotocol before path); the topics protocol takes
+what no other claims. The same routes answer a WebSocket that reaches aiohttp on a connection it
+kept alive (``upgrade_from_http``).
 """
 
 from __future__ import annotations
@@ -19,39 +23,67 @@ from aiohttp import hdrs, web
 
 from polysignal.backends import Backend, create_backend
 from polysignal.config import Settings
-from polysignal.server import relay, rooms, signalfire, topics
+from polysignal.server import rooms
+from polysignal.server.driver import Driver
+from polysignal.server.frontdoor import FrontDoor, upgrade_from_http
 from polysignal.server.node import Node
+from polysignal.server.relay import RelayHub
+from polysignal.server.signalfire import CLIENT_SCRIPT, CLIENT_SCRIPT_PATH, SignalFireHub
+from polysignal.server.topics import TopicsHub
 
 log = logging.getLogger("polysignal.server")
 
 NODE_KEY = web.AppKey("node", Node)
-TOPICS_KEY = web.AppKey("topics", topics.TopicsHub)
+DOOR_KEY = web.AppKey("door", FrontDoor)
+TOPICS_KEY = web.AppKey("topics", TopicsHub)
+RELAY_KEY = web.AppKey("relay", RelayHub)
+SIGNALFIRE_KEY = web.AppKey("signalfire", SignalFireHub)
 
 
 def create_app(settings: Settings, backend: Backend | None = None) -> web.Application:
-    """Build the application of one node; the backend starts and stops with the app."""
+    """Build one node: its protocols and the aiohttp app behind its front door. The backend
+    starts and stops with the app (``server/runner.py`` serves it)."""
     node = Node(settings, backend if backend is not None else create_backend(settings))
-    app = web.Application(client_max_size=max(settings.max_frame_bytes, 1 << 20))
-    app[NODE_KEY] = node
-    app[TOPICS_KEY] = topics.setup(app, node)
-    # `/` first: most connections arrive there, and a plain route resolves before any pattern.
-    app.router.add_get("/", _dispatch)
-    # The other protocols register their HTTP routes and WebSocket matchers here, in matching
-    # order: Signal-Fire (by subprotocol, any path) first, then the relay paths, then rooms.
-    signalfire.setup(app, node)
-    relay.setup(app, node)
+    app = http_app(node, max(settings.max_frame_bytes, 1 << 20))
+    signalfire = app[SIGNALFIRE_KEY] = SignalFireHub(node)
+    relay = app[RELAY_KEY] = RelayHub(node)
+    topics = app[TOPICS_KEY] = TopicsHub(node)
+    node.add_route(signalfire.matches, Driver(signalfire, node))
+    node.add_route(relay.matches, Driver(relay, node))
+    node.fallback = Driver(topics, node)
+    node.shutdown_hooks.append(signalfire.stop)
+    node.shutdown_hooks.append(relay.stop)
+    app.router.add_get(CLIENT_SCRIPT_PATH, _client_script)
     rooms.setup(app, node)
+    add_health_routes(app)
 
+    async def start_hubs(_: web.Application) -> None:
+        await signalfire.start()
+
+    app.on_startup.append(start_hubs)
+    return app
+
+
+def http_app(node: Node, client_max_size: int = 1 << 20) -> web.Application:
+    """The aiohttp app of ``node``, with its front door, the backend's start and stop, and the
+    closing of every connection at shutdown. Routes are added by the caller."""
+    app = web.Application(client_max_size=client_max_size)
+    app[NODE_KEY] = node
+    app[DOOR_KEY] = FrontDoor(node)
+    app.on_startup.append(_start_backend)
+    app.on_shutdown.append(_close_connections)
+    app.on_cleanup.append(_close_backend)
+    return app
+
+
+def add_health_routes(app: web.Application) -> None:
+    """``/readyz``, ``/healthz``, and the catch-all: a WebSocket that reached aiohttp is served
+    by the node's protocols, a plain GET on ``/`` is 426, any other plain GET is health."""
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/healthz", _healthz)
     # Registered last so every protocol's own routes win.
     app.router.add_route(hdrs.METH_GET, "/{tail:.*}", _dispatch)
     app.router.add_route(hdrs.METH_HEAD, "/{tail:.*}", _dispatch)
-
-    app.on_startup.append(_start_backend)
-    app.on_shutdown.append(_close_connections)
-    app.on_cleanup.append(_close_backend)
-    return app
 
 
 def is_websocket(request: web.Request) -> bool:
@@ -62,14 +94,10 @@ def is_websocket(request: web.Request) -> bool:
 
 
 async def _dispatch(request: web.Request) -> web.StreamResponse:
-    node = request.app[NODE_KEY]
     if is_websocket(request):
-        for matches, handler in node.ws_routes:
-            if matches(request):
-                return await handler(request)
-        return await request.app[TOPICS_KEY].handle(request)
+        return await upgrade_from_http(request.app[DOOR_KEY], request)
     if request.path == "/":
-        # Flow-Like answers a plain GET on the WebSocket path with 426 (PROTOCOLS.md §1.2).
+        # Flow-Like answers a plain GET on the WebSocket path with 426 (docs/protocols/topics.md).
         raise web.HTTPUpgradeRequired(
             headers={hdrs.UPGRADE: "websocket"}, text="Upgrade Required: connect a WebSocket"
         )
@@ -85,6 +113,17 @@ async def _readyz(request: web.Request) -> web.Response:
     if node.backend.ready and not node.stopping:
         return web.Response(text="ready", content_type="text/plain")
     return web.Response(status=503, text="not ready", content_type="text/plain")
+
+
+async def _client_script(request: web.Request) -> web.StreamResponse:
+    """The Signal-Fire browser client, an ES module with no build step."""
+    return web.FileResponse(
+        CLIENT_SCRIPT,
+        headers={
+            hdrs.CONTENT_TYPE: "text/javascript; charset=utf-8",
+            hdrs.CACHE_CONTROL: "no-cache",
+        },
+    )
 
 
 async def _start_backend(app: web.Application) -> None:

@@ -1,13 +1,24 @@
-"""One WebSocket peer and its single write path (STYLE.md habit 2).
+"""One WebSocket peer after the upgrade: framing on the transport, and its single write path.
+
+A ``Connection`` is the transport's protocol once the front door (``server/frontdoor.py``) has
+answered the upgrade. It is callback-driven: bytes arrive in ``data_received``, are cut into
+messages by ``protocols/websocket.py``, and each data message goes to the connection's
+``Driver`` (``server/driver.py``), which hands it to the protocol. An idle connection holds no
+task, no timer and no buffer: only the small object below, with ``__slots__``.
 
 Writes never await: frames go to the transport, and a peer whose unsent bytes pass
 ``send_buffer_bytes`` is closed with 1013 instead of growing memory, so fan-out never waits on the
-slowest peer (DESIGN.md §4, slow consumers).
+slowest peer (docs/performance.md, slow consumers).
 
-The connections of one event loop share a ``WriteBatch``: the frames a peer is sent during one
-loop iteration go out as one ``transport.write`` at its end. Profiling the fan-out benchmark
-(bench/README.md) showed one ``send()`` system call per subscriber per publish as the largest cost;
-under load a peer receives several publishes per iteration, and batching turns them into one call.
+The connections of one node share a ``WriteBatch``: the frames a peer is sent during one
+event-loop iteration go out as one ``transport.write`` at its end. Profiling the fan-out benchmark
+(docs/performance.md) showed one ``send()`` system call per subscriber per publish as the largest
+cost; under load a peer receives several publishes per iteration, and batching turns them into
+one call.
+
+Closing follows RFC 6455 §7: the side that closes first sends a close frame and waits (at most
+``grace`` seconds) for the other's; the server then closes TCP. A framing error closes with its
+code (1002, 1007, 1009); the bytes of the offending frame are skipped without being buffered.
 """
 
 from __future__ import annotations
@@ -16,58 +27,40 @@ import asyncio
 import itertools
 import logging
 import time
-import weakref
-from contextlib import suppress
-from typing import Any
-
-from aiohttp import WSCloseCode, WSMsgType, web
+from typing import TYPE_CHECKING, Any
 
 from polysignal.core.errors import CloseCode
 from polysignal.core.limits import TokenBucket
-from polysignal.server.frames import OP_BINARY, OP_TEXT, build_frame
+from polysignal.protocols.websocket import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    Fragments,
+    FrameError,
+    build_frame,
+    close_frame,
+    parse_close,
+    read_messages,
+)
+
+if TYPE_CHECKING:
+    from polysignal.server.driver import Driver
 
 log = logging.getLogger("polysignal.server")
 
 _ids = itertools.count(1)
 
-
-PING_FRAME = b"\x89\x00"
-"""An empty WebSocket ping (RFC 6455 §5.5.2), the same bytes for every peer."""
-
-
-class WebSocket(web.WebSocketResponse):
-    """aiohttp's WebSocketResponse with polysignal's liveness and close reasons.
-
-    Pings are answered here and any frame, pong included, marks the peer ``alive``; the node's
-    one ping sweep (``Node``) pings every peer each ``PING_INTERVAL`` and closes those that stayed
-    silent since the last sweep, as y-webrtc's server does. One sweep per node instead of a timer
-    per connection keeps idle connections smaller (bench/README.md, S3).
-    """
-
-    alive = True
-
-    async def receive(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 (aiohttp API)
-        while True:
-            msg = await super().receive(timeout)
-            self.alive = True
-            if msg.type is WSMsgType.PING:
-                with suppress(ConnectionError, RuntimeError):
-                    await self.pong(msg.data)
-            elif msg.type is not WSMsgType.PONG:
-                return msg
-
-    async def close(
-        self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
-    ) -> bool:
-        if code == CloseCode.MESSAGE_TOO_BIG and not message:
-            message = b"Message too large"
-        return await super().close(code=code, message=message, drain=drain)
-
-
 WRITE_THROUGH_BYTES = 16 * 1024
 """Held bytes that are written at once instead of at the end of the iteration: such a write is
 worth its system call alone, and the transport's buffer (which the slow-consumer limit and the
 relay's backpressure watch) then grows with big volumes as it would without batching."""
+
+FAIL_GRACE = 2.0
+"""Seconds a connection that broke the framing rules gets to answer the close frame."""
+
+_EMPTY_CLOSE = build_frame(b"", OP_CLOSE)
 
 
 class WriteBatch:
@@ -95,75 +88,161 @@ class WriteBatch:
                 log.exception("%r: flushing its frames failed", conn)
 
 
-_batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WriteBatch] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def loop_batch() -> WriteBatch:
-    """The running loop's WriteBatch (one per loop, so in-process test nodes stay apart)."""
-    loop = asyncio.get_running_loop()
-    batch = _batches.get(loop)
-    if batch is None:
-        batch = _batches[loop] = WriteBatch()
-    return batch
-
-
-class Connection:
-    """A prepared WebSocket with its rate limiter and bounded output."""
+class Connection(asyncio.Protocol):
+    """A WebSocket peer: its transport, its framing state, its rate limiter and bounded output."""
 
     __slots__ = (
-        "__weakref__",
         "_batch",
         "_bucket",
-        "_close_task",
-        "_last_rate_error",
+        "_buf",
+        "_fragments",
+        "_held",
+        "_last_rate_report",
+        "_need",
         "_pending",
         "_pending_bytes",
+        "_sent_close",
+        "_skip",
+        "_timer",
         "address",
+        "alive",
+        "busy",
         "closing",
+        "driver",
         "id",
+        "lost",
         "max_buffer",
-        "protocol",
+        "max_frame",
         "state",
         "transport",
-        "ws",
     )
 
     def __init__(
         self,
-        ws: WebSocket,
+        driver: Driver,
         transport: asyncio.Transport,
         *,
         address: str,
-        protocol: str,
+        max_frame: int,
         max_buffer: int,
         rate: float,
         burst: int,
-        batch: WriteBatch | None = None,
+        batch: WriteBatch,
     ) -> None:
         self.id = next(_ids)
-        self.ws = ws
+        self.driver = driver
         self.transport = transport
         self.address = address
-        self.protocol = protocol
+        self.max_frame = max_frame
         self.max_buffer = max_buffer
-        self.closing = False
+        self.closing = False  # no more frames are accepted for sending or handled on receipt
+        self.lost = False  # the transport is gone
+        self.alive = True  # any bytes since the node's last ping sweep
+        self.busy = False  # a handler coroutine of this connection is running (driver.py)
         self._bucket = TokenBucket(rate, burst, time.monotonic())
-        self._last_rate_error = 0.0
-        self._close_task: asyncio.Task[None] | None = None
-        self._batch = batch if batch is not None else loop_batch()
+        self._last_rate_report = 0.0
+        self._batch = batch
         self._pending: list[bytes] | None = None
         self._pending_bytes = 0
+        self._buf: bytearray | None = None  # an incomplete frame
+        self._need = 0  # bytes ``_buf`` must reach before it is worth parsing again
+        self._skip = 0  # bytes of a refused frame still to drop
+        self._fragments: Fragments | None = None
+        self._held: Any = None  # messages waiting while ``busy`` (driver.py)
+        self._sent_close = False
+        self._timer: asyncio.TimerHandle | None = None
         # Free slot for the protocol handler's per-connection state.
         self.state: Any = None
 
     def __repr__(self) -> str:
-        return f"<Connection #{self.id} {self.protocol} {self.address}>"
+        return f"<Connection #{self.id} {self.driver.protocol} {self.address}>"
+
+    @property
+    def protocol(self) -> str:
+        return self.driver.protocol
+
+    # --- input ---
+    def data_received(self, data: bytes) -> None:
+        self.alive = True
+        if self._skip:
+            if len(data) <= self._skip:
+                self._skip -= len(data)
+                return
+            data = data[self._skip :]
+            self._skip = 0
+        buf = self._buf
+        if buf is not None:
+            buf += data
+            if len(buf) < self._need:
+                return
+            data = bytes(buf)
+            self._buf = None
+        messages, used, self._fragments, error, need = read_messages(
+            data, self.max_frame, self._fragments
+        )
+        for opcode, payload in messages:
+            if opcode <= OP_BINARY:
+                if not self.closing:
+                    self.driver.message(self, payload, opcode == OP_BINARY)
+            elif opcode == OP_PING:
+                self.send_frame(build_frame(payload, OP_PONG))
+            elif opcode == OP_CLOSE:
+                self._close_received(payload)
+                return
+            if self.lost:
+                return
+        if error is not None:
+            self._skip = max(0, used - len(data))
+            self._fail(error)
+        elif used < len(data):
+            self._buf = bytearray(data[used:])
+            self._need = need
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes itself; connection_lost follows
+
+    def _close_received(self, payload: bytes) -> None:
+        self.closing = True
+        if self._sent_close:  # the peer's answer to our close: the server closes TCP (§7.1.1)
+            self.transport.close()
+            return
+        try:
+            code, _ = parse_close(payload)
+        except FrameError as exc:
+            reply = close_frame(exc.close_code, exc.message)
+        else:
+            reply = _EMPTY_CLOSE if code is None else close_frame(code)
+        self.flush()  # frames queued before the peer's close still go out, then the answer
+        self._sent_close = True
+        self.transport.write(reply)
+        self.transport.close()
+
+    def _fail(self, error: FrameError) -> None:
+        """The peer broke the framing rules: close with the error's code, ignore its data."""
+        log.debug("%r: %s; closing with %d", self, error.message, error.close_code)
+        self._buf = None
+        self._fragments = None
+        if self._sent_close:
+            self.transport.close()
+        else:
+            self.close(error.close_code, error.message, grace=FAIL_GRACE)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        self.closing = True
+        self._pending = None
+        self._buf = None
+        self._fragments = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.driver.closed(self)
 
     # --- output ---
     def send_frame(self, frame: bytes) -> bool:
-        """Write a prebuilt frame (see ``frames.build_frame``); False if the peer is gone."""
+        """Write a prebuilt frame (see ``build_frame``); False if the peer is gone or closing."""
         if self.closing:
             return False
         if self.transport.is_closing():
@@ -189,9 +268,8 @@ class Connection:
         if pending is None:
             return
         self._pending = None
-        # Frames queued before ``close()`` still go out; after the closing frame (aiohttp
-        # answers a client's close at once) nothing may be sent (RFC 6455 §5.5.1).
-        if self.transport.is_closing() or self.ws.closed:
+        # After the closing frame nothing may be sent (RFC 6455 §5.5.1).
+        if self._sent_close or self.transport.is_closing():
             return
         self._write(pending[0] if len(pending) == 1 else b"".join(pending))
 
@@ -211,40 +289,44 @@ class Connection:
     def send_binary(self, payload: bytes) -> bool:
         return self.send_frame(build_frame(payload, OP_BINARY))
 
+    def unsent_bytes(self) -> int:
+        """Bytes written for this peer that its transport has not sent yet."""
+        return self.transport.get_write_buffer_size()
+
     # --- input limits ---
     def allow_message(self) -> bool:
         """Take one token from the connection's rate bucket."""
         return self._bucket.allow(time.monotonic())
 
+    def set_rate_limit(self, rate: float, burst: int) -> None:
+        """Replace the connection's rate limit (``rate`` 0: none)."""
+        self._bucket = TokenBucket(rate, burst, time.monotonic())
+
     def should_report_rate_limit(self, every: float = 1.0) -> bool:
         """True at most once per ``every`` seconds, so a flood gets one error, not one per frame."""
         now = time.monotonic()
-        if now - self._last_rate_error >= every:
-            self._last_rate_error = now
+        if now - self._last_rate_report >= every:
+            self._last_rate_report = now
             return True
         return False
 
     # --- closing ---
     def close(self, code: int = CloseCode.NORMAL, reason: str = "", grace: float = 5.0) -> None:
-        """Start closing with ``code``; idempotent; after ``grace`` seconds the socket is cut."""
-        if self._close_task is not None:
+        """Start the closing handshake with ``code``; idempotent. Frames queued before it still
+        go out; after ``grace`` seconds without the peer's answer the socket is cut."""
+        if self._sent_close or self.lost:
             return
         self.closing = True
-        self._close_task = asyncio.get_running_loop().create_task(
-            self._close(code, reason.encode()[:123], grace)
-        )
+        self.flush()
+        self._sent_close = True
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.write(close_frame(code, reason))
+        self._timer = asyncio.get_running_loop().call_later(grace, transport.abort)
 
-    async def _close(self, code: int, reason: bytes, grace: float) -> None:
-        try:
-            async with asyncio.timeout(grace):
-                await self.ws.close(code=code, message=reason)
-        except (TimeoutError, ConnectionError, RuntimeError):
-            pass
-        finally:
-            if not self.transport.is_closing():
-                self.transport.abort()
-
-    async def wait_closed(self) -> None:
-        if self._close_task is not None:
-            with suppress(Exception):
-                await self._close_task
+    def abort(self) -> None:
+        """Cut the connection at once, without a closing handshake."""
+        self.closing = True
+        if not self.transport.is_closing():
+            self.transport.abort()

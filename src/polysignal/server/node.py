@@ -1,30 +1,28 @@
-"""The composition root of one polysignal node: settings, backend, open connections.
+"""The composition root of one polysignal node: settings, backend, routes, open connections.
 
-Protocol handlers get their WebSocket through ``Node.websocket``, which applies what every
-protocol shares (DESIGN.md §4): the per-address connection limit, the frame size limit, the
-WebSocket ping, no compression (so prebuilt frames fit every peer), the bounded output, and the
-bookkeeping graceful shutdown needs.
+What every WebSocket protocol shares (docs/performance.md): the routes the front door picks a
+protocol's driver from, the per-address connection count, one write batch, one ping sweep for
+every connection, the tasks handlers left running, and the bookkeeping graceful shutdown needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
-
-from aiohttp import web
 
 from polysignal.backends.base import Backend
 from polysignal.config import Settings
 from polysignal.core.errors import CloseCode
 from polysignal.core.limits import AddressCounter
-from polysignal.server.connection import PING_FRAME, Connection, WebSocket
+from polysignal.protocols.websocket import PING_FRAME
+from polysignal.server.connection import Connection, WriteBatch
+from polysignal.server.driver import Driver, Handshake
 
 log = logging.getLogger("polysignal.server")
 
-WsHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-WsMatcher = Callable[[web.Request], bool]
+Matcher = Callable[[Handshake], bool]
 
 
 class Node:
@@ -36,16 +34,54 @@ class Node:
         self.node_id = settings.node_id
         self.connections: set[Connection] = set()
         self.addresses = AddressCounter(settings.max_connections_per_ip)
-        # WebSocket routes, tried in order; the topics protocol is the fallback (DESIGN.md §1).
-        self.ws_routes: list[tuple[WsMatcher, WsHandler]] = []
+        self.batch = WriteBatch()
+        # WebSocket routes, tried in order; ``fallback`` takes the rest (topics, docs/routes.md).
+        self.routes: list[tuple[Matcher, Driver]] = []
+        self.fallback: Driver | None = None
+        # Path prefixes whose requests, WebSocket or not, stay with aiohttp (socket.io).
+        self.http_prefixes: list[str] = []
         # Run at shutdown after connections are closed and before the backend closes.
         self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self.stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
         self._ping_sweep: asyncio.Task[None] | None = None
+        self._empty: asyncio.Event | None = None
 
-    def start_ping_sweep(self) -> None:
-        """Start the node's ping sweep (once, on the first connection) unless it is off."""
-        if self._ping_sweep is None and self.settings.ping_interval > 0 and not self.stopping:
+    # --- routes ---
+    def add_route(self, matcher: Matcher, driver: Driver) -> None:
+        self.routes.append((matcher, driver))
+
+    def route(self, request: Handshake) -> Driver | None:
+        """The driver of the protocol ``request`` asks for (None: no protocol takes it)."""
+        for matches, driver in self.routes:
+            if matches(request):
+                return driver
+        return self.fallback
+
+    def served_by_http(self, path: str) -> bool:
+        """True when requests on ``path`` stay with the aiohttp application."""
+        return any(path.startswith(prefix) for prefix in self.http_prefixes)
+
+    # --- connections ---
+    def opened(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        if self._ping_sweep is None:
+            self._start_ping_sweep()
+
+    def forgot(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.addresses.release(conn.address)
+        if not self.connections and self._empty is not None:
+            self._empty.set()
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Keep a handler's task until it ends; shutdown waits for it."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- liveness ---
+    def _start_ping_sweep(self) -> None:
+        if self.settings.ping_interval > 0 and not self.stopping:
             self._ping_sweep = asyncio.get_running_loop().create_task(self._sweep_pings())
 
     async def _sweep_pings(self) -> None:
@@ -54,127 +90,34 @@ class Node:
         while True:
             await asyncio.sleep(interval)
             for conn in list(self.connections):
-                ws = conn.ws
-                if ws.closed or conn.closing:
+                if conn.closing:
                     continue
-                if not ws.alive:
+                if not conn.alive:
                     log.debug("%r did not answer a ping within %gs", conn, interval)
                     conn.close(CloseCode.GOING_AWAY, "ping timeout", grace=1.0)
                     continue
-                ws.alive = False
+                conn.alive = False
                 conn.send_frame(PING_FRAME)
 
-    def add_ws_route(self, matcher: WsMatcher, handler: WsHandler) -> None:
-        self.ws_routes.append((matcher, handler))
-
-    def websocket(
-        self,
-        request: web.Request,
-        protocol: str,
-        *,
-        subprotocols: Iterable[str] = (),
-        max_frame_bytes: int | None = None,
-    ) -> Accept:
-        """Accept ``request`` as a WebSocket of ``protocol``; refuse with 429/503 when over limits.
-
-        Use as ``async with node.websocket(request, "topics") as conn:``. On exit the connection
-        is forgotten and closed if it is still open.
-        """
-        return Accept(self, request, protocol, tuple(subprotocols), max_frame_bytes)
-
+    # --- shutdown ---
     async def close_connections(self, grace: float) -> None:
-        """Close every open WebSocket with 1001 and wait up to ``grace`` seconds for them."""
+        """Close every open WebSocket with 1001 and wait up to ``grace`` seconds for them and
+        for the handlers' work on them (releasing their ids, say) to end."""
         if self._ping_sweep is not None:
             self._ping_sweep.cancel()
             with suppress(asyncio.CancelledError):
                 await self._ping_sweep
             self._ping_sweep = None
-        conns = list(self.connections)
-        for conn in conns:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace + 0.5
+        self._empty = asyncio.Event()
+        for conn in list(self.connections):
             conn.close(CloseCode.GOING_AWAY, "server shutting down", grace=grace)
-        if conns:
-            await asyncio.wait(
-                [asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=grace + 0.5
-            )
-
-
-class Accept:
-    """The ``async with`` of ``Node.websocket``: a plain object, not a generator, because one lives
-    as long as its connection (measured: it keeps idle connections smaller)."""
-
-    __slots__ = (
-        "_address",
-        "_conn",
-        "_max_frame_bytes",
-        "_node",
-        "_protocol",
-        "_request",
-        "_subprotocols",
-    )
-
-    def __init__(
-        self,
-        node: Node,
-        request: web.Request,
-        protocol: str,
-        subprotocols: tuple[str, ...],
-        max_frame_bytes: int | None,
-    ) -> None:
-        self._node = node
-        self._request = request
-        self._protocol = protocol
-        self._subprotocols = subprotocols
-        self._max_frame_bytes = max_frame_bytes
-        self._address = ""
-        self._conn: Connection | None = None
-
-    async def __aenter__(self) -> Connection:
-        node, request = self._node, self._request
-        if node.stopping:
-            raise web.HTTPServiceUnavailable(text="shutting down")
-        address = client_address(request)
-        if not node.addresses.acquire(address):
-            log.warning("refused %s: %d connections from it", address, node.addresses.limit)
-            raise web.HTTPTooManyRequests(text="too many connections from this address")
-        self._address = address
-        settings = node.settings
-        try:
-            ws = WebSocket(
-                protocols=self._subprotocols,
-                max_msg_size=self._max_frame_bytes or settings.max_frame_bytes,
-                compress=False,
-                autoping=False,  # WebSocket.receive answers pings and notes liveness
-            )
-            await ws.prepare(request)
-            transport = request.transport
-            if transport is None:  # the client vanished during the handshake
-                raise ConnectionResetError("transport closed during handshake")
-        except BaseException:
-            node.addresses.release(address)
-            raise
-        conn = self._conn = Connection(
-            ws,
-            transport,
-            address=address,
-            protocol=self._protocol,
-            max_buffer=settings.send_buffer_bytes,
-            rate=settings.rate_limit,
-            burst=settings.rate_burst,
-        )
-        node.connections.add(conn)
-        node.start_ping_sweep()
-        log.debug("%r open", conn)
-        return conn
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._node.addresses.release(self._address)
-        conn = self._conn
-        if conn is not None:
-            self._node.connections.discard(conn)
-            if not conn.ws.closed:
-                conn.close(CloseCode.NORMAL)
-            log.debug("%r closed", conn)
-
-
-def client_address(request: web.Request) -> str:
-    return request.remote or "unknown"
+        if self.connections:
+            with suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._empty.wait()
+        for conn in list(self.connections):  # did not answer in time
+            conn.abort()
+        while self._tasks and loop.time() < deadline:
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - loop.time()))

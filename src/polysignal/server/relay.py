@@ -1,13 +1,14 @@
 """Serving the relay protocol (cevitxe-signal-server, @localfirst/relay) on its two endpoints.
 
 * ``/introduction/{peerId}``: Join/Leave/Heartbeat in any generation (protocols/relay.py); every
-  peer sharing a document with a joiner is introduced to it and it to them (PROTOCOLS.md §2.3).
+  peer sharing a document with a joiner is introduced to it and it to them
+  (docs/protocols/relay.md, introductions).
 * ``/connection/{a}/{b}/{key}``: the first socket is held and what it sends is buffered; when
   ``/connection/{b}/{a}/{key}`` arrives the buffer is flushed to it in order and the two are piped
   both ways, byte-exact, each frame keeping its text/binary type; closing one closes the other
-  (PROTOCOLS.md §2.4).
+  (docs/protocols/relay.md, pipes).
 
-Fixes over the originals (DESIGN.md §5): bad input closes with a code and reason instead of
+Fixes over the originals: bad input closes with a code and reason instead of
 throwing; the hold buffer is bounded in bytes (``RELAY_BUFFER_BYTES``) and time
 (``RELAY_WAIT_TIMEOUT``); a second socket for the same peer id or the same pipe request replaces
 the first cleanly (the old one is closed, and its cleanup cannot remove the new one).
@@ -41,10 +42,14 @@ from enum import Enum
 from typing import Any
 from urllib.parse import unquote
 
-from aiohttp import WSMsgType, web
-
-from polysignal.backends.base import BackendUnavailable
-from polysignal.core.errors import ClientError, CloseCode, LimitExceeded
+from polysignal.core.errors import (
+    Answer,
+    BackendUnavailable,
+    ClientError,
+    Close,
+    CloseCode,
+    LimitExceeded,
+)
 from polysignal.core.relay import (
     Directory,
     HoldBuffer,
@@ -53,11 +58,11 @@ from polysignal.core.relay import (
     peer_claim_key,
     pipe_claim_key,
 )
-from polysignal.logs import elide
 from polysignal.protocols import relay as proto
 from polysignal.protocols.relay import Direct, Encoding, Generation
+from polysignal.protocols.websocket import OP_BINARY, OP_TEXT, build_frame
 from polysignal.server.connection import Connection
-from polysignal.server.frames import OP_BINARY, OP_TEXT, build_frame
+from polysignal.server.driver import Handler, Handshake, Result
 from polysignal.server.node import Node
 
 log = logging.getLogger("polysignal.relay")
@@ -139,8 +144,10 @@ def parse_path(raw_path: str) -> tuple[str, list[str]] | None:
     return parts[1], [unquote(p) for p in rest]
 
 
-class RelayHub:
+class RelayHub(Handler):
     """This node's relay peers, held and piped sockets, and their links to other nodes."""
+
+    protocol = "relay"
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -174,90 +181,75 @@ class RelayHub:
         node.shutdown_hooks.append(self.stop)
 
     # --- routing ---
-    def matches(self, request: web.Request) -> bool:
-        return parse_path(request.rel_url.raw_path) is not None
+    def matches(self, request: Handshake) -> bool:
+        return parse_path(request.path) is not None
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_path(request.rel_url.raw_path)
+    # --- the driver's callbacks ---
+    def on_open(self, conn: Connection, request: Handshake) -> Result:
+        parsed = parse_path(request.path)
         assert parsed is not None  # the matcher said so
         endpoint, params = parsed
-        # Pipes carry document sync, whose messages outgrow signalling frames.
-        limit = None if endpoint == INTRODUCTION else self.node.settings.relay_max_frame_bytes
-        async with self.node.websocket(request, "relay", max_frame_bytes=limit) as conn:
-            try:
-                if endpoint == INTRODUCTION:
-                    await self._introduction(conn, params)
-                else:
-                    await self._connection(conn, params)
-            except ClientError as exc:
-                conn.close(exc.close_code, exc.message)
-            # Returning before our close handshake ends would let aiohttp close with 1000.
-            await conn.wait_closed()
-            return conn.ws
+        if endpoint == INTRODUCTION:
+            return self._introduction(conn, params)
+        # Pipes carry document sync: larger frames, and no message rate limit.
+        conn.max_frame = self.node.settings.relay_max_frame_bytes
+        conn.set_rate_limit(0, 0)
+        return self._connection(conn, params)
+
+    def on_message(self, conn: Connection, data: bytes, binary: bool) -> Result:
+        state = conn.state
+        if isinstance(state, PeerSocket):
+            return self._on_intro_frame(state, data, binary)
+        if isinstance(state, PipeEnd):
+            return self._pipe(state, OP_BINARY if binary else OP_TEXT, data)
+        return None
+
+    def on_close(self, conn: Connection) -> Result:
+        state = conn.state
+        if isinstance(state, PeerSocket):
+            return self._unregister(state)
+        if isinstance(state, PipeEnd):
+            return self._end_closed(state)
+        return None
+
+    def answer(self, conn: Connection, error: Exception) -> Answer:
+        return proto.answer(error)
+
+    def rate_limited(self, conn: Connection, data: bytes, binary: bool, report: bool) -> Answer:
+        rate = self.node.settings.rate_limit
+        return Close(CloseCode.POLICY_VIOLATION, f"rate limit exceeded ({rate:g} messages/s)")
 
     # --- /introduction/{peerId} ---
-    async def _introduction(self, conn: Connection, params: list[str]) -> None:
+    def _introduction(self, conn: Connection, params: list[str]) -> Result:
         if len(params) != 1:
             raise ClientError("expected /introduction/{peerId}")
         peer = params[0]
         proto.check_id("peer id", peer, self.limits)
-        sock = PeerSocket(conn, peer, secrets.token_hex(8))
-        await self._register(sock)
-        try:
-            async for msg in conn.ws:
-                if msg.type is WSMsgType.TEXT:
-                    if not await self._on_intro_frame(sock, msg.data, Encoding.JSON):
-                        break
-                elif msg.type is WSMsgType.BINARY:
-                    if not await self._on_intro_frame(sock, msg.data, Encoding.MSGPACK):
-                        break
-                elif msg.type is WSMsgType.ERROR:
-                    log.debug("%r: %s", conn, conn.ws.exception())
-        finally:
-            await self._unregister(sock)
+        sock = conn.state = PeerSocket(conn, peer, secrets.token_hex(8))
+        return self._register(sock)
 
-    async def _on_intro_frame(
-        self, sock: PeerSocket, data: str | bytes, encoding: Encoding
-    ) -> bool:
-        """Handle one frame; False when the socket was closed for it."""
-        conn = sock.conn
-        if not conn.allow_message():
-            rate = self.node.settings.rate_limit
-            conn.close(CloseCode.POLICY_VIOLATION, f"rate limit exceeded ({rate:g} messages/s)")
-            return False
+    def _on_intro_frame(self, sock: PeerSocket, data: bytes, binary: bool) -> Result:
+        """Handle one frame of an introduction socket (a ClientError closes it)."""
+        encoding = Encoding.MSGPACK if binary else Encoding.JSON
         if sock.encoding is None:
             sock.encoding = encoding
         elif encoding is not sock.encoding:
-            # A connection answers in the encoding it started with (DESIGN.md §5).
+            # A connection answers in the encoding it started with (docs/protocols/relay.md).
             expected = "msgpack binary" if sock.encoding is Encoding.MSGPACK else "JSON text"
-            conn.close(CloseCode.UNSUPPORTED_DATA, f"this connection speaks {expected} frames")
-            return False
-        try:
-            decoded = proto.decode(data, encoding, self.limits)
-        except ClientError as exc:
-            log.debug("%r: bad frame %s: %s", conn, elide(data), exc.message)
-            conn.close(exc.close_code, exc.message)
-            return False
+            raise ProtocolMismatch(f"this connection speaks {expected} frames")
+        decoded = proto.decode(data, encoding, self.limits)
         if sock.generation is None:
             sock.generation = decoded.generation
         if self.peers.get(sock.peer) is not sock:
-            return False  # replaced by a newer socket (and closing): its frames no longer count
-        try:
-            match decoded.command:
-                case proto.Join() as join:
-                    await self._join(sock, join)
-                case proto.Leave() as leave:
-                    self._presence(self.directory.leave(sock.peer, leave.document_ids))
-                case proto.Heartbeat():
-                    pass
-        except ClientError as exc:
-            conn.close(exc.close_code, exc.message)
-            return False
-        except Exception:
-            log.exception("%r: error handling %s", conn, type(decoded.command).__name__)
-            conn.close(CloseCode.INTERNAL_ERROR, "internal error")
-            return False
-        return True
+            return None  # replaced by a newer socket (and closing): its frames no longer count
+        match decoded.command:
+            case proto.Join() as join:
+                return self._join(sock, join)
+            case proto.Leave() as leave:
+                self._presence(self.directory.leave(sock.peer, leave.document_ids))
+            case proto.Heartbeat():
+                pass
+        return None
 
     async def _join(self, sock: PeerSocket, join: proto.Join) -> None:
         # DocumentLimitExceeded (a ClientError) leaves the peer's set unchanged and closes it.
@@ -296,7 +288,7 @@ class RelayHub:
             claimed = await self._claim_peer(sock)
         except BackendUnavailable as exc:
             # The backend is away (it warns about that itself): keep serving this node's peers
-            # (DESIGN.md §3).
+            # (docs/redis.md).
             log.debug("peer id %r not claimed cluster-wide (%s); serving it here", sock.peer, exc)
         else:
             if not claimed:
@@ -399,7 +391,7 @@ class RelayHub:
         self._evict_peer(ref.end, ref.other)
 
     # --- /connection/{a}/{b}/{key} ---
-    async def _connection(self, conn: Connection, params: list[str]) -> None:
+    def _connection(self, conn: Connection, params: list[str]) -> Result:
         if len(params) != 3:
             raise ClientError("expected /connection/{localId}/{remoteId}/{documentId}")
         a, b, key = params
@@ -408,33 +400,21 @@ class RelayHub:
         end = PipeEnd(
             secrets.token_hex(8), conn, a, b, key, HoldBuffer(self.node.settings.relay_buffer_bytes)
         )
+        conn.state = end
         self.ends[end.id] = end
-        try:
-            if not await self._rendezvous(end):
-                return
-            async for msg in conn.ws:
-                if msg.type is WSMsgType.TEXT:
-                    if not await self._pipe(end, OP_TEXT, msg.data.encode()):
-                        break
-                elif msg.type is WSMsgType.BINARY:
-                    if not await self._pipe(end, OP_BINARY, msg.data):
-                        break
-                elif msg.type is WSMsgType.ERROR:
-                    log.debug("%r: %s", conn, conn.ws.exception())
-        finally:
-            await self._end_closed(end)
+        return self._rendezvous(end)
 
-    async def _rendezvous(self, end: PipeEnd) -> bool:
-        """Hold ``end`` or pipe it to its held reciprocal, wherever that is; False if closed."""
+    async def _rendezvous(self, end: PipeEnd) -> None:
+        """Hold ``end`` or pipe it to its held reciprocal, wherever that is."""
         try:
-            return await self._rendezvous_cluster(end)
+            await self._rendezvous_cluster(end)
         except BackendUnavailable as exc:
             log.debug("pipe rendezvous on this node only (%s)", exc)
-            return self._rendezvous_locally(end)
+            self._rendezvous_locally(end)
         finally:
             end.settled.set()
 
-    def _rendezvous_locally(self, end: PipeEnd) -> bool:
+    def _rendezvous_locally(self, end: PipeEnd) -> None:
         held = self.holding.get(end.claim_key)
         if held is None or held.state is not PipeState.HOLDING:
             self._hold(end)
@@ -443,7 +423,6 @@ class RelayHub:
             self._hold(end)
         else:
             self._pipe_locally(held, end)
-        return True
 
     async def _rendezvous_cluster(self, end: PipeEnd) -> bool:
         backend = self.backend
@@ -459,7 +438,7 @@ class RelayHub:
                 await backend.release(end.claim_key, holder.token)
                 continue
             if token.seeker == end.a and end.a != end.b:
-                # The same request again: the newer socket replaces the held one (§2.4 fix).
+                # The same request again: the newer socket replaces the held one.
                 await backend.release(end.claim_key, holder.token)
                 reason = "replaced by a newer connection request"
                 if holder.node_id == self.node.node_id:
@@ -527,7 +506,7 @@ class RelayHub:
             end.conn.close(CloseCode.NORMAL, reason)
 
     def _pipe_locally(self, held: PipeEnd, arrived: PipeEnd) -> None:
-        """Flush what ``held`` buffered to ``arrived``, in order, then pipe them (§2.4)."""
+        """Flush what ``held`` buffered to ``arrived``, in order, then pipe them."""
         self._stop_holding(held)
         for opcode, data in held.buffer.take():
             arrived.conn.send_frame(build_frame(data, opcode))
@@ -723,36 +702,40 @@ class RelayHub:
             end.wake.set()  # let the pump see it
             end.conn.close(CloseCode.NORMAL, "peer closed")
 
-    async def _pipe(self, end: PipeEnd, opcode: int, data: bytes) -> bool:
-        """Forward (or hold) one frame from ``end``'s client; False when ``end`` was closed."""
+    def _pipe(self, end: PipeEnd, opcode: int, data: bytes) -> Result:
+        """Forward (or hold) one frame from ``end``'s client; a coroutine when the reader on the
+        other side is behind, which holds this client's next frames until it catches up."""
         match end.state:
             case PipeState.HOLDING:
                 try:
                     end.buffer.add(opcode, data)
                 except LimitExceeded as exc:
                     end.conn.close(CloseCode.POLICY_VIOLATION, exc.message)
-                    return False
-                return True
+                return None
             case PipeState.PIPED if end.partner is not None:
-                partner = end.partner
-                partner.conn.send_frame(build_frame(data, opcode))
-                partner.conn.flush()  # so the transport's buffer shows what waits for the reader
-                await self._backpressure(partner.conn)
-                return True
+                partner = end.partner.conn
+                partner.send_frame(build_frame(data, opcode))
+                partner.flush()  # so the transport's buffer shows what waits for the reader
+                if partner.unsent_bytes() > partner.max_buffer // 2:
+                    return self._backpressure(partner)
+                return None
             case PipeState.PIPED if end.remote is not None:
                 self._queue(end, opcode, data)
                 limit = self.node.settings.relay_buffer_bytes
                 if limit and end.outbox_bytes > limit:
-                    # Stop reading from this client until the pump has caught up (bounded).
-                    end.room.clear()
-                    try:
-                        async with asyncio.timeout(BACKPRESSURE_WAIT):
-                            await end.room.wait()
-                    except TimeoutError:
-                        end.conn.close(CloseCode.TRY_AGAIN_LATER, "the peer's node is too slow")
-                        return False
-                return True
-        return False
+                    return self._wait_for_room(end)
+                return None
+        end.conn.close(CloseCode.NORMAL)
+        return None
+
+    async def _wait_for_room(self, end: PipeEnd) -> None:
+        """Stop reading from ``end``'s client until its pump has caught up (bounded)."""
+        end.room.clear()
+        try:
+            async with asyncio.timeout(BACKPRESSURE_WAIT):
+                await end.room.wait()
+        except TimeoutError:
+            end.conn.close(CloseCode.TRY_AGAIN_LATER, "the peer's node is too slow")
 
     async def _backpressure(self, conn: Connection, limit: int | None = None) -> None:
         """Wait (bounded) while ``conn`` has more than ``limit`` bytes unsent (default: half its
@@ -761,11 +744,9 @@ class RelayHub:
             limit = conn.max_buffer // 2
         loop = asyncio.get_running_loop()
         deadline = loop.time() + BACKPRESSURE_WAIT
-        # aiohttp offers no public drain for a WebSocketResponse's transport: poll, bounded.
+        # Polled, bounded: it waits only while a reader is behind, never for an idle socket.
         while (  # noqa: ASYNC110
-            not conn.closing
-            and conn.transport.get_write_buffer_size() > limit
-            and loop.time() < deadline
+            not conn.closing and conn.unsent_bytes() > limit and loop.time() < deadline
         ):
             await asyncio.sleep(BACKPRESSURE_POLL)
 
@@ -818,12 +799,7 @@ class RelayHub:
                 await task
 
 
-RELAY_KEY = web.AppKey("relay", RelayHub)
+class ProtocolMismatch(ClientError):
+    """A frame in the other encoding than the connection's first (closes with 1003)."""
 
-
-def setup(app: web.Application, node: Node) -> RelayHub:
-    """Register the relay's WebSocket paths; plain GETs on them stay with the health route."""
-    hub = RelayHub(node)
-    node.add_ws_route(hub.matches, hub.handle)
-    app[RELAY_KEY] = hub
-    return hub
+    close_code = CloseCode.UNSUPPORTED_DATA

@@ -37,8 +37,7 @@ import socketio
 from aiohttp import web
 from engineio.async_drivers.aiohttp import WebSocket as EngineIoWebSocket
 
-from polysignal.backends.base import BackendUnavailable
-from polysignal.core.errors import CloseCode
+from polysignal.core.errors import BackendUnavailable, CloseCode
 from polysignal.core.limits import TokenBucket
 from polysignal.logs import elide
 from polysignal.protocols import rooms as proto
@@ -881,7 +880,8 @@ ROOMS_KEY = web.AppKey("rooms", RoomsHub)
 
 
 def setup(app: web.Application, node: Node) -> RoomsHub | None:
-    """Mount ``/socket.io/``, ``POST /app`` and ``/demo``; refuse without secrets (DESIGN.md §6)."""
+    """Mount ``/socket.io/``, ``POST /app`` and ``/demo``; off without secrets
+    (docs/protocols/rooms.md)."""
     secrets = secrets_for(node)
     if secrets is None:
         log.warning(
@@ -893,6 +893,7 @@ def setup(app: web.Application, node: Node) -> RoomsHub | None:
     hub = RoomsHub(node, *secrets)
     app[ROOMS_KEY] = hub
     hub.sio.attach(app, socketio_path="socket.io")
+    node.http_prefixes.append("/socket.io/")  # its WebSockets too stay with aiohttp
     app.router.add_post("/app", hub.post_app)
     app.router.add_get("/demo", hub.demo_page)
     app.router.add_get("/demo/config.json", hub.demo_config)

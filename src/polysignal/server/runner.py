@@ -1,8 +1,8 @@
-"""Running a node: listen, serve until SIGTERM/SIGINT, shut down gracefully (DESIGN.md §4).
+"""Running a node: listen, serve until SIGTERM/SIGINT, shut down gracefully.
 
-Shutdown order: stop accepting (the listening socket closes), close every WebSocket with 1001,
-run the protocols' shutdown hooks, then close the backend, which removes this node's presence
-and claims from the cluster at once.
+Shutdown order: stop accepting (the listening socket closes), drop requests still being read,
+close every WebSocket with 1001, run the protocols' shutdown hooks, then close the backend,
+which removes this node's presence and claims from the cluster at once.
 """
 
 from __future__ import annotations
@@ -16,12 +16,60 @@ from collections.abc import Callable
 from aiohttp import web
 
 from polysignal.config import Settings, redact_url
-from polysignal.server.app import NODE_KEY, create_app
+from polysignal.server.app import DOOR_KEY, NODE_KEY, create_app
 
 log = logging.getLogger("polysignal.server")
 
 BACKEND_WAIT = 10.0
 """Seconds a worker of ``--workers`` waits for its backend before listening regardless."""
+BACKLOG = 2048
+
+
+class NodeServer:
+    """One node listening: its front door on a socket, aiohttp behind it for plain HTTP."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.node = app[NODE_KEY]
+        self.door = app[DOOR_KEY]
+        self.runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=self.node.settings.shutdown_timeout,
+        )
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def setup(self) -> None:
+        """Start the application (and with it the backend), not listening yet."""
+        await self.runner.setup()
+        assert self.runner.server is not None
+        self.door.http = self.runner.server
+        self.door.start()
+
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Accept connections on ``host:port``; the bound port (for port 0)."""
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            self.door, host, port, reuse_port=reuse_port or None, backlog=BACKLOG
+        )
+        self.port = port
+        for sock in self.server.sockets:
+            self.port = int(sock.getsockname()[1])
+            break
+        return self.port
+
+    async def start(self, host: str, port: int) -> int:
+        await self.setup()
+        return await self.listen(host, port)
+
+    async def stop(self) -> None:
+        """Stop accepting, then shut the node down gracefully (see the module docstring)."""
+        if self.server is not None:
+            self.server.close()
+        await self.door.stop()
+        await self.runner.cleanup()
 
 
 async def serve(
@@ -32,21 +80,11 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT."""
-    app = create_app(settings)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=settings.shutdown_timeout,
-    )
-    await runner.setup()
+    server = NodeServer(create_app(settings))
+    await server.setup()
     if reuse_port:
-        await _await_backend(app, settings)
-    site = web.TCPSite(
-        runner, settings.host, settings.port, reuse_port=reuse_port or None, backlog=2048
-    )
-    await site.start()
-    port = _bound_port(runner, settings.port)
+        await _await_backend(server, settings)
+    port = await server.listen(settings.host, settings.port, reuse_port=reuse_port)
     log.info(
         "listening on http://%s:%d (node %s, backend %s)",
         settings.host,
@@ -57,14 +95,14 @@ async def serve(
     if on_listening is not None:
         on_listening(port)
     await run_until_signalled(
-        runner, stop, on_stop=lambda: log.info("shutting down: closing connections with 1001")
+        server, stop, on_stop=lambda: log.info("shutting down: closing connections with 1001")
     )
 
 
-async def _await_backend(app: web.Application, settings: Settings) -> None:
+async def _await_backend(server: NodeServer, settings: Settings) -> None:
     """A worker sharing the port waits (bounded) for its backend before it takes connections,
     so the kernel does not hand peers to a worker that cannot reach the other workers yet."""
-    backend = app[NODE_KEY].backend
+    backend = server.node.backend
     for _ in range(int(BACKEND_WAIT / 0.05)):
         if backend.ready:
             return
@@ -78,13 +116,13 @@ async def _await_backend(app: web.Application, settings: Settings) -> None:
 
 
 async def run_until_signalled(
-    runner: web.AppRunner,
+    server: NodeServer,
     stop: asyncio.Event | None = None,
     on_stop: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then clean ``runner`` up.
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then stop ``server``.
 
-    The handlers stay installed until cleanup is done, so a repeated signal does not kill the
+    The handlers stay installed until the stop is done, so a repeated signal does not kill the
     process halfway through releasing its cluster state.
     """
     stop = stop or asyncio.Event()
@@ -96,17 +134,10 @@ async def run_until_signalled(
         if on_stop is not None:
             on_stop()
     finally:
-        await runner.cleanup()
+        await server.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("stopped")
-
-
-def _bound_port(runner: web.AppRunner, default: int) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    return default
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

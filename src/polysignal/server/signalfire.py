@@ -1,18 +1,18 @@
-"""Serving the Signal-Fire protocol (PROTOCOLS.md §3, DESIGN.md §5).
+"""Serving the Signal-Fire protocol (docs/protocols/signal-fire.md).
 
-Routing (§3.2): a WebSocket offering ``Signal-Fire@3`` or ``Signal-Fire@2`` on any path, or any
+Routing: a WebSocket offering ``Signal-Fire@3`` or ``Signal-Fire@2`` on any path, or any
 WebSocket on ``SIGNALFIRE_PATH`` (browsers refuse to offer a subprotocol containing ``@``). The
-offered subprotocol is echoed: aiohttp compares offers as plain strings, so the non-RFC-6455
-token passes through unchanged.
+offered subprotocol is echoed as the client wrote it (the front door does not hold subprotocols
+to RFC 6455's token grammar).
 
-Ids (§3.3): each connection gets a nanoid, claimed cluster-wide in the backend under
+Ids: each connection gets a nanoid, claimed cluster-wide in the backend under
 ``signalfire:<id>`` with a lease of ``ID_LEASE_TTL`` seconds that this node renews while the
 socket is open, and releases when it closes (afterwards the id is ``Peer Not Found``). A relay to
 an id on another node goes through the backend's direct delivery to the node holding the claim.
 
-Order (§3.4): every accepted request is acked before its relay is written; a relay that turns
-out to be undeliverable after the ack (the target's socket closed, its node is gone) gets a
-second reply ``Peer Offline``, as the original's registry errors arrive after ``ok:true``.
+Order: every accepted request is acked before its relay is written; a relay that turns out to be
+undeliverable after the ack (the target's socket closed, its node is gone) gets a second reply
+``Peer Offline``, as the original's registry errors arrive after ``ok:true``.
 
 Session timer (polysignal's addition): a ``session-start`` not accepted, rejected or cancelled
 within ``SESSION_TIMEOUT`` seconds sends ``session-timeout`` to both sides. The initiator's
@@ -29,17 +29,16 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
-from aiohttp import WSMsgType, hdrs, web
 
-from polysignal.backends.base import BackendUnavailable
-from polysignal.core.errors import CloseCode
+from polysignal.core.errors import Answer, CloseCode, Reply
 from polysignal.core.signalfire import PendingSessions
-from polysignal.logs import elide
 from polysignal.protocols import signalfire as proto
 from polysignal.protocols.signalfire import Cmd, ErrorText, TargetState
 from polysignal.server.connection import Connection
+from polysignal.server.driver import Handler, Handshake, Result
 from polysignal.server.node import Node
 
 log = logging.getLogger("polysignal.signalfire")
@@ -50,6 +49,7 @@ RELAY_KIND = "signalfire"
 UNDELIVERABLE_KIND = "signalfire-undeliverable"
 """Direct message back to the requester's node: the relay found no open socket."""
 CLIENT_SCRIPT = Path(__file__).resolve().parent.parent / "static" / "client" / "signal-fire.js"
+"""The browser client, an ES module with no build step, served at ``CLIENT_SCRIPT_PATH``."""
 CLIENT_SCRIPT_PATH = "/client/signal-fire.js"
 CLAIM_ATTEMPTS = 3
 
@@ -63,14 +63,18 @@ class Peer:
     conn: Connection
     legacy: bool
     claimed: bool = False
+    request: proto.MessageId | None = None  # the request being handled, for its error reply
 
     @property
     def key(self) -> str:
         return CLAIM_PREFIX + self.id
 
 
-class SignalFireHub:
+class SignalFireHub(Handler):
     """This node's Signal-Fire peers, pending sessions, and relays to and from other nodes."""
+
+    protocol = "signalfire"
+    subprotocols = proto.SUBPROTOCOLS
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -85,7 +89,7 @@ class SignalFireHub:
         self.backend.on_direct(UNDELIVERABLE_KIND, self._on_undeliverable)
 
     # --- lifecycle ---
-    async def start(self, app: web.Application) -> None:
+    async def start(self) -> None:
         self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
 
     async def stop(self) -> None:
@@ -104,42 +108,54 @@ class SignalFireHub:
         task.add_done_callback(self._tasks.discard)
 
     # --- routing ---
-    def matches(self, request: web.Request) -> bool:
+    def matches(self, request: Handshake) -> bool:
         """Signal-Fire by subprotocol on any path, or any WebSocket on the configured path."""
-        if request.path == self.settings.signalfire_path:
+        if unquote(request.path) == self.settings.signalfire_path:
             return True
-        for header in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ()):
+        for header in request.header_values("sec-websocket-protocol"):
             for offered in header.split(","):
                 if offered.strip() in proto.SUBPROTOCOLS:
                     return True
         return False
 
-    # --- one connection ---
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        async with self.node.websocket(
-            request, "signalfire", subprotocols=proto.SUBPROTOCOLS
-        ) as conn:
-            legacy = conn.ws.ws_protocol == proto.LEGACY_SUBPROTOCOL
-            peer = await self._register(conn, legacy)
-            if peer is None:
-                conn.close(CloseCode.TRY_AGAIN_LATER, "no free id")
-                await conn.wait_closed()
-                return conn.ws
-            try:
-                conn.send_text(proto.encode_welcome(peer.id, self.settings.ice_servers))
-                async for msg in conn.ws:
-                    # ws@7 hands Luce binary frames as Buffers, which JSON.parse reads as text.
-                    if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                        await self._on_frame(peer, msg.data)
-                    elif msg.type is WSMsgType.ERROR:
-                        log.debug("%r: %s", conn, conn.ws.exception())
-                    if conn.closing:
-                        break
-                # Returning before the close handshake ends would let aiohttp close with 1000.
-                await conn.wait_closed()
-            finally:
-                await self._unregister(peer)
-            return conn.ws
+    # --- the driver's callbacks ---
+    def on_open(self, conn: Connection, request: Handshake) -> Result:
+        return self._open(conn, request.subprotocol == proto.LEGACY_SUBPROTOCOL)
+
+    async def _open(self, conn: Connection, legacy: bool) -> None:
+        peer = await self._register(conn, legacy)
+        if peer is None:
+            conn.close(CloseCode.TRY_AGAIN_LATER, "no free id")
+            return
+        conn.state = peer
+        conn.send_text(proto.encode_welcome(peer.id, self.settings.ice_servers))
+
+    def on_message(self, conn: Connection, data: bytes, binary: bool) -> Result:
+        # ws@7 hands Luce binary frames as Buffers, which JSON.parse reads as text: binary
+        # frames are read as JSON too.
+        peer: Peer | None = conn.state
+        parsed = proto.decode(data)  # CloseRequest: closed with 4400 by ``answer``
+        if isinstance(parsed, proto.Ignored):
+            # Unknown commands get no reply at all (docs/protocols/signal-fire.md).
+            return None
+        if peer is None:
+            return None  # its id claim failed and it is closing
+        peer.request = parsed.id
+        return self._request(peer, parsed)
+
+    def on_close(self, conn: Connection) -> Result:
+        peer: Peer | None = conn.state
+        return None if peer is None else self._unregister(peer)
+
+    def answer(self, conn: Connection, error: Exception) -> Answer:
+        peer: Peer | None = conn.state
+        return proto.answer(error, None if peer is None else peer.request)
+
+    def rate_limited(self, conn: Connection, data: bytes, binary: bool, report: bool) -> Answer:
+        parsed = proto.decode(data)
+        if isinstance(parsed, proto.Ignored):
+            return None
+        return Reply(proto.encode_error(parsed.id, ErrorText.RATE_LIMITED))
 
     async def _register(self, conn: Connection, legacy: bool) -> Peer | None:
         """Pick an id and claim it cluster-wide; None if every attempt collided."""
@@ -177,50 +193,45 @@ class SignalFireHub:
         except Exception as exc:
             log.warning("cannot release id %s (%s); its lease will expire", peer.id, exc)
 
-    async def _on_frame(self, peer: Peer, data: str | bytes) -> None:
-        conn = peer.conn
-        allowed = conn.allow_message()
-        try:
-            parsed = proto.decode(data)
-        except proto.CloseRequest as exc:
-            log.debug("%r: closing 4400 %s on %s", conn, exc.message, elide(data))
-            conn.close(exc.close_code, exc.message)
-            return
-        if isinstance(parsed, proto.Ignored):
-            # §3.4: unknown commands get no reply at all.
-            log.debug("%r: ignored cmd %r", conn, parsed.cmd)
-            return
-        if not allowed:
-            if conn.should_report_rate_limit():
-                log.warning("%r over the rate limit; refusing requests", conn)
-            conn.send_text(proto.encode_error(parsed.id, ErrorText.RATE_LIMITED))
-            return
-        try:
-            await self._request(peer, parsed)
-        except Exception:
-            log.exception("%r: error handling %s", conn, parsed.cmd)
-            conn.send_text(proto.encode_error(parsed.id, ErrorText.INTERNAL))
-
-    async def _request(self, peer: Peer, request: proto.Request) -> None:
-        conn = peer.conn
-        node_id: str | None = None
+    def _request(self, peer: Peer, request: proto.Request) -> Result:
+        """Check, ack and relay one request; a coroutine only when the target must be looked
+        up in the cluster or the relay goes to another node."""
         error = proto.precheck(request, peer.id)
-        if error is None:
-            try:
-                state, node_id = await self._locate(request.target)
-            except BackendUnavailable as exc:
-                # Not a bug: the registry of other nodes' ids is unreachable for now.
-                log.warning("%r: cannot look up %s (%s)", conn, request.target, exc)
-                conn.send_text(proto.encode_error(request.id, ErrorText.INTERNAL))
-                return
-            error = proto.postcheck(request, state, legacy=peer.legacy)
         if error is not None:
-            log.debug("%r %s: %s", conn, request.cmd, error)
-            conn.send_text(proto.encode_error(request.id, error))
-            return
+            self._refuse(peer, request, error)
+            return None
+        located = self._locate_here(request.target)
+        if located is None:
+            return self._request_elsewhere(peer, request)
+        return self._relay(peer, request, located, None)
+
+    async def _request_elsewhere(self, peer: Peer, request: proto.Request) -> None:
+        # BackendUnavailable (the registry of other nodes' ids is unreachable for now) is
+        # answered by ``answer``, before any ack.
+        claim = await self.backend.lookup(CLAIM_PREFIX + request.target)
+        if claim is None or claim.node_id == self.node.node_id:
+            state, node_id = TargetState.NOT_FOUND, None
+        else:
+            state, node_id = TargetState.ONLINE, claim.node_id
+        relayed = self._relay(peer, request, state, node_id)
+        if relayed is not None:
+            await relayed
+
+    def _refuse(self, peer: Peer, request: proto.Request, error: ErrorText) -> None:
+        log.debug("%r %s: %s", peer.conn, request.cmd, error)
+        peer.conn.send_text(proto.encode_error(request.id, error))
+
+    def _relay(
+        self, peer: Peer, request: proto.Request, state: TargetState, node_id: str | None
+    ) -> Result:
+        """Ack ``request`` and relay it to its target (on ``node_id``, or here)."""
+        error = proto.postcheck(request, state, legacy=peer.legacy)
+        if error is not None:
+            self._refuse(peer, request, error)
+            return None
         target: str = request.target
-        # The ack goes out first (§3.4): a reply from the target can never overtake it.
-        conn.send_text(proto.encode_ack(request.id))
+        # The ack goes out first: a reply from the target can never overtake it.
+        peer.conn.send_text(proto.encode_ack(request.id))
         # The timer starts before the relay leaves: an answer may come back before the send
         # to another node has even been confirmed.
         match request.cmd:
@@ -232,27 +243,32 @@ class SignalFireHub:
                 pass
         message = proto.relayed(request, peer.id)
         if node_id is None:
-            delivered = self._deliver_local(target, message)
-        else:
-            delivered = await self._send_remote(
-                node_id, target, message, requester=peer.id, request_id=request.id
-            )
+            self._relayed(peer, request, self._deliver_local(target, message))
+            return None
+        return self._relay_remote(peer, request, node_id, message)
+
+    async def _relay_remote(
+        self, peer: Peer, request: proto.Request, node_id: str, message: dict[str, Any]
+    ) -> None:
+        delivered = await self._send_remote(
+            node_id, request.target, message, requester=peer.id, request_id=request.id
+        )
+        self._relayed(peer, request, delivered)
+
+    def _relayed(self, peer: Peer, request: proto.Request, delivered: bool) -> None:
         if not delivered:
             if request.cmd is Cmd.SESSION_START:
-                self._settle(peer.id, target)
-            conn.send_text(proto.encode_error(request.id, ErrorText.PEER_OFFLINE))
+                self._settle(peer.id, request.target)
+            peer.conn.send_text(proto.encode_error(request.id, ErrorText.PEER_OFFLINE))
 
-    async def _locate(self, target: Any) -> tuple[TargetState, str | None]:
-        """The target's state, and the node holding it when that is another node."""
+    def _locate_here(self, target: Any) -> TargetState | None:
+        """The target's state when this node knows it (None: look it up in the cluster)."""
         if not proto.is_id(target):
-            return TargetState.NOT_FOUND, None  # no id of that shape was ever handed out
+            return TargetState.NOT_FOUND  # no id of that shape was ever handed out
         local = self.peers.get(target)
-        if local is not None:
-            return (TargetState.OFFLINE if local.conn.closing else TargetState.ONLINE), None
-        claim = await self.backend.lookup(CLAIM_PREFIX + target)
-        if claim is None or claim.node_id == self.node.node_id:
-            return TargetState.NOT_FOUND, None
-        return TargetState.ONLINE, claim.node_id
+        if local is None:
+            return None
+        return TargetState.OFFLINE if local.conn.closing else TargetState.ONLINE
 
     # --- delivery ---
     def _deliver_local(self, target: str, message: dict[str, Any]) -> bool:
@@ -381,27 +397,3 @@ class SignalFireHub:
                 if not ok:
                     log.warning("id %s is claimed elsewhere; closing %r", peer.id, peer.conn)
                     peer.conn.close(CloseCode.TRY_AGAIN_LATER, "id taken over")
-
-
-HUB_KEY = web.AppKey("signalfire", SignalFireHub)
-
-
-async def _client_script(request: web.Request) -> web.StreamResponse:
-    """The browser client, an ES module with no build step."""
-    return web.FileResponse(
-        CLIENT_SCRIPT,
-        headers={
-            hdrs.CONTENT_TYPE: "text/javascript; charset=utf-8",
-            hdrs.CACHE_CONTROL: "no-cache",
-        },
-    )
-
-
-def setup(app: web.Application, node: Node) -> SignalFireHub:
-    """Register the Signal-Fire WebSocket matcher and the browser client's route."""
-    hub = app[HUB_KEY] = SignalFireHub(node)
-    node.add_ws_route(hub.matches, hub.handle)
-    app.router.add_get(CLIENT_SCRIPT_PATH, _client_script)
-    app.on_startup.append(hub.start)
-    node.shutdown_hooks.append(hub.stop)
-    return hub

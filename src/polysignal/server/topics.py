@@ -1,33 +1,30 @@
-"""Serving the topics protocol (y-webrtc / Flow-Like) on WebSocket ``/``.
+"""Serving the topics protocol (y-webrtc / Flow-Like), the fallback WebSocket route.
 
-Delivery semantics (PROTOCOLS.md §1.4, DESIGN.md §5): a publish reaches every other subscriber
-of its topic exactly once, cluster-wide, with ``clients`` (cluster-wide subscriber count, the
-sender included when subscribed) and ``_origin`` (the node where it entered); no echo to the
-sender unless ``ECHO=1``; the publisher need not be subscribed. The outbound frame is encoded
-once and the same bytes are written to every local recipient and handed once to the backend.
+Delivery semantics (docs/protocols/topics.md): a publish reaches every other subscriber of its
+topic exactly once, cluster-wide, with ``clients`` (cluster-wide subscriber count, the sender
+included when subscribed) and ``_origin`` (the node where it entered); no echo to the sender
+unless ``ECHO=1``; the publisher need not be subscribed. The outbound frame is encoded once and the
+same bytes are written to every local recipient and handed once to the backend.
 """
 
 from __future__ import annotations
 
-import logging
-
-from aiohttp import WSMsgType, web
-
-from polysignal.core.errors import ClientError
+from polysignal.core.errors import Answer, MalformedFrame, Reply
 from polysignal.core.topics import TopicLimitExceeded, TopicRegistry
-from polysignal.logs import elide
 from polysignal.protocols import topics as proto
+from polysignal.protocols.websocket import build_frame
 from polysignal.server.connection import Connection
-from polysignal.server.frames import build_frame
+from polysignal.server.driver import Handler, Result
 from polysignal.server.node import Node
 
-log = logging.getLogger("polysignal.topics")
-
 PONG_FRAME = build_frame(proto.PONG)
+BINARY_REFUSED = MalformedFrame("binary frames are not supported; send JSON text")
 
 
-class TopicsHub:
+class TopicsHub(Handler):
     """This node's topic subscriptions and the fan-out between them and the backend."""
+
+    protocol = "topics"
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -36,7 +33,34 @@ class TopicsHub:
         )
         self.limits = proto.TopicLimits(node.settings.max_topic_length)
         self.echo = node.settings.echo
+        self.rate_error = proto.rate_limited_error(node.settings.rate_limit)
         node.backend.on_topic_message(self.deliver_remote)
+
+    # --- the driver's callbacks ---
+    def on_message(self, conn: Connection, data: bytes, binary: bool) -> Result:
+        if binary:
+            raise BINARY_REFUSED
+        cmd = proto.decode(data, self.limits)
+        match cmd:
+            case proto.Publish():
+                return self.publish(conn, cmd)
+            case proto.Subscribe():
+                self.subscribe(conn, cmd)
+            case proto.Unsubscribe():
+                self.unsubscribe(conn, cmd)
+            case proto.Ping():
+                conn.send_frame(PONG_FRAME)
+        return None
+
+    def on_close(self, conn: Connection) -> Result:
+        self._counts_changed(self.registry.remove(conn))
+        return None
+
+    def answer(self, conn: Connection, error: Exception) -> Answer:
+        return proto.answer(error)
+
+    def rate_limited(self, conn: Connection, data: bytes, binary: bool, report: bool) -> Answer:
+        return Reply(self.rate_error) if report else None
 
     # --- commands ---
     def subscribe(self, conn: Connection, cmd: proto.Subscribe) -> None:
@@ -54,24 +78,46 @@ class TopicsHub:
         if cmd.problems:
             conn.send_text(proto.skipped_entries_error("unsubscribe", cmd.problems))
 
-    def remove(self, conn: Connection) -> None:
-        self._counts_changed(self.registry.remove(conn))
-
-    async def publish(self, conn: Connection, cmd: proto.Publish) -> None:
+    def publish(self, conn: Connection, cmd: proto.Publish) -> Result:
+        """Fan ``cmd`` out; a coroutine only when the cluster-wide count must be read first or
+        the backend's outbox is full."""
+        backend = self.node.backend
         topic = cmd.topic
         subscribers = self.registry.subscribers(topic)
-        local = len(subscribers)
-        clients = await self.node.backend.topic_clients(topic, local)
+        clients = backend.topic_clients_nowait(topic, len(subscribers))
+        if clients is None:
+            return self._publish_counted(conn, cmd)
+        payload = self._deliver(conn, cmd, subscribers, clients)
+        # The backend forwards only to nodes with subscribers (memory: none but this one).
+        if backend.publish_nowait(topic, payload):
+            return None
+        return backend.publish(topic, payload)
+
+    async def _publish_counted(self, conn: Connection, cmd: proto.Publish) -> None:
+        backend = self.node.backend
+        topic = cmd.topic
+        subscribers = self.registry.subscribers(topic)
+        clients = await backend.topic_clients(topic, len(subscribers))
+        payload = self._deliver(conn, cmd, self.registry.subscribers(topic), clients)
+        await backend.publish(topic, payload)
+
+    def _deliver(
+        self,
+        conn: Connection,
+        cmd: proto.Publish,
+        subscribers: frozenset[Connection] | set[Connection],
+        clients: int,
+    ) -> bytes:
+        """Write the publish to this node's subscribers; its payload, for the other nodes."""
         payload = proto.encode_publish(cmd.message, clients, self.node.node_id)
-        if local:
+        if subscribers:
             frame = build_frame(payload)
             skip = None if self.echo else conn
             # Copy: a send may close a slow peer, whose cleanup edits the set.
             for peer in tuple(subscribers):
                 if peer is not skip:
                     peer.send_frame(frame)
-        # The backend forwards only to nodes with subscribers (memory: none but this one).
-        await self.node.backend.publish(topic, payload)
+        return payload
 
     def deliver_remote(self, topic: str, payload: bytes) -> None:
         """A publish that entered on another node: write it to every local subscriber."""
@@ -86,52 +132,3 @@ class TopicsHub:
         backend = self.node.backend
         for topic in topics:
             backend.local_count_changed(topic, self.registry.count(topic))
-
-    # --- one connection ---
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        async with self.node.websocket(request, "topics") as conn:
-            try:
-                async for msg in conn.ws:
-                    if msg.type is WSMsgType.TEXT:
-                        await self._on_frame(conn, msg.data)
-                    elif msg.type is WSMsgType.BINARY:
-                        conn.send_text(
-                            proto.encode_error("binary frames are not supported; send JSON text")
-                        )
-                    elif msg.type is WSMsgType.ERROR:
-                        log.debug("%r: %s", conn, conn.ws.exception())
-            finally:
-                self.remove(conn)
-            return conn.ws
-
-    async def _on_frame(self, conn: Connection, data: str) -> None:
-        if not conn.allow_message():
-            if conn.should_report_rate_limit():
-                conn.send_text(proto.rate_limited_error(self.node.settings.rate_limit))
-            return
-        try:
-            cmd = proto.decode(data, self.limits)
-        except ClientError as exc:
-            log.debug("%r: bad frame %s: %s", conn, elide(data), exc.message)
-            conn.send_text(proto.encode_error(exc.message))
-            return
-        try:
-            match cmd:
-                case proto.Publish():
-                    if log.isEnabledFor(logging.DEBUG):  # elide() costs on every publish
-                        log.debug("%r publish %s", conn, elide(data))
-                    await self.publish(conn, cmd)
-                case proto.Subscribe():
-                    self.subscribe(conn, cmd)
-                case proto.Unsubscribe():
-                    self.unsubscribe(conn, cmd)
-                case proto.Ping():
-                    conn.send_frame(PONG_FRAME)
-        except Exception:
-            log.exception("%r: error handling %s", conn, type(cmd).__name__)
-            conn.send_text(proto.encode_error("internal error"))
-
-
-def setup(app: web.Application, node: Node) -> TopicsHub:
-    """The topics protocol is the fallback WebSocket route, so it registers no matcher."""
-    return TopicsHub(node)

@@ -1,6 +1,6 @@
 """``polysignal serverless-local``: the Lambda handler behind a local WebSocket server.
 
-Like the seed's ``local.ts`` (PROTOCOLS.md §4.6), but the same ``SignalingHandler`` runs
+Like the original's ``local.ts`` (docs/serverless.md), but the same ``SignalingHandler`` runs
 unchanged: each socket event becomes the API Gateway event the Lambda would get (``$connect``,
 ``$default`` per frame, ``$disconnect``), subscriptions live in the DynamoDB that
 ``AWS_DYNAMODB_ENDPOINT`` names, and only the sender differs: frames go to this server's sockets
@@ -22,15 +22,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aiohttp import WSMsgType, hdrs, web
+from aiohttp import web
 
 from polysignal.backends.memory import MemoryBackend
 from polysignal.config import Settings
+from polysignal.core.errors import Answer, Reply
 from polysignal.protocols import topics as proto
-from polysignal.server.app import is_websocket
+from polysignal.protocols.websocket import HandshakeError
+from polysignal.server.app import add_health_routes, http_app
 from polysignal.server.connection import Connection
+from polysignal.server.driver import Driver, Handler, Handshake, Result
 from polysignal.server.node import Node
-from polysignal.server.runner import run_until_signalled
+from polysignal.server.runner import NodeServer, run_until_signalled
 from polysignal.serverless.aws import dynamodb_client
 from polysignal.serverless.sender import Delivery
 from polysignal.serverless.service import Route, SignalingHandler
@@ -71,7 +74,7 @@ def new_connection_id() -> str:
 
 
 def api_gateway_event(
-    route: Route, connection_id: str, request: web.Request, body: str | bytes | None = None
+    route: Route, connection_id: str, request: Handshake, body: str | bytes | None = None
 ) -> dict[str, Any]:
     """The event API Gateway sends the Lambda for ``route`` (the fields the handler reads and
     the usual others)."""
@@ -91,10 +94,10 @@ def api_gateway_event(
             "requestId": secrets.token_urlsafe(9),
             "apiId": STAGE,
             "stage": STAGE,
-            "domainName": request.host,
+            "domainName": request.header("host") or "",
             "requestTimeEpoch": now_ms,
             "connectedAt": now_ms,
-            "identity": {"sourceIp": request.remote or ""},
+            "identity": {"sourceIp": request.address},
         },
         "isBase64Encoded": False,
     }
@@ -108,8 +111,11 @@ def api_gateway_event(
     return event
 
 
-class LocalGateway:
-    """The WebSocket side of API Gateway, for one handler."""
+class LocalGateway(Handler):
+    """The WebSocket side of API Gateway, for one handler: every socket event becomes the
+    Lambda event it would be, handled in order per connection on a thread pool."""
+
+    protocol = "serverless"
 
     def __init__(
         self,
@@ -122,6 +128,7 @@ class LocalGateway:
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="polysignal")
         self.sender: LocalSender | None = None
         self.handler: SignalingHandler | None = None
+        self.rate_error = proto.rate_limited_error(node.settings.rate_limit)
 
     async def start(self, app: web.Application) -> None:
         self.sender = LocalSender(asyncio.get_running_loop())
@@ -137,44 +144,43 @@ class LocalGateway:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.handler, event, None)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        if not is_websocket(request):
-            if request.path == "/":
-                raise web.HTTPUpgradeRequired(
-                    headers={hdrs.UPGRADE: "websocket"},
-                    text="Upgrade Required: connect a WebSocket",
-                )
-            return web.Response(text="okay", content_type="text/plain")
-        assert self.sender is not None
-        connection_id = new_connection_id()
+    # --- the driver's callbacks ---
+    def accept(self, request: Handshake) -> Result:
+        return self._connect(request)
+
+    async def _connect(self, request: Handshake) -> None:
+        connection_id = request.state = new_connection_id()
         # API Gateway refuses the upgrade when $connect does not answer 2xx.
         answer = await self.invoke(api_gateway_event(Route.CONNECT, connection_id, request))
         if answer.get("statusCode") != 200:
-            raise web.HTTPForbidden(text="refused by $connect")
-        try:
-            async with self.node.websocket(request, "serverless") as conn:
-                self.sender.connections[connection_id] = conn
-                async for msg in conn.ws:
-                    if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                        await self._frame(conn, connection_id, request, msg.data)
-                    elif msg.type is WSMsgType.ERROR:
-                        log.debug("%s: %s", connection_id, conn.ws.exception())
-                return conn.ws
-        finally:
-            self.sender.connections.pop(connection_id, None)
-            # Shielded: the cleanup must run even when the server is stopping.
-            await asyncio.shield(
-                self.invoke(api_gateway_event(Route.DISCONNECT, connection_id, request))
-            )
+            raise HandshakeError(403, "refused by $connect")
 
-    async def _frame(
-        self, conn: Connection, connection_id: str, request: web.Request, data: str | bytes
-    ) -> None:
-        if not conn.allow_message():
-            if conn.should_report_rate_limit():
-                conn.send_text(proto.rate_limited_error(self.node.settings.rate_limit))
-            return
-        await self.invoke(api_gateway_event(Route.DEFAULT, connection_id, request, data))
+    def on_open(self, conn: Connection, request: Handshake) -> Result:
+        assert self.sender is not None
+        connection_id: str = request.state
+        conn.state = (connection_id, request)
+        self.sender.connections[connection_id] = conn
+        return None
+
+    def on_message(self, conn: Connection, data: bytes, binary: bool) -> Result:
+        connection_id, request = conn.state
+        body = data if binary else data.decode()
+        return self._invoke(api_gateway_event(Route.DEFAULT, connection_id, request, body))
+
+    def on_close(self, conn: Connection) -> Result:
+        assert self.sender is not None
+        connection_id, request = conn.state
+        self.sender.connections.pop(connection_id, None)
+        return self._invoke(api_gateway_event(Route.DISCONNECT, connection_id, request))
+
+    async def _invoke(self, event: dict[str, Any]) -> None:
+        await self.invoke(event)
+
+    def answer(self, conn: Connection, error: Exception) -> Answer:
+        return proto.answer(error)
+
+    def rate_limited(self, conn: Connection, data: bytes, binary: bool, report: bool) -> Answer:
+        return Reply(self.rate_error) if report else None
 
 
 def create_local_app(
@@ -197,22 +203,16 @@ def create_local_app(
         return SignalingHandler(settings, subscriptions, lambda request: sender)
 
     gateway = LocalGateway(node, make_handler)
-    app = web.Application()
+    node.fallback = Driver(gateway, node)
+    app = http_app(node)
     app[GATEWAY_KEY] = gateway
-    app.router.add_route(hdrs.METH_GET, "/{tail:.*}", gateway.handle)
+    add_health_routes(app)
     app.on_startup.append(gateway.start)
-    app.on_shutdown.append(_close_connections)
     app.on_cleanup.append(gateway.stop)
     return app
 
 
 GATEWAY_KEY = web.AppKey("gateway", LocalGateway)
-
-
-async def _close_connections(app: web.Application) -> None:
-    node = app[GATEWAY_KEY].node
-    node.stopping = True
-    await node.close_connections(node.settings.shutdown_timeout)
 
 
 async def serve_local(
@@ -233,11 +233,8 @@ async def serve_local(
         created = await asyncio.to_thread(store.create_table)
         log.info("table %s %s", settings.table_name, "created" if created else "already exists")
     app = create_local_app(settings, server_settings or Settings.from_env(), store)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = next((a[1] for a in runner.addresses if isinstance(a, tuple)), port)
+    server = NodeServer(app)
+    bound = await server.start(host, port)
     log.info(
         "serverless-local on ws://%s:%d (table %s at %s)",
         host,
@@ -247,7 +244,7 @@ async def serve_local(
     )
     if on_listening is not None:
         on_listening(bound)
-    await run_until_signalled(runner, stop)
+    await run_until_signalled(server, stop)
 
 
 def run_local(

@@ -1,0 +1,279 @@
+"""The one read path of every WebSocket protocol: dispatch, rate limit, errors, logging.
+
+A protocol plugs in as a ``Handler``: a set of callbacks that the ``Driver`` calls for each of its
+connections.
+
+* ``on_open(conn, request)`` once the upgrade is answered, ``on_message(conn, data, binary)`` for
+  each data message (text is valid UTF-8), ``on_close(conn)`` once, after the transport is gone.
+  Each does what it can at once and returns None, or returns a coroutine when it must wait (for
+  the backend, say): the driver runs that in a task, and meanwhile the connection is ``busy``:
+  its later messages, and its close, wait their turn in order, and its transport stops reading,
+  so a client cannot queue unbounded work behind a slow handler. The common paths (a publish
+  whose count is known, a piped frame, a Signal-Fire relay to a local peer) never wait.
+* ``answer(conn, error)``: how the protocol answers an exception (``protocols/<p>.py`` says:
+  an error frame, an ``ok:false`` reply, or a close code).
+* ``rate_limited(conn, data, binary, report)``: how it answers a message over the connection's
+  rate limit (``report`` is True at most once per second per connection).
+* ``accept(request)``, optional: run before the upgrade is answered; raising
+  ``HandshakeError`` refuses it with an HTTP status.
+
+The driver is the one place that maps an exception to its answer and its log line:
+``ClientError`` is the client's fault (DEBUG); ``BackendUnavailable`` is a degraded cluster
+(WARNING, at most once per interval); anything else is a bug (ERROR with a traceback, at most
+once per interval per place) answered generically. No handler writes its own read loop or its
+own error ladder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections import deque
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from polysignal.core.errors import Answer, BackendUnavailable, ClientError, Close, Reply
+from polysignal.logs import Throttle, elide, more
+from polysignal.server.connection import Connection
+
+if TYPE_CHECKING:
+    from polysignal.server.node import Node
+
+Result = Awaitable[None] | None
+"""What a callback returns: None when it is done, else a coroutine to run."""
+
+_CLOSED = object()
+"""Marks, among a busy connection's held messages, that its transport is gone."""
+
+
+@dataclass(slots=True)
+class Handshake:
+    """The WebSocket upgrade request, as a protocol sees it."""
+
+    path: str
+    """The path as sent, still percent-encoded."""
+    query: str = ""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    """Every header in order, names in lower case, values as sent (Latin-1)."""
+    address: str = "unknown"
+    subprotocol: str | None = None
+    """The subprotocol the server echoes, once chosen."""
+    state: Any = None
+    """What a protocol's ``accept`` hook leaves for its ``on_open``."""
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (lower case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def header_values(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key == name]
+
+
+class Handler:
+    """A WebSocket protocol, as the driver calls it. Subclasses override what they need."""
+
+    protocol = "websocket"
+    """Its name in logs."""
+    subprotocols: tuple[str, ...] = ()
+    """Subprotocols it speaks; the first one a client offers is echoed."""
+
+    def accept(self, request: Handshake) -> Result:
+        """Before the upgrade is answered; raise HandshakeError to refuse it."""
+        return None
+
+    def on_open(self, conn: Connection, request: Handshake) -> Result:
+        return None
+
+    def on_message(self, conn: Connection, data: bytes, binary: bool) -> Result:
+        return None
+
+    def on_close(self, conn: Connection) -> Result:
+        return None
+
+    def answer(self, conn: Connection, error: Exception) -> Answer:
+        """How the protocol answers ``error`` (a ClientError, BackendUnavailable or a bug)."""
+        if isinstance(error, ClientError):
+            return Close(error.close_code, error.message)
+        return Close(1011, "internal error")
+
+    def rate_limited(self, conn: Connection, data: bytes, binary: bool, report: bool) -> Answer:
+        return Close(1008, "rate limit exceeded")
+
+
+class Driver:
+    """Runs one protocol's ``Handler`` for every connection of that protocol on a node."""
+
+    def __init__(self, handler: Handler, node: Node, *, max_frame: int | None = None) -> None:
+        settings = node.settings
+        self.handler = handler
+        self.node = node
+        self.protocol = handler.protocol
+        self.max_frame = max_frame or settings.max_frame_bytes
+        self.log = logging.getLogger(f"polysignal.{handler.protocol}")
+        self.throttle = Throttle()
+
+    # --- lifecycle ---
+    def connect(self, transport: asyncio.Transport, request: Handshake) -> Connection:
+        """Make ``transport`` (already upgraded) a connection of this protocol and open it."""
+        node = self.node
+        settings = node.settings
+        conn = Connection(
+            self,
+            transport,
+            address=request.address,
+            max_frame=self.max_frame,
+            max_buffer=settings.send_buffer_bytes,
+            rate=settings.rate_limit,
+            burst=settings.rate_burst,
+            batch=node.batch,
+        )
+        node.opened(conn)
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("%r open on %s", conn, request.path)
+        self._run(conn, self._call(conn, self.handler.on_open, conn, request))
+        return conn
+
+    def closed(self, conn: Connection) -> None:
+        """The transport of ``conn`` is gone (called once, by the connection)."""
+        self.node.forgot(conn)
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("%r closed", conn)
+        if conn.busy:
+            self._hold(conn, _CLOSED)
+        else:
+            self._run(conn, self._call(conn, self.handler.on_close, conn))
+
+    # --- messages ---
+    def message(self, conn: Connection, data: bytes, binary: bool) -> None:
+        """One data message from ``conn``'s client, in the order they came."""
+        if conn.busy:
+            self._hold(conn, (data, binary))
+            return
+        self._handle(conn, data, binary)
+
+    def _handle(self, conn: Connection, data: bytes, binary: bool) -> None:
+        log = self.log
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%r message %s", conn, elide(data))
+        if not conn.allow_message():
+            report = conn.should_report_rate_limit()
+            if report:
+                held = self.throttle.allow("rate")
+                if held is not None:
+                    log.warning("%r is over the rate limit%s", conn, more(held))
+            try:
+                self.apply(conn, self.handler.rate_limited(conn, data, binary, report))
+            except Exception as exc:
+                self.fail(conn, exc)
+            return
+        self._run(conn, self._call(conn, self.handler.on_message, conn, data, binary))
+
+    def _call(self, conn: Connection, callback: Any, *args: Any) -> Result:
+        try:
+            result: Result = callback(*args)
+        except Exception as exc:
+            self.fail(conn, exc)
+            return None
+        return result
+
+    def _hold(self, conn: Connection, item: object) -> None:
+        held = conn._held
+        if held is None:
+            held = conn._held = deque()
+        held.append(item)
+
+    # --- running what a callback returned ---
+    def _run(self, conn: Connection, result: Result) -> None:
+        """Run the coroutine a callback returned, holding ``conn``'s later messages meanwhile."""
+        if result is None:
+            return
+        task = _start(self._finish(conn, result))
+        if task.done():  # finished without waiting (eager start, Python >= 3.12)
+            return
+        conn.busy = True
+        if not conn.lost:
+            conn.transport.pause_reading()
+        self.node.track(task)
+
+    async def _finish(self, conn: Connection, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except Exception as exc:
+            self.fail(conn, exc)
+        if conn.busy:
+            conn.busy = False
+            self._drain(conn)
+
+    def _drain(self, conn: Connection) -> None:
+        """Handle the messages held while ``conn`` was busy, in order, until it is busy again."""
+        held = conn._held
+        while held and not conn.busy:
+            item = held.popleft()
+            if item is _CLOSED:
+                held.clear()
+                self._run(conn, self._call(conn, self.handler.on_close, conn))
+            else:  # sent before any close: handled, even when the transport is gone since
+                data, binary = item
+                self._handle(conn, data, binary)
+        if not conn.busy:
+            conn._held = None
+            if not conn.lost:
+                conn.transport.resume_reading()
+
+    # --- errors ---
+    def fail(self, conn: Connection, error: Exception) -> None:
+        """Log ``error`` by its kind and answer it the protocol's way."""
+        log = self.log
+        if isinstance(error, ClientError):
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%r: %s", conn, error.message)
+        elif isinstance(error, BackendUnavailable):
+            held = self.throttle.allow("backend")
+            if held is not None:
+                log.warning("%r: the cluster is unavailable (%s)%s", conn, error, more(held))
+        else:
+            held = self.throttle.allow(_place(error))
+            if held is not None:
+                log.error("%r: unexpected error%s", conn, more(held), exc_info=error)
+        try:
+            answer = self.handler.answer(conn, error)
+        except Exception:
+            log.exception("%r: answering an error failed", conn)
+            answer = Close(1011, "internal error")
+        self.apply(conn, answer)
+
+    @staticmethod
+    def apply(conn: Connection, answer: Answer) -> None:
+        if answer is None:
+            return
+        if isinstance(answer, Reply):
+            if answer.binary:
+                conn.send_binary(answer.payload)
+            else:
+                conn.send_text(answer.payload)
+        else:
+            conn.close(answer.code, answer.reason)
+
+
+def _place(error: BaseException) -> tuple[str, str, int]:
+    """Where ``error`` was raised: its type and innermost frame, the key of its log throttle."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return type(error).__name__, "", 0
+    return type(error).__name__, tb.tb_frame.f_code.co_filename, tb.tb_lineno
+
+
+def _start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """A task for ``coro``, run at once up to its first wait where Python can (3.12 and newer),
+    so work that never waits costs no trip through the event loop."""
+    loop = asyncio.get_running_loop()
+    if sys.version_info >= (3, 12):
+        return asyncio.Task(coro, loop=loop, eager_start=True)
+    return loop.create_task(coro)
