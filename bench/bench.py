@@ -1,9 +1,11 @@
-"""polysignal's benchmark: the topics protocol against y-webrtc's Node server and Bun, side by side.
+"""polysignal's benchmark: the topics protocol against y-webrtc's Node server and Bun, side by side;
+the relay protocol's pipes and Signal-Fire on polysignal, optionally against an older commit.
 
 Run it with ``bench/run`` (see bench/README.md). For every round, every scenario and every target,
-it starts a fresh server pinned to one core, drives it with ``loadgen.mjs`` (Node, npm ``ws``)
-pinned to the other core, and stops the server by its PID. It prints a Markdown table of the
-medians over the rounds with each figure's ratio to Node, and writes the raw results as JSON to
+it starts a fresh server pinned to one core, drives it with ``loadgen.mjs`` (Node, raw TCP
+WebSocket client) pinned to the other core, and stops the server by its PID. It prints a Markdown
+table of the medians over the rounds with each figure's ratio to Node (or, where Node has no
+figure, to the baseline given with ``--baseline``), and writes the raw results as JSON to
 bench/results/. Every target address is 127.0.0.1; every wait is bounded.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -21,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -51,6 +55,16 @@ POLYSIGNAL_ENV = {
     "APP_SECRET": "bench-app-secret",
     "APP_PASS": "bench-app-pass",
 }
+# Set for one scenario only, on top of POLYSIGNAL_ENV. S8 drives each Signal-Fire connection far
+# past the default rate limit (200 messages/s, burst 400), which would refuse most requests:
+# RATE_LIMIT=0 switches the limit off. Pipes (S6, S7) are not rate limited.
+POLYSIGNAL_SCENARIO_ENV: dict[str, dict[str, str]] = {"S8": {"RATE_LIMIT": "0"}}
+
+TOPICS_SCENARIOS = ("S1", "S2", "S3", "S4")
+"""The topics protocol: every target serves it."""
+POLYSIGNAL_SCENARIOS = (*TOPICS_SCENARIOS, "S6", "S7", "S8")
+"""S6-S8 (relay pipes, Signal-Fire): only polysignal speaks these protocols."""
+SCENARIOS = POLYSIGNAL_SCENARIOS
 
 Json = dict[str, Any]
 
@@ -67,10 +81,12 @@ class Durations:
     light_seconds: float
     idle_count: int
     churn_seconds: float
+    loop_seconds: float  # S6-S8: the measured window of the closed loop
+    loop_warmup_seconds: float  # S6-S8: the loop runs this long before the window
 
 
-FULL = Durations(3, 3.0, 1.0, 5.0, 8.0, 10_000, 6.0)
-QUICK = Durations(1, 2.0, 0.5, 2.5, 3.0, 10_000, 3.0)
+FULL = Durations(3, 3.0, 1.0, 5.0, 8.0, 10_000, 6.0, 5.0, 1.0)
+QUICK = Durations(1, 2.0, 0.5, 2.5, 3.0, 10_000, 3.0, 2.0, 0.5)
 
 
 def scenario_configs(d: Durations) -> dict[str, Json]:
@@ -116,22 +132,61 @@ def scenario_configs(d: Durations) -> dict[str, Json]:
             "seconds": d.churn_seconds,
             "maxSeconds": 60,
         },
+        # S6: relay pipes, 100 pairs, 1 KiB binary frames, at most 8 in flight per pipe.
+        "S6": {
+            "scenario": "pipes",
+            "pairs": 100,
+            "frameBytes": 1024,
+            "window": 8,
+            "latencyEvery": 4,
+            "seconds": d.loop_seconds,
+            "warmupSeconds": d.loop_warmup_seconds,
+            "maxSeconds": 90,
+        },
+        # S7: relay pipes, 100 pairs, 64 KiB binary frames, at most 2 in flight per pipe.
+        "S7": {
+            "scenario": "pipes",
+            "pairs": 100,
+            "frameBytes": 65536,
+            "window": 2,
+            "latencyEvery": 1,
+            "seconds": d.loop_seconds,
+            "warmupSeconds": d.loop_warmup_seconds,
+            "maxSeconds": 90,
+        },
+        # S8: Signal-Fire, 100 pairs, offers with a 200-character SDP, at most 4 outstanding.
+        "S8": {
+            "scenario": "signalfire",
+            "pairs": 100,
+            "window": 4,
+            "sdpBytes": 200,
+            "latencyEvery": 2,
+            "seconds": d.loop_seconds,
+            "warmupSeconds": d.loop_warmup_seconds,
+            "maxSeconds": 90,
+        },
     }
 
 
 # --- targets --------------------------------------------------------------------------------
 
 
+Command = Callable[[int, int, str], tuple[list[str], dict[str, str]]]
+"""(port, node index, scenario) -> the server's argv and the environment it adds."""
+
+
 @dataclass
 class Target:
-    """One way of serving the topics protocol: how to start its processes on given ports."""
+    """One server under test: how to start its processes on given ports, and which scenarios it
+    runs (the others are skipped for it)."""
 
     name: str
     label: str
     nodes: int
     scenarios: tuple[str, ...]
-    command: Callable[[int, int], tuple[list[str], dict[str, str]]]
+    command: Command
     needs_redis: bool = False
+    baseline: bool = False  # the --baseline commit, run whatever --targets says
 
 
 def python_bin() -> str:
@@ -139,23 +194,112 @@ def python_bin() -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-def polysignal_command(
-    backend: Callable[[], str],
-) -> Callable[[int, int], tuple[list[str], dict[str, str]]]:
-    def command(port: int, index: int) -> tuple[list[str], dict[str, str]]:
-        env = {**POLYSIGNAL_ENV, "BACKEND": backend(), "NODE_ID": f"bench-{index}"}
+def polysignal_command(backend: Callable[[], str], pythonpath: str | None = None) -> Command:
+    """``python -m polysignal serve`` from the venv; with ``pythonpath`` (a baseline worktree's
+    src/, ahead of the editable install) it imports that code instead of this checkout's."""
+
+    def command(port: int, index: int, scenario: str) -> tuple[list[str], dict[str, str]]:
+        env = {
+            **POLYSIGNAL_ENV,
+            **POLYSIGNAL_SCENARIO_ENV.get(scenario, {}),
+            "BACKEND": backend(),
+            "NODE_ID": f"bench-{index}",
+        }
+        if pythonpath is not None:
+            env["PYTHONPATH"] = pythonpath
         args = [python_bin(), "-m", "polysignal", "serve", "--host", "127.0.0.1"]
         return [*args, "--port", str(port)], env
 
     return command
 
 
-def node_command(port: int, index: int) -> tuple[list[str], dict[str, str]]:
+def node_command(port: int, index: int, scenario: str) -> tuple[list[str], dict[str, str]]:
     return ["node", str(Y_WEBRTC_SERVER)], {"PORT": str(port)}
 
 
-def bun_command(port: int, index: int) -> tuple[list[str], dict[str, str]]:
+def bun_command(port: int, index: int, scenario: str) -> tuple[list[str], dict[str, str]]:
     return [str(BUN), str(Y_WEBRTC_SERVER)], {"PORT": str(port)}
+
+
+# --- the baseline: an older commit in its own worktree ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """``--baseline REF``: that commit checked out (detached) in bench/results/baseline-<sha>/."""
+
+    ref: str
+    sha: str
+    short: str
+    worktree: Path
+
+    @property
+    def name(self) -> str:
+        return f"polysignal@{self.short}"
+
+    @property
+    def pythonpath(self) -> str:
+        """The worktree's src/ first, then whatever PYTHONPATH the run was given."""
+        inherited = os.environ.get("PYTHONPATH")
+        src = str(self.worktree / "src")
+        return src + os.pathsep + inherited if inherited else src
+
+
+class BaselineError(Exception):
+    pass
+
+
+def git(*args: str, cwd: Path = ROOT) -> str:
+    done = subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
+    if done.returncode != 0:
+        raise BaselineError(f"git {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout.strip()
+
+
+def prepare_baseline(ref: str) -> Baseline:
+    """Create (or reuse, at the same commit) the baseline's worktree, and check that the venv's
+    Python imports polysignal from it."""
+    try:
+        sha = git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    except BaselineError:
+        raise BaselineError(f"{ref} is not a commit of {ROOT}") from None
+    short = git("rev-parse", "--short", sha)
+    worktree = RESULTS / f"baseline-{short}"
+    if worktree.exists():
+        # Reuse it only if it is a worktree of this repository (not a directory inside the main
+        # checkout, which git would also answer for) checked out at that very commit.
+        top = Path(git("rev-parse", "--show-toplevel", cwd=worktree)).resolve()
+        head = git("rev-parse", "HEAD", cwd=worktree)
+        if top != worktree.resolve() or head != sha:
+            raise BaselineError(
+                f"{worktree} exists but is not a worktree at {sha} (it is {head} at {top}); "
+                f"remove it (git worktree remove --force {worktree}) and run again"
+            )
+        print(f"baseline {ref}: reusing the worktree {worktree} at {short}", flush=True)
+    else:
+        RESULTS.mkdir(exist_ok=True)
+        git("worktree", "add", "--detach", str(worktree), sha)
+        print(f"baseline {ref}: worktree {worktree} at {short}", flush=True)
+    baseline = Baseline(ref, sha, short, worktree)
+    expected = (worktree / "src" / "polysignal" / "__init__.py").resolve()
+    done = subprocess.run(
+        [python_bin(), "-c", "import polysignal, sys; print(polysignal.__file__)"],
+        env={**os.environ, "PYTHONPATH": baseline.pythonpath},
+        cwd=BENCH,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    found = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if done.returncode != 0 or not found or Path(found).resolve() != expected:
+        raise BaselineError(
+            f"the baseline does not import from its worktree: expected {expected}, got "
+            f"{found or 'nothing'} {done.stderr.strip()[-1000:]}"
+        )
+    return baseline
 
 
 class RedisServer:
@@ -201,22 +345,37 @@ class RedisServer:
             self.process = None
 
 
-def targets(redis: RedisServer) -> list[Target]:
-    all_scenarios = ("S1", "S2", "S3", "S4")
+TARGET_NAMES = ("node", "bun", "polysignal", "polysignal-redis", "polysignal-redis-2")
+
+
+def targets(redis: RedisServer, baseline: Baseline | None = None) -> list[Target]:
+    """Every target this machine can run, in the order they run within a round."""
     found: list[Target] = [
-        Target("node", "y-webrtc server.js on Node", 1, all_scenarios, node_command),
+        Target("node", "y-webrtc server.js on Node", 1, TOPICS_SCENARIOS, node_command),
     ]
     if bun_works():
-        found.append(Target("bun", "y-webrtc server.js on Bun", 1, all_scenarios, bun_command))
+        found.append(Target("bun", "y-webrtc server.js on Bun", 1, TOPICS_SCENARIOS, bun_command))
     found.append(
         Target(
             "polysignal",
             "polysignal (memory backend)",
             1,
-            all_scenarios,
+            POLYSIGNAL_SCENARIOS,
             polysignal_command(lambda: "memory://"),
         )
     )
+    if baseline is not None:
+        # Right after polysignal: the two run back to back under the same conditions.
+        found.append(
+            Target(
+                baseline.name,
+                f"polysignal at {baseline.short} ({baseline.ref}), memory backend",
+                1,
+                POLYSIGNAL_SCENARIOS,
+                polysignal_command(lambda: "memory://", baseline.pythonpath),
+                baseline=True,
+            )
+        )
     if RedisServer.binary() is not None:
         found += [
             Target(
@@ -271,9 +430,16 @@ def wait_for_port(port: int, timeout: float) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
-def wait_for_http(port: int, timeout: float) -> None:
+def wait_for_http(
+    port: int, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(
+                f"the server exited with {process.returncode} before answering on port {port} "
+                f"(its output is in {RESULTS / 'servers.log'})"
+            )
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
                 if r.status == 200:
@@ -305,14 +471,19 @@ def rss_bytes(pid: int) -> int:
 
 
 @contextlib.contextmanager
-def servers(target: Target, log: Path) -> Iterator[list[tuple[int, subprocess.Popen[bytes]]]]:
-    """Start the target's server processes on free ports, pinned to the server core."""
+def servers(
+    target: Target, scenario: str, log: Path
+) -> Iterator[list[tuple[int, subprocess.Popen[bytes]]]]:
+    """Start the target's server processes for ``scenario`` on free ports, pinned to the server
+    core."""
     started: list[tuple[int, subprocess.Popen[bytes]]] = []
     try:
         with log.open("ab") as out:
+            out.write(f"--- {target.name} {scenario} {time.strftime('%H:%M:%S')}\n".encode())
+            out.flush()
             for index in range(target.nodes):
                 port = free_port()
-                args, env = target.command(port, index)
+                args, env = target.command(port, index, scenario)
                 process = subprocess.Popen(
                     ["taskset", "-c", SERVER_CPU, *args],
                     env={**os.environ, **env},
@@ -321,8 +492,8 @@ def servers(target: Target, log: Path) -> Iterator[list[tuple[int, subprocess.Po
                     stderr=out,
                 )
                 started.append((port, process))
-        for port, _ in started:
-            wait_for_http(port, 30.0)
+        for port, process in started:
+            wait_for_http(port, 30.0, process)
         yield started
     finally:
         for _, process in started:
@@ -391,15 +562,21 @@ class Run:
     durations: Durations
     scenarios: tuple[str, ...]
     target_names: tuple[str, ...] | None
+    baseline: Baseline | None = None
     results: list[Json] = field(default_factory=list)
 
     def execute(self) -> None:
         redis = RedisServer()
         try:
-            all_targets = targets(redis)
+            all_targets = targets(redis, self.baseline)
             chosen = [
-                t for t in all_targets if self.target_names is None or t.name in self.target_names
+                t
+                for t in all_targets
+                if self.target_names is None or t.name in self.target_names or t.baseline
             ]
+            for scenario in self.scenarios:
+                if not any(scenario in t.scenarios for t in chosen):
+                    print(f"{scenario}: no selected target runs it (S6-S8 run on polysignal only)")
             if any(t.needs_redis for t in chosen):
                 if wait_for_redis_backend():
                     redis.start()
@@ -436,7 +613,7 @@ class Run:
 
     def one(self, target: Target, scenario: str, base: Json, log: Path) -> Json:
         try:
-            with servers(target, log) as started:
+            with servers(target, scenario, log) as started:
                 pids = [process.pid for _, process in started]
                 config = {
                     **base,
@@ -447,7 +624,7 @@ class Run:
                 if scenario == "S3":
                     return run_idle(config, pids, timeout)
                 return run_generator(config, timeout)
-        except (OSError, subprocess.SubprocessError, TimeoutError, ValueError) as exc:
+        except (OSError, subprocess.SubprocessError, TimeoutError, ValueError, RuntimeError) as exc:
             return {"error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -488,10 +665,39 @@ def summary(scenario: str, r: Json) -> str:
                 f"{r['cyclesPerSecond']:.0f} cycles/s, {r['errors']} errors "
                 f"(gen CPU {r['generatorCpu']:.2f}, server CPU {r['serverCpu']:.2f})"
             )
+        case "S6" | "S7":
+            trouble = ", ".join(
+                f"{r[k]} {k}"
+                for k in ("lost", "stalledPipes", "closedSockets", "badFrames", "unexpected")
+                if r.get(k)
+            )
+            return (
+                f"{r['framesPerSecond']:.0f} frames/s of {r['frameBytes']} B, "
+                f"{r['megabytesPerSecond']:.1f} MB/s, p50 {r['p50Ms']} ms p99 {r['p99Ms']} ms"
+                f"{', ' + trouble if trouble else ''} "
+                f"(gen CPU {r['generatorCpu']:.2f}, server CPU {r['serverCpu']:.2f})"
+            )
+        case "S8":
+            trouble = ", ".join(
+                f"{r[k]} {k}"
+                for k in ("lost", "misrouted", "unexpected", "closedSockets")
+                if r.get(k)
+            )
+            first = f" (first: {str(r['firstError'])[:120]})" if r.get("firstError") else ""
+            return (
+                f"{r['relaysPerSecond']:.0f} relays/s, {r['acksPerSecond']:.0f} acks/s, "
+                f"{r['errors']} errors{first}, p50 {r['p50Ms']} ms p99 {r['p99Ms']} ms"
+                f"{', ' + trouble if trouble else ''} "
+                f"(gen CPU {r['generatorCpu']:.2f}, server CPU {r['serverCpu']:.2f})"
+            )
     return json.dumps(r)[:300]
 
 
 # --- the table ------------------------------------------------------------------------------
+
+
+def _pick(key: str) -> Callable[[Json], Any]:
+    return lambda r: r[key]
 
 
 @dataclass(frozen=True)
@@ -531,6 +737,32 @@ METRICS = (
         lambda r: _per_cpu(r["cyclesPerSecond"], r["serverCpu"]),
         True,
     ),
+    # S6-S8: polysignal only (the y-webrtc servers do not speak these protocols).
+    *(
+        metric
+        for scenario, size in (("S6", "1 KiB"), ("S7", "64 KiB"))
+        for metric in (
+            Metric(scenario, f"{scenario} pipe frames/s ({size})", _pick("framesPerSecond"), True),
+            Metric(scenario, f"{scenario} pipe MB/s ({size})", _pick("megabytesPerSecond"), True),
+            Metric(
+                scenario,
+                f"{scenario} frames per server CPU-second",
+                lambda r: _per_cpu(r["framesPerSecond"], r["serverCpu"]),
+                True,
+            ),
+            Metric(scenario, f"{scenario} p50 ms", _pick("p50Ms"), False),
+            Metric(scenario, f"{scenario} p99 ms", _pick("p99Ms"), False),
+        )
+    ),
+    Metric("S8", "S8 Signal-Fire relays/s", _pick("relaysPerSecond"), True),
+    Metric(
+        "S8",
+        "S8 relays per server CPU-second",
+        lambda r: _per_cpu(r["relaysPerSecond"], r["serverCpu"]),
+        True,
+    ),
+    Metric("S8", "S8 p50 ms", _pick("p50Ms"), False),
+    Metric("S8", "S8 p99 ms", _pick("p99Ms"), False),
 )
 
 
@@ -543,12 +775,18 @@ GENERATOR_CPU_OF: dict[str, Callable[[Json], float]] = {
     "S2": lambda r: float(r["fixed"]["generatorCpu"]),
     "S3": lambda r: float(r["generatorCpu"]),
     "S4": lambda r: float(r["generatorCpu"]),
+    "S6": lambda r: float(r["generatorCpu"]),
+    "S7": lambda r: float(r["generatorCpu"]),
+    "S8": lambda r: float(r["generatorCpu"]),
 }
 SERVER_CPU_OF: dict[str, Callable[[Json], float]] = {
     "S1": lambda r: float(r["atMax"]["serverCpu"]),
     "S2": lambda r: float(r["fixed"]["serverCpu"]),
     "S3": lambda r: float(r["serverCpu"]),
     "S4": lambda r: float(r["serverCpu"]),
+    "S6": lambda r: float(r["serverCpu"]),
+    "S7": lambda r: float(r["serverCpu"]),
+    "S8": lambda r: float(r["serverCpu"]),
 }
 
 
@@ -606,24 +844,39 @@ def fmt(value: float | None) -> str:
     return f"{value:.2f}"
 
 
-def markdown(table: dict[str, dict[str, float | None]]) -> str:
+def reference_for(
+    table: dict[str, dict[str, float | None]], label: str, baseline: str | None
+) -> str | None:
+    """Whose figure a row's ratios are to: Node's, or where Node has none (S6-S8, which only
+    polysignal serves, or Node not run) the baseline's."""
+    if table.get("node", {}).get(label) is not None:
+        return "node"
+    if baseline is not None and table.get(baseline, {}).get(label) is not None:
+        return baseline
+    return None
+
+
+def markdown(table: dict[str, dict[str, float | None]], baseline: str | None = None) -> str:
     names = list(table)
-    base = table.get("node", {})
     header = "| figure | " + " | ".join(names) + " |"
     lines = [header, "|---|" + "---:|" * len(names)]
     for metric in METRICS:
+        reference = reference_for(table, metric.label, baseline)
+        ref = table[reference].get(metric.label) if reference is not None else None
         cells = []
         for name in names:
             value = table[name].get(metric.label)
-            ref = base.get(metric.label)
             cell = fmt(value)
-            if value is not None and ref and name != "node":
+            if value is not None and ref and name != reference:
                 cell += f" ({value / ref:.2f}x)"
             cells.append(cell)
         if any(c != "-" for c in cells):
-            lines.append(f"| {metric.label} | " + " | ".join(cells) + " |")
+            label = metric.label
+            if reference is not None and reference != "node" and len(names) > 1:
+                label += " (x to baseline)"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for kind in ("gen CPU", "server CPU"):
-        for scenario in ("S1", "S2", "S3", "S4"):
+        for scenario in SCENARIOS:
             label = f"{kind} {scenario}"
             cells = [fmt(table[name].get(label)) for name in names]
             if any(c != "-" for c in cells):
@@ -715,7 +968,8 @@ def conditions() -> str:
 
 
 NOTES = """\
-Notes: medians over the rounds; (x) = ratio to y-webrtc's server on Node, in one run. Server
+Notes: medians over the rounds; (x) = ratio to y-webrtc's server on Node, in one run (in rows
+marked "x to baseline", where Node has no figure, to the `--baseline` commit). Server
 processes (and redis-server) pinned to CPU 0, the generator to CPU 1 (`taskset`); "gen CPU" is the
 generator's highest own CPU use (1.00 = one core busy), "server CPU" the server's, in the same
 window. polysignal runs with every feature on at its default limits (rate limit 200 msg/s,
@@ -725,7 +979,25 @@ server does, so every server writes the same frames per publish) and `MAX_CONNEC
 (the default 1000 would refuse S3's 10,000 connections from 127.0.0.1). S1 ramps the publish rate
 by 1.4x per step (from 2,500/s) until delivered/s stops growing or the server sheds load for two
 steps in a row, then measures latency at 70% of the maximum. polysignal-redis-2 is two polysignal
-nodes on one Redis, every room split across both (on one server core with redis-server)."""
+nodes on one Redis, every room split across both (on one server core with redis-server).
+S6-S8 run on polysignal targets only (the y-webrtc servers speak neither protocol), as closed
+loops: S6/S7 are 100 relay pipes, each sending binary frames of 1 KiB (S6, at most 8 in flight
+per pipe) or 64 KiB (S7, at most 2), one-way latency from A's send to B's receipt; S8 is 100
+Signal-Fire pairs, each sending offers (200-character SDP) with at most 4 not yet both acked and
+relayed, latency from A's send to B's receipt of the relay. For S8 only, polysignal runs with
+`RATE_LIMIT=0` (no per-connection message rate limit): its default of 200 messages/s with a burst
+of 400 would refuse most of the requests; pipes are not rate limited."""
+
+
+def notes(baseline: Baseline | None) -> str:
+    if baseline is None:
+        return NOTES
+    text = (
+        f"The baseline, {baseline.name}, is commit {baseline.sha} (`--baseline {baseline.ref}`), "
+        "run from its worktree with the same venv, environment and scenarios as polysignal, "
+        "right after it in every round."
+    )
+    return NOTES + "\n" + textwrap.fill(text, 100)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -733,11 +1005,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 round, short steps")
     parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
     parser.add_argument(
-        "--scenarios", default="S1,S2,S3,S4", help="comma-separated subset of S1,S2,S3,S4"
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (S6-S8 run on polysignal only)",
     )
     parser.add_argument(
         "--targets",
-        help="comma-separated subset of node,bun,polysignal,polysignal-redis,polysignal-redis-2",
+        help=f"comma-separated subset of {','.join(TARGET_NAMES)},baseline "
+        "(the --baseline target, also by its name polysignal@<sha>)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="a git ref (HEAD~3, a sha): also run polysignal at that commit, from a worktree in "
+        "bench/results/baseline-<sha>/, right after polysignal in every round",
     )
     parser.add_argument(
         "--wait-redis-backend",
@@ -748,7 +1029,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     durations = QUICK if args.quick else FULL
     if args.rounds:
-        durations = Durations(args.rounds, *list(durations.__dict__.values())[1:])
+        durations = dataclasses.replace(durations, rounds=args.rounds)
+    scenarios = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        parser.error(
+            f"unknown scenarios {','.join(unknown)}; known: {','.join(SCENARIOS)} "
+            "(S5 is S1,S2 on the Redis targets)"
+        )
+    baseline: Baseline | None = None
+    if args.baseline:
+        try:
+            baseline = prepare_baseline(args.baseline)
+        except (BaselineError, OSError, subprocess.SubprocessError) as exc:
+            print(f"--baseline {args.baseline}: {exc}", file=sys.stderr)
+            return 2
+    target_names: tuple[str, ...] | None = None
+    if args.targets:
+        target_names = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+        known = {*TARGET_NAMES, "baseline", *([baseline.name] if baseline else [])}
+        unknown = [t for t in target_names if t not in known]
+        if "baseline" in target_names and baseline is None:
+            parser.error("--targets baseline needs --baseline REF")
+        if unknown:
+            parser.error(f"unknown targets {','.join(unknown)}; known: {','.join(sorted(known))}")
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.wait_redis_backend:
@@ -757,11 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
     if GENERATOR_CPU == SERVER_CPU:
         header += " · ONE CORE: server and generator share it, figures are not comparable"
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    run = Run(
-        durations,
-        tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
-        tuple(t.strip() for t in args.targets.split(",")) if args.targets else None,
-    )
+    run = Run(durations, scenarios, target_names, baseline)
     run.execute()
     after = os.getloadavg()
     header += f"; after it {after[0]:.2f} {after[1]:.2f} {after[2]:.2f}"
@@ -773,9 +1073,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
             header,
             "",
-            markdown(table),
+            markdown(table, baseline.name if baseline else None),
             "",
-            NOTES,
+            notes(baseline),
             "",
             "Targets:",
             *target_checks(table),
@@ -794,6 +1094,17 @@ def main(argv: list[str] | None = None) -> int:
                 "quick": args.quick,
                 "durations": durations.__dict__,
                 "polysignalEnv": POLYSIGNAL_ENV,
+                "polysignalScenarioEnv": POLYSIGNAL_SCENARIO_ENV,
+                "baseline": (
+                    {
+                        "ref": baseline.ref,
+                        "sha": baseline.sha,
+                        "target": baseline.name,
+                        "worktree": str(baseline.worktree),
+                    }
+                    if baseline
+                    else None
+                ),
                 "results": run.results,
                 "medians": table,
             },

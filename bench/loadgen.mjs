@@ -1,4 +1,5 @@
-// The load generator: drives the topics protocol (y-webrtc / Flow-Like) over raw TCP sockets.
+// The load generator: drives the topics protocol (y-webrtc / Flow-Like), the relay protocol's
+// pipes and Signal-Fire over raw TCP sockets.
 //
 //   node loadgen.mjs '<json config>'
 //
@@ -14,6 +15,11 @@
 //   idle    count connections, each subscribed to its own topic; prints READY when all are
 //           connected, and closes them when a line arrives on stdin (S3)
 //   churn   connect + subscribe + ping/pong + close cycles at a fixed concurrency (S4)
+//   pipes   relay protocol pipes: pairs of /connection/a/b/doc + /connection/b/a/doc sockets,
+//           each A sends binary frames of frameBytes to its B, at most `window` in flight per
+//           pipe (S6, S7)
+//   signalfire  Signal-Fire on /signal-fire: pairs of clients, each A sends offers to its B, at
+//           most `window` requests outstanding per pair (S8)
 
 import { readFileSync } from 'node:fs'
 import net from 'node:net'
@@ -21,10 +27,16 @@ import { performance } from 'node:perf_hooks'
 import { createInterface } from 'node:readline'
 
 const config = JSON.parse(process.argv[2] || '{}')
-const urls = config.urls || []
-for (const url of urls) {
-  if (!/^ws:\/\/127\.0\.0\.1:\d+\/?$/.test(url)) throw new Error(`not a loopback URL: ${url}`)
+// ws://127.0.0.1:<port>, with any path of printable ASCII (no space): nothing else is dialled.
+const LOOPBACK_URL = /^ws:\/\/127\.0\.0\.1:\d{1,5}(\/[\x21-\x7e]*)?$/
+const checkUrl = url => {
+  if (typeof url !== 'string' || !LOOPBACK_URL.test(url)) {
+    throw new Error(`not a loopback URL: ${url}`)
+  }
+  return url
 }
+const urls = config.urls || []
+for (const url of urls) checkUrl(url)
 if (urls.length === 0) throw new Error('config.urls is empty')
 const serverPids = config.serverPids || []
 const deadline = performance.now() + (config.maxSeconds || 300) * 1000
@@ -69,31 +81,46 @@ const percentile = (values, p) => {
 // in place out of each TCP chunk (one call per chunk, not one event per message), and client
 // frames use a zero mask key (legal, RFC 6455 §5.3), so a payload is copied, not XORed. This
 // keeps the generator's CPU well below the server's.
-const HANDSHAKE = port => Buffer.from('GET / HTTP/1.1\r\nHost: 127.0.0.1:' + port + '\r\n' +
+const HANDSHAKE = (port, path = '/') => Buffer.from('GET ' + path + ' HTTP/1.1\r\n' +
+  'Host: 127.0.0.1:' + port + '\r\n' +
   'Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n' +
   'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n', 'latin1')
 const HEAD_END = Buffer.from('\r\n\r\n')
 
-// A masked client frame of an ASCII string, with a zero mask key.
-const clientText = (text, opcode = 0x1) => {
-  const length = text.length
-  let frame
-  let at
+// The header of a masked client frame with a zero mask key: 6, 8 or 14 bytes (7-, 16- or 64-bit
+// payload length).
+const MAX_CLIENT_FRAME = 16 * 1024 * 1024
+const headLength = length => length < 126 ? 6 : length < 65536 ? 8 : 14
+const writeHead = (frame, opcode, length) => {
+  if (length > MAX_CLIENT_FRAME) throw new Error('frame too long for the generator')
+  frame[0] = 0x80 | opcode
+  let at = 2
   if (length < 126) {
-    frame = Buffer.allocUnsafe(6 + length)
     frame[1] = 0x80 | length
-    at = 2
   } else if (length < 65536) {
-    frame = Buffer.allocUnsafe(8 + length)
     frame[1] = 0x80 | 126
     frame.writeUInt16BE(length, 2)
     at = 4
   } else {
-    throw new Error('frame too long for the generator')
+    frame[1] = 0x80 | 127
+    frame.writeBigUInt64BE(BigInt(length), 2)
+    at = 10
   }
-  frame[0] = 0x80 | opcode
   frame.writeUInt32BE(0, at)
-  frame.latin1Write(text, at + 4)
+  return at + 4 // where the payload starts
+}
+
+// A masked client frame of an ASCII string, with a zero mask key.
+const clientText = (text, opcode = 0x1) => {
+  const frame = Buffer.allocUnsafe(headLength(text.length) + text.length)
+  frame.latin1Write(text, writeHead(frame, opcode, text.length))
+  return frame
+}
+
+// A masked binary client frame of `payload`, with a zero mask key (so the payload is copied as is).
+const clientBinary = (payload, opcode = 0x2) => {
+  const frame = Buffer.allocUnsafe(headLength(payload.length) + payload.length)
+  payload.copy(frame, writeHead(frame, opcode, payload.length))
   return frame
 }
 const CLOSE_1000 = Buffer.from([0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
@@ -104,12 +131,21 @@ const isPublish = (buf, start) => buf[start + 9] === 0x70 && buf[start + 10] ===
 const isPong = (buf, start) => buf[start + 9] === 0x70 && buf[start + 10] === 0x6f
 
 const READ_BUFFER = Buffer.allocUnsafe(256 * 1024)
+const BIG_FRAME = 16 * 1024 // a frame this large that spans TCP chunks is gathered in its own buffer
 
 class RawPeer {
-  constructor (url, onText) {
-    const port = Number(new URL(url).port)
+  // onText / onBinary (buf, start, end, receivedAt, peer) get each text / binary frame's payload
+  // in place (valid during the call only).
+  constructor (url, onText, onBinary = null) {
+    const parsed = new URL(checkUrl(url))
+    const port = Number(parsed.port)
+    const path = (parsed.pathname || '/') + parsed.search
     this.onText = onText
+    this.onBinary = onBinary
     this.rest = null
+    // A frame of BIG_FRAME bytes or more that spans chunks: its buffer, and how much is filled.
+    this.big = null
+    this.bigFilled = 0
     this.head = null
     this.onPong = null
     this.closed = false
@@ -125,7 +161,7 @@ class RawPeer {
     this.opened = new Promise((resolve, reject) => {
       this.socket.once('error', reject)
       this.socket.once('close', () => reject(new Error('closed during the handshake')))
-      this.socket.on('connect', () => this.socket.write(HANDSHAKE(port)))
+      this.socket.on('connect', () => this.socket.write(HANDSHAKE(port, path)))
       onChunk = chunk => {
         if (this.head !== true) {
           this.head = this.head ? Buffer.concat([this.head, chunk]) : Buffer.from(chunk)
@@ -150,9 +186,26 @@ class RawPeer {
 
   onData (chunk) {
     const at = now() // one clock read per TCP chunk, shared by the frames in it
-    const buf = this.rest ? Buffer.concat([this.rest, chunk]) : chunk
+    if (this.big !== null) {
+      // The rest of a large frame goes straight into its buffer (one copy, not one per chunk).
+      const big = this.big
+      const take = Math.min(big.length - this.bigFilled, chunk.length)
+      chunk.copy(big, this.bigFilled, 0, take)
+      this.bigFilled += take
+      if (this.bigFilled < big.length) return
+      this.big = null
+      this.frames(big, at)
+      if (take === chunk.length) return
+      chunk = chunk.subarray(take)
+    }
+    this.frames(this.rest ? Buffer.concat([this.rest, chunk]) : chunk, at)
+  }
+
+  // Hand every whole frame in `buf` to its handler; keep what is left for the next chunk.
+  frames (buf, at) {
     const n = buf.length
     let off = 0
+    let partial = 0 // the whole size of the frame cut off at the end, when its header is complete
     while (n - off >= 2) {
       const first = buf[off]
       let length = buf[off + 1] & 0x7f
@@ -167,17 +220,28 @@ class RawPeer {
         start = off + 10
       }
       const end = start + length
-      if (end > n) break
+      if (end > n) {
+        partial = end - off
+        break
+      }
       const opcode = first & 0x0f
       if (opcode === 0x1) {
         if (this.onPong !== null && isPong(buf, start)) this.onPong()
-        else this.onText(buf, start, end, at)
+        else this.onText(buf, start, end, at, this)
+      } else if (opcode === 0x2) {
+        if (this.onBinary !== null) this.onBinary(buf, start, end, at, this)
       } else if (opcode === 0x9) {
         this.socket.write(clientText(buf.toString('latin1', start, end), 0xa))
       }
       off = end
     }
-    this.rest = off < n ? Buffer.from(buf.subarray(off)) : null
+    if (off < n && partial >= BIG_FRAME) {
+      this.big = Buffer.allocUnsafe(partial)
+      this.bigFilled = buf.copy(this.big, 0, off)
+      this.rest = null
+    } else {
+      this.rest = off < n ? Buffer.from(buf.subarray(off)) : null
+    }
   }
 
   send (text) { this.socket.write(clientText(text)) }
@@ -203,7 +267,8 @@ class RawPeer {
 }
 
 // Open `count` peers, at most `parallel` handshakes at a time; each runs `onOpen(peer, i)`.
-const connectAll = async (count, parallel, makeUrl, onText, onOpen, timeoutMs) => {
+// `peer.index` is i from the start, so handlers can tell peers apart before onOpen runs.
+const connectAll = async (count, parallel, makeUrl, onText, onOpen, timeoutMs, onBinary = null) => {
   const peers = new Array(count)
   let next = 0
   let failed = 0
@@ -212,7 +277,8 @@ const connectAll = async (count, parallel, makeUrl, onText, onOpen, timeoutMs) =
   const worker = async () => {
     while (next < count && now() < until) {
       const i = next++
-      const peer = new RawPeer(makeUrl(i), onText)
+      const peer = new RawPeer(makeUrl(i), onText, onBinary)
+      peer.index = i
       peers[i] = peer
       let timer
       const ok = await Promise.race([
@@ -430,9 +496,7 @@ const clientFrame = (opcode, payload) => {
 }
 const PONG = Buffer.from('"pong"')
 const CLOSE_FRAME = clientFrame(0x8, Buffer.from([0x03, 0xe8])) // 1000
-const handshake = port => 'GET / HTTP/1.1\r\nHost: 127.0.0.1:' + port + '\r\n' +
-  'Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n' +
-  'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n'
+const STATUS_101 = Buffer.from('HTTP/1.1 101', 'latin1')
 
 async function churn () {
   const concurrency = config.concurrency
@@ -449,28 +513,41 @@ async function churn () {
   const mark = cpuMark()
   // A raw client: the handshake and the masked frames are prebuilt bytes, so one cycle costs the
   // generator a connect, three writes and a few reads, much less than the server's work.
+  // Per target: its port and the handshake bytes, built once.
+  const targets = urls.map(url => {
+    const port = Number(new URL(url).port)
+    return { port, handshake: HANDSHAKE(port) }
+  })
   const cycle = (w, n) => new Promise(resolve => {
-    const url = new URL(urls[(w + n) % urls.length])
+    const target = targets[(w + n) % targets.length]
     let onChunk = null
     const socket = net.connect({
-      port: Number(url.port),
+      port: target.port,
       host: '127.0.0.1',
       onread: { buffer: READ_BUFFER, callback: (bytes, buf) => { onChunk(buf.subarray(0, bytes)) } }
     })
     const timer = setTimeout(() => { socket.destroy(); resolve(false) }, 5000)
     let state = 0 // 0 handshake, 1 waiting for pong, 2 closing
-    let head = ''
+    let head = null
     socket.setNoDelay(true)
-    socket.on('connect', () => socket.write(handshake(url.port)))
+    socket.on('connect', () => socket.write(target.handshake))
     onChunk = data => {
       if (state === 0) {
-        head += data.toString('latin1')
-        const end = head.indexOf('\r\n\r\n')
-        if (end < 0) return
-        if (!head.startsWith('HTTP/1.1 101')) { socket.destroy(); return }
+        // The response head usually arrives whole; a part is copied (the read buffer is shared).
+        head = head === null ? data : Buffer.concat([head, data])
+        const end = head.indexOf(HEAD_END)
+        if (end < 0) {
+          head = Buffer.from(head)
+          return
+        }
+        if (head.compare(STATUS_101, 0, STATUS_101.length, 0, STATUS_101.length) !== 0) {
+          socket.destroy()
+          return
+        }
         state = 1
         socket.write(churnFrames[w])
-        data = Buffer.from(head.slice(end + 4), 'latin1')
+        data = head.subarray(end + 4)
+        head = null
       }
       if (state === 1 && data.includes(PONG)) {
         state = 2
@@ -495,7 +572,346 @@ async function churn () {
   }
 }
 
-const scenarios = { fanout, idle, churn }
+// --- shared by the closed-loop scenarios (S6-S8) ---
+const latency = values => ({
+  p50Ms: values.length ? round(percentile(values, 50), 3) : null,
+  p99Ms: values.length ? round(percentile(values, 99), 3) : null,
+  samples: values.length
+})
+
+// Wait until `done()`, or nothing changed in `progress()` for `quietMs`, or `maxMs` passed.
+const drain = async (done, progress, quietMs, maxMs) => {
+  const until = Math.min(now() + maxMs, deadline)
+  let last = progress()
+  let lastChange = now()
+  while (!done() && now() < until && now() - lastChange < quietMs) {
+    await sleep(20)
+    const p = progress()
+    if (p !== last) { last = p; lastChange = now() }
+  }
+}
+
+// Run the closed loop for warmup + seconds: `start()` sends the first window, every receipt
+// sends the next while `running` (the scenario's handlers read it); the figures are counted
+// between the marks.
+const measureWindow = async (warmupSeconds, seconds, counters, setRecording) => {
+  const t0 = now()
+  const warmEnd = Math.min(t0 + warmupSeconds * 1000, deadline)
+  while (now() < warmEnd) await sleep(Math.min(50, Math.max(1, warmEnd - now())))
+  const mark = cpuMark()
+  const before = counters()
+  const windowStart = now()
+  setRecording(true)
+  const stop = Math.min(windowStart + seconds * 1000, deadline)
+  while (now() < stop) await sleep(Math.min(50, Math.max(1, stop - now())))
+  setRecording(false)
+  const after = counters()
+  const windowSeconds = (now() - windowStart) / 1000
+  return { before, after, windowSeconds, cpu: cpuSince(mark) }
+}
+
+// --- S6 / S7: relay protocol pipes ---
+// A = /connection/a{i}/b{i}/doc{i}, B = /connection/b{i}/a{i}/doc{i}: the server pipes the two
+// once both are open and forwards frames byte-exact. Each A sends binary frames of frameBytes to
+// its B, at most `window` in flight (sent, not yet received by B); the first 8 bytes of each
+// payload are the sender's performance.now() as a float64, for the one-way latency.
+async function pipes () {
+  const pairs = config.pairs
+  const frameBytes = config.frameBytes
+  const window = config.window
+  const latencyEvery = config.latencyEvery || 1
+  const checkEvery = config.checkEvery || 64
+  let budget = config.maxFrames || 50000000 // frames the loop may send, at most
+  if (!(frameBytes >= 16)) throw new Error('frameBytes must be at least 16')
+  if (!(window >= 1)) throw new Error('window must be at least 1')
+  const headBytes = headLength(frameBytes)
+  // Every frame's payload after the timestamp: one shared, never changed buffer (a byte pattern,
+  // so a sample of the frames B receives can be compared with it).
+  const body = Buffer.allocUnsafe(frameBytes - 8)
+  for (let k = 0; k < body.length; k++) body[k] = (k * 31 + 7) & 0xff
+  const PROBE = clientBinary(Buffer.from('probe-00'))
+
+  const sent = new Float64Array(pairs) // frames A sent (after the probe)
+  const received = new Float64Array(pairs) // frames B received (after the probe)
+  const probed = new Uint8Array(pairs)
+  let probes = 0
+  let running = false
+  let recording = false
+  let frames = 0
+  let bytes = 0
+  let badFrames = 0
+  let latencies = []
+  let lastFrameAt = now()
+  let aSockets = null
+
+  // A frame is its header and timestamp followed by the shared body (not copied). The frames for
+  // one A within one read callback go out in one writev: the socket is corked at the first and
+  // uncorked once the callback has returned.
+  const corked = new Uint8Array(pairs)
+  const uncork = i => {
+    corked[i] = 0
+    aSockets[i].socket.uncork()
+  }
+  const sendNext = i => {
+    if (budget-- <= 0) return
+    const head = Buffer.allocUnsafe(headBytes + 8)
+    head.writeDoubleLE(now(), writeHead(head, 0x2, frameBytes))
+    sent[i]++
+    const socket = aSockets[i].socket
+    if (!corked[i]) {
+      corked[i] = 1
+      socket.cork()
+      process.nextTick(uncork, i)
+    }
+    socket.write(head)
+    socket.write(body)
+  }
+  // B's frames: the probe first, then the loop's frames.
+  const onBinary = (buf, start, end, receivedAt, peer) => {
+    const i = peer.index
+    lastFrameAt = receivedAt
+    if (!probed[i]) {
+      probed[i] = 1
+      probes++
+      return
+    }
+    received[i]++
+    frames++
+    bytes += end - start
+    if (end - start !== frameBytes) badFrames++
+    else if (frames % checkEvery === 0 && buf.compare(body, 0, body.length, start + 8, end)) badFrames++
+    if (recording && frames % latencyEvery === 0) latencies.push(receivedAt - buf.readDoubleLE(start))
+    if (running && sent[i] - received[i] < window) sendNext(i)
+  }
+  // Nothing else arrives on these pipes: A's receive nothing, B's only binary frames.
+  let unexpected = 0
+  const onUnexpected = () => { unexpected++ }
+  // All A's first (the server holds each until its B arrives), then all B's; a B's index is its
+  // pair's. With two nodes, B is on the other one.
+  const a = await connectAll(
+    pairs, 100, i => urls[i % urls.length] + `/connection/a${i}/b${i}/doc${i}`,
+    onUnexpected, async () => {}, 60000, onUnexpected)
+  if (a.failed) throw new Error(`${a.failed} of ${pairs} A sockets failed: ${a.firstError}`)
+  const b = await connectAll(
+    pairs, 100, i => urls[(i + 1) % urls.length] + `/connection/b${i}/a${i}/doc${i}`,
+    onUnexpected, async () => {}, 60000, onBinary)
+  if (b.failed) throw new Error(`${b.failed} of ${pairs} B sockets failed: ${b.firstError}`)
+  aSockets = a.peers
+  // Every pipe carries a probe before the loop starts: all pairs are piped.
+  for (const peer of aSockets) peer.socket.write(PROBE)
+  const probeUntil = Math.min(now() + 10000, deadline)
+  while (probes < pairs && now() < probeUntil) await sleep(10)
+  if (probes < pairs) throw new Error(`only ${probes} of ${pairs} pipes carried the probe in 10 s`)
+
+  running = true
+  for (let i = 0; i < pairs; i++) for (let k = 0; k < window; k++) sendNext(i)
+  const { before, after, windowSeconds, cpu } = await measureWindow(
+    config.warmupSeconds, config.seconds, () => ({ frames, bytes }),
+    on => { if (on) latencies = []; recording = on })
+  running = false
+  const inFlight = () => {
+    let n = 0
+    for (let i = 0; i < pairs; i++) n += sent[i] - received[i]
+    return n
+  }
+  await drain(() => inFlight() === 0, () => frames, 2000, 10000)
+  let stalledPipes = 0
+  for (let i = 0; i < pairs; i++) if (sent[i] > received[i]) stalledPipes++
+  const closedSockets = [...a.peers, ...b.peers].filter(peer => peer.closed).length
+  await closeAll([...a.peers, ...b.peers])
+  const windowFrames = after.frames - before.frames
+  return {
+    scenario: 'pipes',
+    pairs,
+    frameBytes,
+    window,
+    framesPerSecond: round(windowFrames / windowSeconds),
+    megabytesPerSecond: round((after.bytes - before.bytes) / windowSeconds / 1e6, 3),
+    ...latency(latencies),
+    windowSeconds: round(windowSeconds, 3),
+    framesSent: sent.reduce((x, y) => x + y, 0),
+    framesReceived: frames,
+    lost: inFlight(),
+    stalledPipes,
+    closedSockets,
+    badFrames,
+    unexpected,
+    idleMsAtEnd: round(now() - lastFrameAt, 1),
+    ...cpu
+  }
+}
+
+// --- S8: Signal-Fire ---
+// 2 x pairs clients on /signal-fire; each first receives {"cmd":"welcome","data":{"id":..}}.
+// Each A sends offers to its B; the server acks A ({"id":<same>,"ok":true}) and relays to B
+// ({"id":<new>,"cmd":"offer","origin":<A>,"data":<as sent>}). A request is outstanding until it
+// is both acked and relayed (or refused); at most `window` per pair. The sender's
+// performance.now() rides in the SDP's o= line (the session id), which the server relays as is.
+async function signalfire () {
+  const pairs = config.pairs
+  const window = config.window
+  let budget = config.maxRequests || 50000000 // requests the loop may send, at most
+  const sdpBytes = config.sdpBytes || 200
+  const latencyEvery = config.latencyEvery || 1
+  const path = config.path || '/signal-fire'
+  if (!(window >= 1)) throw new Error('window must be at least 1')
+  const count = 2 * pairs
+  const ids = new Array(count).fill(null)
+  const welcomed = new Array(count).fill(null)
+  const sent = new Float64Array(pairs)
+  const acked = new Float64Array(pairs)
+  const relayed = new Float64Array(pairs)
+  const refused = new Float64Array(pairs)
+  const checked = new Uint8Array(pairs)
+  let running = false
+  let recording = false
+  let acks = 0
+  let relays = 0
+  let errors = 0
+  let firstError = null
+  let unexpected = 0
+  let misrouted = 0
+  let latencies = []
+  let progress = 0
+  let aSockets = null
+  const OK_TRUE = Buffer.from('"ok":true')
+  const OK_FALSE = Buffer.from('"ok":false')
+  const CMD_OFFER = Buffer.from('"cmd":"offer"')
+  const TS_MARK = Buffer.from('o=- ')
+
+  // The request: {"id":"r<i>-<n>","cmd":"offer","target":"<B>","data":{"offer":{"type":"offer",
+  // "sdp":"v=0\r\no=- <ts> 2 IN IP4 127.0.0.1\r\n..."}}} with the SDP padded to sdpBytes.
+  const sdpTail = ' 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n'
+  const padBytes = Math.max(0, sdpBytes - 'v=0\r\no=- 0000000.000'.length - sdpTail.length)
+  const sdpPad = 'a=x'.repeat(Math.ceil(padBytes / 3)).slice(0, padBytes)
+  const escaped = text => JSON.stringify(text).slice(1, -1)
+  const middle = []
+  const sdpStart = escaped('v=0\r\no=- ')
+  const suffix = escaped(sdpTail + sdpPad) + '"}}}'
+  const sendNext = i => {
+    const n = sent[i]++
+    aSockets[i].send(`{"id":"r${i}-${n}` + middle[i] + sdpStart + now().toFixed(3) + suffix)
+  }
+  const pump = i => {
+    while (running && budget > 0 && sent[i] - Math.min(acked[i], relayed[i] + refused[i]) < window) {
+      budget--
+      sendNext(i)
+    }
+  }
+  const onText = (buf, start, end, receivedAt, peer) => {
+    const index = peer.index
+    progress++
+    if (ids[index] === null) {
+      // The first frame: the welcome with this client's id.
+      let message = null
+      try { message = JSON.parse(buf.toString('utf8', start, end)) } catch {}
+      const id = message && message.cmd === 'welcome' && message.data && message.data.id
+      if (typeof id === 'string') {
+        ids[index] = id
+        if (welcomed[index]) welcomed[index]()
+      } else {
+        unexpected++
+      }
+      return
+    }
+    if (index < pairs) {
+      // A: an ack or a refusal of one of its requests.
+      const i = index
+      const okTrue = buf.indexOf(OK_TRUE, start)
+      if (okTrue >= 0 && okTrue < end) {
+        acked[i]++
+        acks++
+      } else {
+        const okFalse = buf.indexOf(OK_FALSE, start)
+        if (okFalse >= 0 && okFalse < end) {
+          acked[i]++
+          refused[i]++
+          errors++
+          if (firstError === null) {
+            firstError = buf.toString('utf8', start, Math.min(end, start + 300))
+          }
+        } else {
+          unexpected++
+          return
+        }
+      }
+      pump(i)
+      return
+    }
+    // B: a relayed offer from its A.
+    const i = index - pairs
+    const cmd = buf.indexOf(CMD_OFFER, start)
+    if (cmd < 0 || cmd >= end) { unexpected++; return }
+    relayed[i]++
+    relays++
+    if (!checked[i]) {
+      // The first relay of each pair, in full: from its A, the data as A sent it.
+      checked[i] = 1
+      let message = null
+      try { message = JSON.parse(buf.toString('utf8', start, end)) } catch {}
+      const sdp = message && message.data && message.data.offer && message.data.offer.sdp
+      const whole = typeof sdp === 'string' && sdp.endsWith(sdpTail + sdpPad)
+      if (!message || message.origin !== ids[i] || !whole) misrouted++
+    }
+    if (recording && relays % latencyEvery === 0) {
+      const at = buf.indexOf(TS_MARK, cmd)
+      if (at >= 0 && at < end) {
+        const stop = buf.indexOf(0x20, at + TS_MARK.length)
+        latencies.push(receivedAt - Number(buf.toString('latin1', at + TS_MARK.length, stop)))
+      }
+    }
+    pump(i)
+  }
+  const { peers: sockets, failed, firstError: connectError } = await connectAll(
+    count, 100, i => urls[(i < pairs ? i : i + 1) % urls.length] + path, onText,
+    (peer, i) => ids[i] !== null ? undefined : new Promise(resolve => { welcomed[i] = resolve }),
+    60000
+  )
+  if (failed) throw new Error(`${failed} of ${count} connections failed: ${connectError}`)
+  if (ids.some(id => id === null)) throw new Error('a client got no welcome')
+  aSockets = sockets.slice(0, pairs)
+  for (let i = 0; i < pairs; i++) {
+    middle.push(`","cmd":"offer","target":"${ids[pairs + i]}",` +
+      '"data":{"offer":{"type":"offer","sdp":"')
+  }
+  const requestBytes = Buffer.byteLength('{"id":"r0-0' + middle[0] + sdpStart + '0000.000' + suffix)
+
+  running = true
+  for (let i = 0; i < pairs; i++) pump(i)
+  const { before, after, windowSeconds, cpu } = await measureWindow(
+    config.warmupSeconds, config.seconds, () => ({ acks, relays, errors }),
+    on => { if (on) latencies = []; recording = on })
+  running = false
+  const outstanding = () => {
+    let n = 0
+    for (let i = 0; i < pairs; i++) n += sent[i] - Math.min(acked[i], relayed[i] + refused[i])
+    return n
+  }
+  await drain(() => outstanding() === 0, () => progress, 2000, 10000)
+  const closedSockets = sockets.filter(peer => peer.closed).length
+  await closeAll(sockets)
+  return {
+    scenario: 'signalfire',
+    pairs,
+    window,
+    requestBytes,
+    relaysPerSecond: round((after.relays - before.relays) / windowSeconds),
+    acksPerSecond: round((after.acks - before.acks) / windowSeconds),
+    errors: after.errors - before.errors,
+    errorsTotal: errors,
+    firstError,
+    ...latency(latencies),
+    windowSeconds: round(windowSeconds, 3),
+    requestsSent: sent.reduce((x, y) => x + y, 0),
+    lost: outstanding(),
+    misrouted,
+    unexpected,
+    closedSockets,
+    ...cpu
+  }
+}
+
+const scenarios = { fanout, idle, churn, pipes, signalfire }
 const run = scenarios[config.scenario]
 if (!run) throw new Error(`unknown scenario ${config.scenario}`)
 const guard = setTimeout(() => {
