@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 
 class TokenBucket:
     """Allow ``rate`` events per second on average, ``burst`` at once.
@@ -39,20 +37,21 @@ class AddressCounter:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._counts: Counter[str] = Counter()
+        self._counts: dict[str, int] = {}
 
     def acquire(self, address: str) -> bool:
-        if self.limit and self._counts[address] >= self.limit:
+        count = self._counts.get(address, 0)
+        if self.limit and count >= self.limit:
             return False
-        self._counts[address] += 1
+        self._counts[address] = count + 1
         return True
 
     def release(self, address: str) -> None:
-        left = self._counts[address] - 1
+        left = self._counts.get(address, 0) - 1
         if left > 0:
             self._counts[address] = left
         else:
-            del self._counts[address]
+            self._counts.pop(address, None)
 
     def count(self, address: str) -> int:
         return self._counts.get(address, 0)

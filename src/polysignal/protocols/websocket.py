@@ -23,6 +23,8 @@ recipient.
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
 import hashlib
 import struct
 from collections.abc import Iterable
@@ -68,17 +70,22 @@ _LEN2 = struct.Struct("!BBH").pack
 _LEN3 = struct.Struct("!BBQ").pack
 
 
+def frame_header(length: int, opcode: int = OP_TEXT) -> bytes:
+    """The header of one final, unmasked frame of ``length`` payload bytes."""
+    first = 0x80 | opcode
+    if length < 126:
+        return _LEN1(first, length)
+    if length < 65536:
+        return _LEN2(first, 126, length)
+    return _LEN3(first, 127, length)
+
+
 def build_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
     """One final, unmasked frame carrying ``payload``."""
-    first = 0x80 | opcode
-    length = len(payload)
-    if length < 126:
-        return _LEN1(first, length) + payload
-    if length < 65536:
-        return _LEN2(first, 126, length) + payload
-    return _LEN3(first, 127, length) + payload
+    return frame_header(len(payload), opcode) + payload
 
 
+@functools.lru_cache(maxsize=64)
 def close_frame(code: int, reason: str = "") -> bytes:
     """A close frame with ``code`` and ``reason`` cut to fit a control frame (§5.5)."""
     data = reason.encode()[: MAX_CONTROL_PAYLOAD - 2]
@@ -114,7 +121,7 @@ Message = tuple[int, bytes]
 
 
 def read_messages(
-    data: bytes, max_size: int, fragments: Fragments | None = None
+    data: bytes | bytearray, max_size: int, fragments: Fragments | None = None
 ) -> tuple[list[Message], int, Fragments | None, FrameError | None, int]:
     """Read what ``data`` holds: ``(messages, used, fragments, error, need)``.
 
@@ -126,8 +133,9 @@ def read_messages(
     end of ``data`` when its payload has not all arrived: skip that many bytes more).
 
     Text messages are checked to be UTF-8 here; control frames are returned as they came
-    (``parse_close`` reads a close frame).
+    (``parse_close`` reads a close frame). Payloads are ``bytes``, copied once out of ``data``.
     """
+    view = memoryview(data)
     messages: list[Message] = []
     size = len(data)
     pos = 0
@@ -164,10 +172,13 @@ def read_messages(
             return messages, end, fragments, error, 0
         if end > size:
             return messages, pos, fragments, None, end - pos
-        payload = data[start:end]
-        mask = data[head:start]
+        mask = bytes(view[head:start])
         if mask != _ZERO_MASK:
-            payload = apply_mask(payload, mask)
+            payload = apply_mask(view[start:end], mask)
+        elif isinstance(data, bytes):
+            payload = data[start:end]
+        else:
+            payload = bytes(view[start:end])
         pos = end
         if opcode >= OP_CLOSE:
             messages.append((opcode, payload))
@@ -279,8 +290,8 @@ def check_handshake(http_version: str, version: str | None, key: str | None) -> 
         raise HandshakeError(400, "missing Sec-WebSocket-Key")
     key = key.strip()
     try:
-        raw = base64.b64decode(key, validate=True)
-    except ValueError:
+        raw = binascii.a2b_base64(key.encode(), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError):
         raw = b""
     if len(raw) != 16:
         raise HandshakeError(400, "invalid Sec-WebSocket-Key")

@@ -41,6 +41,7 @@ from polysignal.protocols.websocket import (
     FrameError,
     build_frame,
     close_frame,
+    frame_header,
     parse_close,
     read_messages,
 )
@@ -88,13 +89,14 @@ class WriteBatch:
                 log.exception("%r: flushing its frames failed", conn)
 
 
-class Connection(asyncio.Protocol):
-    """A WebSocket peer: its transport, its framing state, its rate limiter and bounded output."""
+class Connection(TokenBucket, asyncio.Protocol):
+    """A WebSocket peer: its transport, its framing state, its bounded output. It is its own
+    rate limiter (one object per peer, not two)."""
 
     __slots__ = (
         "_batch",
-        "_bucket",
         "_buf",
+        "_drained",
         "_fragments",
         "_held",
         "_last_rate_report",
@@ -104,6 +106,7 @@ class Connection(asyncio.Protocol):
         "_sent_close",
         "_skip",
         "_timer",
+        "_write_paused",
         "address",
         "alive",
         "busy",
@@ -139,7 +142,7 @@ class Connection(asyncio.Protocol):
         self.lost = False  # the transport is gone
         self.alive = True  # any bytes since the node's last ping sweep
         self.busy = False  # a handler coroutine of this connection is running (driver.py)
-        self._bucket = TokenBucket(rate, burst, time.monotonic())
+        TokenBucket.__init__(self, rate, burst, time.monotonic())
         self._last_rate_report = 0.0
         self._batch = batch
         self._pending: list[bytes] | None = None
@@ -151,6 +154,8 @@ class Connection(asyncio.Protocol):
         self._held: Any = None  # messages waiting while ``busy`` (driver.py)
         self._sent_close = False
         self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False  # the transport's buffer is above its high-water mark
+        self._drained: asyncio.Future[None] | None = None  # someone waits for it to drain
         # Free slot for the protocol handler's per-connection state.
         self.state: Any = None
 
@@ -162,20 +167,21 @@ class Connection(asyncio.Protocol):
         return self.driver.protocol
 
     # --- input ---
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, chunk: bytes) -> None:
         self.alive = True
         if self._skip:
-            if len(data) <= self._skip:
-                self._skip -= len(data)
+            if len(chunk) <= self._skip:
+                self._skip -= len(chunk)
                 return
-            data = data[self._skip :]
+            chunk = chunk[self._skip :]
             self._skip = 0
+        data: bytes | bytearray = chunk
         buf = self._buf
         if buf is not None:
-            buf += data
+            buf += chunk
             if len(buf) < self._need:
                 return
-            data = bytes(buf)
+            data = buf  # read in place: each payload is copied out of it once
             self._buf = None
         messages, used, self._fragments, error, need = read_messages(
             data, self.max_frame, self._fragments
@@ -238,7 +244,37 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.resume_writing()  # nobody waits for a drain that cannot come
         self.driver.closed(self)
+
+    # --- flow control (asyncio.Protocol) ---
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drained = self._drained
+        if drained is not None:
+            self._drained = None
+            if not drained.done():
+                drained.set_result(None)
+
+    async def drained(self) -> None:
+        """Wait until the transport's buffer is below its low-water mark, if it went above the
+        high-water mark: a writer that waits here is slowed to its reader's pace instead of
+        filling the send buffer (and being cut at it). Bound the wait with a timeout."""
+        if self.transport.get_protocol() is not self:
+            # A WebSocket served through aiohttp's protocol (a kept-alive connection): the
+            # transport tells aiohttp, not us, when its buffer drains. Polled, only while behind.
+            low = self.transport.get_write_buffer_limits()[0]
+            while not self.lost and self.unsent_bytes() > low:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            return
+        if not self._write_paused or self.lost:
+            return
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._drained)
 
     # --- output ---
     def send_frame(self, frame: bytes) -> bool:
@@ -274,13 +310,30 @@ class Connection(asyncio.Protocol):
         self._write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def _write(self, data: bytes) -> bool:
-        transport = self.transport
-        transport.write(data)
-        if transport.get_write_buffer_size() > self.max_buffer:
+        self.transport.write(data)
+        return self._check_buffer()
+
+    def _check_buffer(self) -> bool:
+        """Cut a peer that does not read (1013) once its unsent bytes pass the limit."""
+        if self.transport.get_write_buffer_size() > self.max_buffer:
             log.warning("%r is not reading: %d bytes unsent, closing", self, self.max_buffer)
             self.close(CloseCode.TRY_AGAIN_LATER, "send buffer full", grace=1.0)
             return False
         return True
+
+    def send_message(self, payload: bytes, opcode: int = OP_TEXT) -> bool:
+        """Write one message; a large one as its header and payload, without joining them."""
+        if len(payload) < WRITE_THROUGH_BYTES:
+            return self.send_frame(build_frame(payload, opcode))
+        if self.closing:
+            return False
+        transport = self.transport
+        if transport.is_closing():
+            self.closing = True
+            return False
+        self.flush()
+        transport.writelines((frame_header(len(payload), opcode), payload))
+        return self._check_buffer()
 
     def send_text(self, payload: bytes | str) -> bool:
         data = payload.encode() if isinstance(payload, str) else payload
@@ -289,6 +342,13 @@ class Connection(asyncio.Protocol):
     def send_binary(self, payload: bytes) -> bool:
         return self.send_frame(build_frame(payload, OP_BINARY))
 
+    @property
+    def writing_paused(self) -> bool:
+        """The transport holds more unsent bytes than its high-water mark."""
+        if self.transport.get_protocol() is not self:
+            return self.unsent_bytes() > self.transport.get_write_buffer_limits()[1]
+        return self._write_paused
+
     def unsent_bytes(self) -> int:
         """Bytes written for this peer that its transport has not sent yet."""
         return self.transport.get_write_buffer_size()
@@ -296,11 +356,11 @@ class Connection(asyncio.Protocol):
     # --- input limits ---
     def allow_message(self) -> bool:
         """Take one token from the connection's rate bucket."""
-        return self._bucket.allow(time.monotonic())
+        return self.allow(time.monotonic())
 
     def set_rate_limit(self, rate: float, burst: int) -> None:
         """Replace the connection's rate limit (``rate`` 0: none)."""
-        self._bucket = TokenBucket(rate, burst, time.monotonic())
+        TokenBucket.__init__(self, rate, burst, time.monotonic())
 
     def should_report_rate_limit(self, every: float = 1.0) -> bool:
         """True at most once per ``every`` seconds, so a flood gets one error, not one per frame."""

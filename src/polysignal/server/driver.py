@@ -55,9 +55,11 @@ class Handshake:
     path: str
     """The path as sent, still percent-encoded."""
     query: str = ""
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    """Every header in order, names in lower case, values as sent (Latin-1)."""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    """Every header in order: the name in lower case, the value as sent."""
     address: str = "unknown"
+    offered: list[str] = field(default_factory=list)
+    """The subprotocols the client offers, in its order."""
     subprotocol: str | None = None
     """The subprotocol the server echoes, once chosen."""
     state: Any = None
@@ -65,13 +67,15 @@ class Handshake:
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (lower case), or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
+        key = name.encode()
+        for found, value in self.headers:
+            if found == key:
+                return value.decode("latin-1")
         return None
 
     def header_values(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key == name]
+        key = name.encode()
+        return [value.decode("latin-1") for found, value in self.headers if found == key]
 
 
 class Handler:
@@ -171,7 +175,13 @@ class Driver:
             except Exception as exc:
                 self.fail(conn, exc)
             return
-        self._run(conn, self._call(conn, self.handler.on_message, conn, data, binary))
+        try:
+            result = self.handler.on_message(conn, data, binary)
+        except Exception as exc:
+            self.fail(conn, exc)
+            return
+        if result is not None:
+            self._run(conn, result)
 
     def _call(self, conn: Connection, callback: Any, *args: Any) -> Result:
         try:

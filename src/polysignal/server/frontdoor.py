@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING
@@ -50,6 +51,9 @@ if TYPE_CHECKING:
     from polysignal.server.node import Node
 
 log = logging.getLogger("polysignal.server")
+
+LINGER = 2.0
+"""Seconds a refused connection is read (and what it sends dropped) before it is cut."""
 
 _REASONS = {
     400: "Bad Request",
@@ -85,18 +89,17 @@ class FrontDoor:
         self.max_head = settings.max_header_bytes
         self.max_headers = settings.max_headers
         self.timeout = settings.header_timeout
-        self.pending: dict[Intake, float] = {}  # requests still being read, with their start
+        # Connections whose request is still being read, or which linger after a refusal, with
+        # the time by which they must be done.
+        self.pending: dict[Intake, float] = {}
         self.throttle = Throttle()
         self._sweep: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __call__(self) -> Intake:
         return Intake(self)
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        if self.timeout > 0:
-            self._sweep = self._loop.create_task(self._sweep_timeouts())
+        self._sweep = asyncio.get_running_loop().create_task(self._sweep_timeouts())
 
     async def stop(self) -> None:
         """Stop the sweep and drop every request still being read."""
@@ -106,33 +109,36 @@ class FrontDoor:
                 await self._sweep
             self._sweep = None
         for intake in list(self.pending):
-            intake.refuse(503, "shutting down")
-
-    def now(self) -> float:
-        assert self._loop is not None
-        return self._loop.time()
+            intake.shut()
 
     async def _sweep_timeouts(self) -> None:
-        interval = min(1.0, self.timeout / 4)
+        interval = min(1.0, self.timeout / 4) if self.timeout > 0 else 1.0
         while True:
             await asyncio.sleep(interval)
-            expired = self.now() - self.timeout
-            late = [intake for intake, started in self.pending.items() if started <= expired]
-            for intake in late:
-                intake.expire()
-            if late:
+            now = time.monotonic()
+            late = [intake for intake, deadline in self.pending.items() if deadline <= now]
+            timed_out = sum(intake.expire() for intake in late)
+            if timed_out:
                 held = self.throttle.allow("timeout")
                 if held is not None:
                     log.info(
                         "closed %d connection(s) whose request did not arrive within %gs%s",
-                        len(late),
+                        timed_out,
                         self.timeout,
                         more(held),
                     )
 
     # --- the WebSocket upgrade, shared by both ways in ---
-    def prepare(self, request: Handshake, method: str, http_version: str) -> tuple[Driver, bytes]:
-        """Check ``request`` and pick its protocol: (driver, the 101 response) or HandshakeError.
+    def prepare(
+        self,
+        request: Handshake,
+        method: str,
+        http_version: str,
+        version: str | None,
+        key: str | None,
+    ) -> tuple[Driver, bytes]:
+        """Check ``request`` (its ``Sec-WebSocket-Version`` and ``-Key`` given) and pick its
+        protocol: (driver, the 101 response), or HandshakeError.
 
         On success the request's address holds one of its connection slots; the caller gives
         it back (``node.addresses.release``) if the upgrade does not complete.
@@ -140,18 +146,13 @@ class FrontDoor:
         node = self.node
         if method != "GET":
             raise HandshakeError(405, "a WebSocket upgrade must be a GET", (("Allow", "GET"),))
-        key = check_handshake(
-            http_version,
-            request.header("sec-websocket-version"),
-            request.header("sec-websocket-key"),
-        )
+        key = check_handshake(http_version, version, key)
         if node.stopping:
             raise HandshakeError(503, "shutting down")
         driver = node.route(request)
         if driver is None:
             raise HandshakeError(404, "no protocol is served on this path")
-        offered = offered_subprotocols(request.header_values("sec-websocket-protocol"))
-        request.subprotocol = choose_subprotocol(offered, driver.handler.subprotocols)
+        request.subprotocol = choose_subprotocol(request.offered, driver.handler.subprotocols)
         if not node.addresses.acquire(request.address):
             held = self.throttle.allow(("limit", request.address))
             if held is not None:
@@ -169,23 +170,25 @@ class FrontDoor:
         driver: Driver,
         request: Handshake,
         response: bytes,
-        transport: asyncio.Transport,
+        intake: Intake,
         rest: bytes,
     ) -> None:
-        """Run the protocol's ``accept`` hook, then upgrade; eagerly, in a task only if the hook
-        suspends (reading stays paused meanwhile)."""
+        """Run the protocol's ``accept`` hook, then upgrade; in a task only if the hook must
+        wait (reading stays paused meanwhile)."""
+        transport = intake.transport
+        assert transport is not None
         try:
             hook = driver.handler.accept(request)
         except HandshakeError as exc:
             self.node.addresses.release(request.address)
-            _refuse(transport, exc)
+            intake.refuse(exc.status, exc.message, exc.headers)
             return
         if hook is None:
             self.upgrade(driver, request, response, transport, rest)
             return
         transport.pause_reading()
         task = asyncio.get_running_loop().create_task(
-            self._accept_later(hook, driver, request, response, transport, rest)
+            self._accept_later(hook, driver, request, response, intake, rest)
         )
         self.node.track(task)
 
@@ -195,12 +198,14 @@ class FrontDoor:
         driver: Driver,
         request: Handshake,
         response: bytes,
-        transport: asyncio.Transport,
+        intake: Intake,
         rest: bytes,
     ) -> None:
+        transport = intake.transport
+        assert transport is not None
         refusal = await self.run_hook(driver, request, hook)
         if refusal is not None:
-            _refuse(transport, refusal)
+            intake.refuse(refusal.status, refusal.message, refusal.headers)
         elif transport.is_closing():
             self.node.addresses.release(request.address)
         else:
@@ -249,7 +254,7 @@ class FrontDoor:
 class Intake(asyncio.Protocol):
     """One connection while its first request is read; gone once the request is routed."""
 
-    __slots__ = ("complete", "door", "header_bytes", "headers", "parser", "raw", "transport", "url")
+    __slots__ = ("complete", "door", "headers", "lingering", "parser", "raw", "transport", "url")
 
     def __init__(self, door: FrontDoor) -> None:
         self.door = door
@@ -259,35 +264,46 @@ class Intake(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
+        self.lingering = False
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.door.pending[self] = self.door.now()
+        door = self.door
+        if door.timeout > 0:
+            door.pending[self] = time.monotonic() + door.timeout
 
     def data_received(self, data: bytes) -> None:
         parser = self.parser
         if parser is None:
             return  # refused: what follows is ignored until the transport closes
-        self.raw = self.raw + data if self.raw else data
+        raw = self.raw = self.raw + data if self.raw else data
+        rest = None
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self._route(data[upgrade.args[0] :])
-            return
+            rest = data[upgrade.args[0] :]
         except httptools.HttpParserError:
             if not self.complete:
                 self._refuse_malformed()
                 return
-        if len(self.headers) > self.door.max_headers:
-            self.refuse(431, f"more than {self.door.max_headers} header lines")
+        door = self.door
+        if rest is not None:
+            head = len(raw) - len(rest)
+        elif self.complete:  # the head ends at the first empty line; a body may follow
+            end = raw.find(b"\r\n\r\n")
+            head = len(raw) if end < 0 else end + 4
+        else:
+            head = len(raw)
+        if head > door.max_head:
+            self.refuse(431, f"request line and headers longer than {door.max_head} bytes")
+        elif len(self.headers) > door.max_headers:
+            self.refuse(431, f"more than {door.max_headers} header lines")
         elif self.complete:
-            self._route(None)
-        elif len(self.raw) > self.door.max_head:
-            self.refuse(431, f"request line and headers longer than {self.door.max_head} bytes")
+            self._route(rest)
 
     def eof_received(self) -> bool | None:
-        self._drop()
+        self._drop()  # the client is done sending: the transport closes (answered or not)
         return None
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -298,7 +314,7 @@ class Intake(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self.complete = True
@@ -309,21 +325,41 @@ class Intake(asyncio.Protocol):
         self.parser = None
 
     def refuse(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
-        """Answer ``status`` and close."""
+        """Answer ``status``, then linger: what the client still sends is read and dropped
+        until it closes (at most ``LINGER`` seconds), so the answer is not lost to a reset."""
+        self._drop()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(http_error(status, message, headers))
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.resume_reading()
+        self.lingering = True
+        self.door.pending[self] = time.monotonic() + LINGER
+
+    def shut(self) -> None:
+        """The server stops: answer 503 unless already answered, and close."""
+        lingering = self.lingering
         self._drop()
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(http_error(status, message, headers))
+            if not lingering:
+                transport.write(http_error(503, "shutting down"))
             transport.close()
 
-    def expire(self) -> None:
-        """The request did not arrive in time."""
-        if self.raw:
-            self.refuse(408, f"the request did not arrive within {self.door.timeout:g}s")
-        else:
+    def expire(self) -> bool:
+        """Its time is up; True if its request did not arrive in time (answered 408)."""
+        transport = self.transport
+        if self.lingering or not self.raw:
             self._drop()
-            if self.transport is not None:
-                self.transport.close()
+            if transport is not None:
+                transport.abort() if self.lingering else transport.close()
+            return False
+        self.refuse(408, f"the request did not arrive within {self.door.timeout:g}s")
+        return True
 
     def _refuse_malformed(self) -> None:
         held = self.door.throttle.allow("malformed")
@@ -334,33 +370,41 @@ class Intake(asyncio.Protocol):
     def _route(self, rest: bytes | None) -> None:
         """The request's headers are in: upgrade it here, or hand it to aiohttp."""
         parser = self.parser
-        assert parser is not None and self.transport is not None
-        method = parser.get_method().decode("latin-1")
+        transport = self.transport
+        assert parser is not None and transport is not None
+        method = parser.get_method()
         http_version = parser.get_http_version()
         self._drop()
-        headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in self.headers]
+        websocket, version, key, offered = scan_upgrade(self.headers)
+        if not websocket:
+            self._hand_over()
+            return
         try:
             url = httptools.parse_url(self.url)
         except httptools.HttpParserInvalidURLError:
             self._hand_over()
             return
-        path = url.path.decode("latin-1") if url.path else "/"
-        if not _is_websocket(headers) or self.door.node.served_by_http(path):
+        path = url.path.decode("latin-1")
+        door = self.door
+        if door.node.served_by_http(path):
             self._hand_over()
             return
+        query = url.query
         request = Handshake(
-            path=path,
-            query=url.query.decode("latin-1") if url.query else "",
-            headers=headers,
-            address=peer_address(self.transport),
+            path,
+            query.decode("latin-1") if query else "",
+            self.headers,
+            peer_address(transport),
+            offered,
         )
-        door = self.door
         try:
-            driver, response = door.prepare(request, method, http_version)
+            driver, response = door.prepare(
+                request, method.decode("latin-1"), http_version, version, key
+            )
         except HandshakeError as exc:
             self.refuse(exc.status, exc.message, exc.headers)
             return
-        door.accept(driver, request, response, self.transport, rest or b"")
+        door.accept(driver, request, response, self, rest or b"")
 
     def _hand_over(self) -> None:
         """aiohttp serves this connection from now on, starting with what was read so far."""
@@ -373,22 +417,30 @@ class Intake(asyncio.Protocol):
         self.raw = b""
 
 
-def _refuse(transport: asyncio.Transport, exc: HandshakeError) -> None:
-    if not transport.is_closing():
-        transport.write(http_error(exc.status, exc.message, exc.headers))
-        transport.close()
-
-
-def _is_websocket(headers: list[tuple[str, str]]) -> bool:
-    upgrade = connection = False
-    for name, value in headers:
-        if name == "upgrade":
-            upgrade = upgrade or "websocket" in value.lower()
-        elif name == "connection":
-            connection = connection or any(
-                token.strip().lower() == "upgrade" for token in value.split(",")
-            )
-    return upgrade and connection
+def scan_upgrade(
+    headers: list[tuple[bytes, bytes]],
+) -> tuple[bool, str | None, str | None, list[str]]:
+    """Whether a request (its headers, names in lower case) asks for a WebSocket
+    (``Upgrade: websocket`` and ``Connection: upgrade``), its ``Sec-WebSocket-Version`` and
+    ``-Key``, and the subprotocols it offers (from every ``Sec-WebSocket-Protocol`` header)."""
+    single = dict(headers)
+    if len(single) == len(headers):  # no header repeated: the usual case, looked up in C
+        upgrade = single.get(b"upgrade", b"")
+        connection = single.get(b"connection", b"")
+        protocol = single.get(b"sec-websocket-protocol")
+        protocols = [] if protocol is None else [protocol]
+    else:
+        upgrade = b",".join(v for k, v in headers if k == b"upgrade")
+        connection = b",".join(v for k, v in headers if k == b"connection")
+        protocols = [v for k, v in headers if k == b"sec-websocket-protocol"]
+    key = single.get(b"sec-websocket-key")
+    version = single.get(b"sec-websocket-version")
+    return (
+        b"websocket" in upgrade.lower() and b"upgrade" in connection.lower(),
+        None if version is None else version.decode("latin-1"),
+        None if key is None else key.decode("latin-1"),
+        offered_subprotocols(p.decode("latin-1") for p in protocols) if protocols else [],
+    )
 
 
 def peer_address(transport: asyncio.BaseTransport) -> str:
@@ -428,15 +480,18 @@ async def upgrade_from_http(door: FrontDoor, request: web.Request) -> web.Stream
     is), until it closes."""
     transport = request.transport
     assert transport is not None
+    headers = [(name.lower(), value) for name, value in request.raw_headers]
+    _, version, key, offered = scan_upgrade(headers)
     handshake = Handshake(
-        path=request.rel_url.raw_path,
-        query=request.rel_url.raw_query_string,
-        headers=[(k.lower(), v) for k, v in request.headers.items()],
-        address=peer_address(transport),
+        request.rel_url.raw_path,
+        request.rel_url.raw_query_string,
+        headers,
+        peer_address(transport),
+        offered,
     )
-    version = f"{request.version.major}.{request.version.minor}"
+    http_version = f"{request.version.major}.{request.version.minor}"
     try:
-        driver, response = door.prepare(handshake, request.method, version)
+        driver, response = door.prepare(handshake, request.method, http_version, version, key)
         hook = driver.handler.accept(handshake)
     except HandshakeError as exc:
         return _error_response(exc)

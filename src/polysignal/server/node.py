@@ -39,7 +39,7 @@ class Node:
         self.routes: list[tuple[Matcher, Driver]] = []
         self.fallback: Driver | None = None
         # Path prefixes whose requests, WebSocket or not, stay with aiohttp (socket.io).
-        self.http_prefixes: list[str] = []
+        self.http_prefixes: tuple[str, ...] = ()
         # Run at shutdown after connections are closed and before the backend closes.
         self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self.stopping = False
@@ -60,7 +60,7 @@ class Node:
 
     def served_by_http(self, path: str) -> bool:
         """True when requests on ``path`` stay with the aiohttp application."""
-        return any(path.startswith(prefix) for prefix in self.http_prefixes)
+        return path.startswith(self.http_prefixes)
 
     # --- connections ---
     def opened(self, conn: Connection) -> None:

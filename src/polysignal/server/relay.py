@@ -60,7 +60,7 @@ from polysignal.core.relay import (
 )
 from polysignal.protocols import relay as proto
 from polysignal.protocols.relay import Direct, Encoding, Generation
-from polysignal.protocols.websocket import OP_BINARY, OP_TEXT, build_frame
+from polysignal.protocols.websocket import OP_BINARY, OP_TEXT
 from polysignal.server.connection import Connection
 from polysignal.server.driver import Handler, Handshake, Result
 from polysignal.server.node import Node
@@ -69,13 +69,15 @@ log = logging.getLogger("polysignal.relay")
 
 INTRODUCTION = "introduction"
 CONNECTION = "connection"
+_PREFIXES = ("/" + INTRODUCTION, "/" + CONNECTION)
 MATCH_TIMEOUT = 5.0
 """Seconds a ``/connection`` socket waits for the holder's node to confirm a cross-node pipe."""
 RENDEZVOUS_ATTEMPTS = 4
 PIPE_BATCH_BYTES = 64 * 1024
 """Piped frames sent to another node in one direct message, at most (unless one is larger)."""
-BACKPRESSURE_POLL = 0.01
 BACKPRESSURE_WAIT = 30.0
+"""Seconds a pipe's writer waits for a reader that is behind before the send buffer limit
+(1013) decides."""
 
 
 class PipeState(Enum):
@@ -135,6 +137,8 @@ def parse_path(raw_path: str) -> tuple[str, list[str]] | None:
 
     Segments are split before percent-decoding, as Express does for route parameters.
     """
+    if not raw_path.startswith(_PREFIXES):
+        return None
     parts = raw_path.split("/")
     if len(parts) < 2 or parts[0] != "" or parts[1] not in (INTRODUCTION, CONNECTION):
         return None
@@ -191,9 +195,11 @@ class RelayHub(Handler):
         endpoint, params = parsed
         if endpoint == INTRODUCTION:
             return self._introduction(conn, params)
-        # Pipes carry document sync: larger frames, and no message rate limit.
+        # Pipes carry document sync: larger frames, and no message rate limit; a writer waits
+        # (``drained``) once half the reader's send buffer is unsent.
         conn.max_frame = self.node.settings.relay_max_frame_bytes
         conn.set_rate_limit(0, 0)
+        conn.transport.set_write_buffer_limits(high=conn.max_buffer // 2)
         return self._connection(conn, params)
 
     def on_message(self, conn: Connection, data: bytes, binary: bool) -> Result:
@@ -509,7 +515,7 @@ class RelayHub(Handler):
         """Flush what ``held`` buffered to ``arrived``, in order, then pipe them."""
         self._stop_holding(held)
         for opcode, data in held.buffer.take():
-            arrived.conn.send_frame(build_frame(data, opcode))
+            arrived.conn.send_message(data, opcode)
         held.partner, arrived.partner = arrived, held
         held.state = arrived.state = PipeState.PIPED
         log.debug("piped %r <-> %r", held, arrived)
@@ -673,7 +679,7 @@ class RelayHub(Handler):
         size = 0
         for opcode, data in piped.frames:
             if opcode in (OP_TEXT, OP_BINARY):
-                end.conn.send_frame(build_frame(data, opcode))
+                end.conn.send_message(data, opcode)
                 size += len(data)
         # Acknowledge once the client has taken most of it (the write happens at the end of
         # this loop iteration, so the check runs in a task).
@@ -683,7 +689,7 @@ class RelayHub(Handler):
     async def _ack_when_read(self, end: PipeEnd, node_id: str, other: str, size: int) -> None:
         conn = end.conn
         conn.flush()
-        await self._backpressure(conn, conn.max_buffer // 4)
+        await drained(conn)
         await self.backend.send_direct(
             node_id, Direct.ACK, proto.encode_ack(proto.Ack(other, size))
         )
@@ -714,10 +720,10 @@ class RelayHub(Handler):
                 return None
             case PipeState.PIPED if end.partner is not None:
                 partner = end.partner.conn
-                partner.send_frame(build_frame(data, opcode))
+                partner.send_message(data, opcode)
                 partner.flush()  # so the transport's buffer shows what waits for the reader
-                if partner.unsent_bytes() > partner.max_buffer // 2:
-                    return self._backpressure(partner)
+                if partner.writing_paused:
+                    return drained(partner)
                 return None
             case PipeState.PIPED if end.remote is not None:
                 self._queue(end, opcode, data)
@@ -736,19 +742,6 @@ class RelayHub(Handler):
                 await end.room.wait()
         except TimeoutError:
             end.conn.close(CloseCode.TRY_AGAIN_LATER, "the peer's node is too slow")
-
-    async def _backpressure(self, conn: Connection, limit: int | None = None) -> None:
-        """Wait (bounded) while ``conn`` has more than ``limit`` bytes unsent (default: half its
-        send buffer), so a slow reader slows the writer instead of being cut off."""
-        if limit is None:
-            limit = conn.max_buffer // 2
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + BACKPRESSURE_WAIT
-        # Polled, bounded: it waits only while a reader is behind, never for an idle socket.
-        while (  # noqa: ASYNC110
-            not conn.closing and conn.unsent_bytes() > limit and loop.time() < deadline
-        ):
-            await asyncio.sleep(BACKPRESSURE_POLL)
 
     async def _end_closed(self, end: PipeEnd) -> None:
         was = end.state
@@ -797,6 +790,13 @@ class RelayHub(Handler):
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def drained(conn: Connection) -> None:
+    """Wait (bounded) until ``conn``'s reader has caught up (``Connection.drained``)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(BACKPRESSURE_WAIT):
+            await conn.drained()
 
 
 class ProtocolMismatch(ClientError):

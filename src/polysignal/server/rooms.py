@@ -893,7 +893,7 @@ def setup(app: web.Application, node: Node) -> RoomsHub | None:
     hub = RoomsHub(node, *secrets)
     app[ROOMS_KEY] = hub
     hub.sio.attach(app, socketio_path="socket.io")
-    node.http_prefixes.append("/socket.io/")  # its WebSockets too stay with aiohttp
+    node.http_prefixes += ("/socket.io/",)  # its WebSockets too stay with aiohttp
     app.router.add_post("/app", hub.post_app)
     app.router.add_get("/demo", hub.demo_page)
     app.router.add_get("/demo/config.json", hub.demo_config)

@@ -110,13 +110,12 @@ class SignalFireHub(Handler):
     # --- routing ---
     def matches(self, request: Handshake) -> bool:
         """Signal-Fire by subprotocol on any path, or any WebSocket on the configured path."""
-        if unquote(request.path) == self.settings.signalfire_path:
+        path = request.path
+        if "%" in path:
+            path = unquote(path)
+        if path == self.settings.signalfire_path:
             return True
-        for header in request.header_values("sec-websocket-protocol"):
-            for offered in header.split(","):
-                if offered.strip() in proto.SUBPROTOCOLS:
-                    return True
-        return False
+        return any(offered in proto.SUBPROTOCOLS for offered in request.offered)
 
     # --- the driver's callbacks ---
     def on_open(self, conn: Connection, request: Handshake) -> Result:

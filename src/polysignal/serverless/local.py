@@ -102,7 +102,9 @@ def api_gateway_event(
         "isBase64Encoded": False,
     }
     if route is Route.CONNECT:
-        event["headers"] = dict(request.headers)
+        event["headers"] = {
+            name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers
+        }
     if isinstance(body, bytes):
         event["body"] = base64.b64encode(body).decode()
         event["isBase64Encoded"] = True
