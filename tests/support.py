@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,8 @@ from aiohttp import web
 
 from polysignal.backends.base import Backend
 from polysignal.config import Settings
-from polysignal.server.app import NODE_KEY, create_app
+from polysignal.server.app import DOOR_KEY, NODE_KEY, create_app
+from polysignal.server.frontdoor import FrontDoor
 from polysignal.server.node import Node
 from polysignal.server.runner import NodeServer
 
@@ -60,7 +61,13 @@ def free_port() -> int:
 
 def node_settings(**overrides: Any) -> Settings:
     """Settings for a test node: loopback, port 0, quiet, with ``overrides``."""
-    base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "log_level": "WARNING"}
+    # A raw client left open does not answer the 1001 of the stop: 1 s, not 5, is its grace.
+    base: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "log_level": "WARNING",
+        "shutdown_timeout": 1 * UNIT,
+    }
     base.update(overrides)
     return Settings(**base)
 
@@ -86,6 +93,10 @@ class RunningServer:
     @property
     def node(self) -> Node:
         return self.app[NODE_KEY]
+
+    @property
+    def door(self) -> FrontDoor:
+        return self.app[DOOR_KEY]
 
     async def ws(self, path: str = "/", **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
         client = await self.session.ws_connect(self.ws_url + path, **kwargs)
@@ -119,6 +130,15 @@ async def receive_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 2 *
     msg = await ws.receive(timeout=timeout)
     assert msg.type is aiohttp.WSMsgType.TEXT, f"expected a text frame, got {msg.type}: {msg.data}"
     return orjson.loads(msg.data)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 2 * UNIT) -> None:
+    """Wait (bounded) until ``condition()`` holds; fail the test otherwise."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
 
 
 async def assert_silent(ws: aiohttp.ClientWebSocketResponse, timeout: float = 0.3 * UNIT) -> None:

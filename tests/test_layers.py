@@ -1,4 +1,5 @@
-"""core/ and protocols/ stay free of I/O: no asyncio, aiohttp, redis or socket.io imports."""
+"""The layers stay as drawn: core/ and protocols/ free of I/O; protocol handlers on the driver,
+never on aiohttp."""
 
 from __future__ import annotations
 
@@ -36,3 +37,17 @@ def test_the_check_sees_a_forbidden_import(tmp_path):
     sample = tmp_path / "x.py"
     sample.write_text("import asyncio\nfrom redis.asyncio import Redis\n")
     assert imported_roots(sample) & FORBIDDEN == {"asyncio", "redis"}
+
+
+DRIVER_FILES = [
+    SRC / "server" / name
+    for name in ("connection.py", "driver.py", "topics.py", "relay.py", "signalfire.py")
+]
+"""The connection, the driver and every protocol handler on it: aiohttp only serves plain HTTP
+(and socket.io) behind the front door."""
+
+
+@pytest.mark.parametrize("path", DRIVER_FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_no_protocol_handler_imports_aiohttp(path):
+    bad = imported_roots(path) & {"aiohttp", "socketio", "engineio"}
+    assert not bad, f"{path.relative_to(SRC)} imports {sorted(bad)}"

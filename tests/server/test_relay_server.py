@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -32,6 +32,7 @@ from support import (
     node_settings,
     receive_json,
     running_server,
+    until,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -42,15 +43,6 @@ CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.
 
 def hub(server: RunningServer) -> RelayHub:
     return server.app[RELAY_KEY]
-
-
-async def until(condition: Callable[[], bool], timeout: float = 2 * UNIT) -> None:
-    """Wait (bounded) until ``condition()`` holds; fail the test otherwise."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def join_json(ws: WS, *ids: str, field: str = "documentIds") -> None:

@@ -9,24 +9,10 @@ import aiohttp
 import orjson
 import pytest
 
+from rawws import frame, upgraded
 from support import UNIT, node_settings, receive_json, running_server
 
 pytestmark = pytest.mark.timeout(30)
-
-HANDSHAKE = (
-    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
-
-
-def client_frame(payload: bytes) -> bytes:
-    """A masked text frame (zero mask key), as a client must send it (RFC 6455 §5.3)."""
-    length = len(payload)
-    if length < 126:
-        header = bytes([0x81, 0x80 | length])
-    else:
-        header = bytes([0x81, 0x80 | 126]) + length.to_bytes(2, "big")
-    return header + b"\0\0\0\0" + payload
 
 
 async def sync(ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -41,26 +27,21 @@ async def test_burst_of_publishes_in_one_read_arrives_whole_and_in_order():
         for ws in subscribers:
             await ws.send_str('{"type":"subscribe","topics":["burst"]}')
             await sync(ws)
-        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        raw = await upgraded(srv.port)
         try:
-            writer.write(HANDSHAKE)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)
-            assert head.startswith(b"HTTP/1.1 101")
             count = 200
             burst = b"".join(
-                client_frame(
-                    orjson.dumps({"type": "publish", "topic": "burst", "i": i, "pad": "x" * i})
-                )
+                frame(orjson.dumps({"type": "publish", "topic": "burst", "i": i, "pad": "x" * i}))
                 for i in range(count)
             )
-            writer.write(burst)
-            await writer.drain()
+            raw.send(burst)
+            await raw.writer.drain()
             for ws in subscribers:
                 for i in range(count):
                     got = await receive_json(ws)
                     assert (got["i"], got["pad"], got["clients"]) == (i, "x" * i, 3)
         finally:
-            writer.close()
+            await raw.aclose()
 
 
 async def test_frame_sent_just_before_close_goes_out_before_the_close_frame():
