@@ -27,7 +27,7 @@ import binascii
 import functools
 import hashlib
 import struct
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from polysignal.core.errors import ClientError, CloseCode
@@ -306,11 +306,10 @@ def offered_subprotocols(values: Iterable[str]) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
-def choose_subprotocol(offered: Iterable[str], supported: Iterable[str]) -> str | None:
+def choose_subprotocol(offered: Iterable[str], supported: Collection[str]) -> str | None:
     """The first subprotocol the client offers that the server supports, if any."""
-    known = set(supported)
     for name in offered:
-        if name in known:
+        if name in supported:
             return name
     return None
 

@@ -124,7 +124,6 @@ class Connection(TokenBucket, asyncio.Protocol):
         self,
         driver: Driver,
         transport: asyncio.Transport,
-        *,
         address: str,
         max_frame: int,
         max_buffer: int,

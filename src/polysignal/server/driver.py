@@ -129,12 +129,12 @@ class Driver:
         conn = Connection(
             self,
             transport,
-            address=request.address,
-            max_frame=self.max_frame,
-            max_buffer=settings.send_buffer_bytes,
-            rate=settings.rate_limit,
-            burst=settings.rate_burst,
-            batch=node.batch,
+            request.address,
+            self.max_frame,
+            settings.send_buffer_bytes,
+            settings.rate_limit,
+            settings.rate_burst,
+            node.batch,
         )
         node.opened(conn)
         if self.log.isEnabledFor(logging.DEBUG):

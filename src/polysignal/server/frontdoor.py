@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -444,10 +445,11 @@ def scan_upgrade(
 
 
 def peer_address(transport: asyncio.BaseTransport) -> str:
-    """The client's IP address, as the transport sees it."""
+    """The client's IP address, as the transport sees it. Interned: the connections of one
+    address share one string (the per-address count holds it while any is open)."""
     peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and peer:
-        return str(peer[0])
+        return sys.intern(str(peer[0]))
     return "unknown"
 
 
