@@ -135,7 +135,6 @@ def read_messages(
     Text messages are checked to be UTF-8 here; control frames are returned as they came
     (``parse_close`` reads a close frame). Payloads are ``bytes``, copied once out of ``data``.
     """
-    view = memoryview(data)
     messages: list[Message] = []
     size = len(data)
     pos = 0
@@ -160,25 +159,33 @@ def read_messages(
         masked = second & 0x80
         start = head + 4 if masked else head
         end = start + length
-        error = _check_header(first, masked, opcode, length, max_size)
-        if (
-            error is None
-            and opcode == OP_CONTINUATION
-            and fragments is not None
-            and fragments.size + length > max_size
-        ):
-            error = FrameError(CloseCode.MESSAGE_TOO_BIG, TOO_LARGE)
-        if error is not None:
-            return messages, end, fragments, error, 0
+        # Most frames are final, masked text or binary frames within the limit: they skip the
+        # rule checks, which the others go through one by one.
+        if not (masked and (first == 0x81 or first == 0x82) and length <= max_size):
+            error = _check_header(first, masked, opcode, length, max_size)
+            if (
+                error is None
+                and opcode == OP_CONTINUATION
+                and fragments is not None
+                and fragments.size + length > max_size
+            ):
+                error = FrameError(CloseCode.MESSAGE_TOO_BIG, TOO_LARGE)
+            if error is not None:
+                return messages, end, fragments, error, 0
         if end > size:
             return messages, pos, fragments, None, end - pos
-        mask = bytes(view[head:start])
-        if mask != _ZERO_MASK:
-            payload = apply_mask(view[start:end], mask)
-        elif isinstance(data, bytes):
+        if isinstance(data, bytes):  # slices are copies already
             payload = data[start:end]
-        else:
-            payload = bytes(view[start:end])
+            mask = data[head:start]
+            if mask != _ZERO_MASK:
+                payload = apply_mask(payload, mask)
+        else:  # a frame gathered from several reads: copied out of the buffer once
+            view = memoryview(data)
+            mask = bytes(view[head:start])
+            if mask == _ZERO_MASK:
+                payload = bytes(view[start:end])
+            else:
+                payload = apply_mask(view[start:end], mask)
         pos = end
         if opcode >= OP_CLOSE:
             messages.append((opcode, payload))
