@@ -1,4 +1,4 @@
-"""Rooms tokens (PROTOCOLS.md §5.3) and event validation (§5.5), without a server."""
+"""Rooms tokens and event validation, without a server (docs/protocols/rooms.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hmac
 
 import pytest
 
+from polysignal.core.errors import MalformedFrame
 from polysignal.protocols import rooms as proto
 
 SECRET = b"wrtc-signal-secret"
@@ -258,5 +259,6 @@ def test_cluster_messages_round_trip():
         proto.ClusterMessage(proto.ClusterOp.ADMIT, "r", sid="s", payload=None, hops=2),
     ]:
         assert proto.decode_cluster(proto.encode_cluster(msg)) == msg
-    with pytest.raises(ValueError):
-        proto.decode_cluster(b'{"op":"nope","room":"r"}')
+    for bad in (b'{"op":"nope","room":"r"}', b"not json", b"[]", b'{"op":"leave"}'):
+        with pytest.raises(MalformedFrame, match="invalid cluster message"):
+            proto.decode_cluster(bad)

@@ -7,7 +7,7 @@ import re
 import orjson
 import pytest
 
-from polysignal.core.errors import CloseCode
+from polysignal.core.errors import CloseCode, MalformedFrame
 from polysignal.core.signalfire import PendingSessions
 from polysignal.protocols import signalfire as proto
 from polysignal.protocols.signalfire import (
@@ -24,7 +24,7 @@ ME = "A" * 21
 PEER = "B" * 21
 NANOID = re.compile(r"^[A-Za-z0-9_-]{21}$")
 
-# Every request, with the data the original requires (§3.4).
+# Every request, with the data the original requires (docs/protocols/signal-fire.md).
 VALID = {
     Cmd.SESSION_START: None,
     Cmd.SESSION_ACCEPT: None,
@@ -110,7 +110,7 @@ def test_cannot_send_to_yourself():
 
 
 def test_target_state_errors_come_before_payload_errors():
-    """The original looks the target up before it checks the command's data (§3.4)."""
+    """The original looks the target up before it checks the command's data."""
     req = request(Cmd.OFFER, data=None)
     assert proto.postcheck(req, TargetState.NOT_FOUND) == "Peer Not Found"
     assert proto.postcheck(req, TargetState.OFFLINE) == "Peer Offline"
@@ -242,3 +242,32 @@ def test_pending_sessions_rules():
     assert table.drop_initiator("a") == [("c", "h3")]
     assert table.drop_initiator("a") == []
     assert table.clear() == ["h4"] and len(table) == 0
+
+
+def test_cluster_relays_round_trip():
+    relay = proto.RemoteRelay("b" * 21, {"id": "x", "cmd": "offer"}, "a" * 21, 7)
+    assert proto.decode_remote_relay(proto.encode_remote_relay(relay)) == relay
+    notice = proto.Undeliverable("a" * 21, "req-1", "session-start", "b" * 21)
+    assert proto.decode_undeliverable(proto.encode_undeliverable(notice)) == notice
+    server_made = proto.RemoteRelay("b" * 21, {"cmd": "session-timeout"})
+    assert proto.decode_remote_relay(proto.encode_remote_relay(server_made)) == server_made
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"not json", b"[]", b'{"to":"x"}', b'{"to":5,"message":{}}', b'{"to":"x","message":"text"}'],
+)
+def test_malformed_cluster_relays_raise(payload):
+    with pytest.raises(MalformedFrame, match="invalid cluster message"):
+        proto.decode_remote_relay(payload)
+
+
+@pytest.mark.parametrize("payload", [b"{}", b'{"to":"x"}', b'{"to":1,"req":1}', b"1"])
+def test_malformed_undeliverable_notices_raise(payload):
+    with pytest.raises(MalformedFrame, match="invalid cluster message"):
+        proto.decode_undeliverable(payload)
+
+
+def test_a_relay_with_a_non_string_requester_reports_to_nobody():
+    relay = proto.decode_remote_relay(b'{"to":"x","message":{},"from":5,"req":1}')
+    assert relay.requester is None and relay.request_id == 1

@@ -1,4 +1,4 @@
-"""The cluster seam (DESIGN.md §3): everything a protocol needs from "the cluster", nothing more.
+"""The cluster seam: everything a protocol needs from "the cluster", nothing more.
 
 A node's server layer keeps its own local registries and delivers to local connections itself;
 the backend carries what must cross nodes:
@@ -25,6 +25,7 @@ later publish to that topic.
 
 Implementations: ``memory`` (one process; several in-process nodes may share a ``MemoryBus``,
 which is how the contract tests exercise multi-node semantics without Redis) and ``redis``.
+See docs/architecture.md, "The cluster seam".
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from polysignal.core.errors import BackendUnavailable
+from polysignal.core.errors import BackendUnavailable, ClientError
+from polysignal.logs import Throttle, more
 
 TopicHandler = Callable[[str, bytes], None]
 """Called with (topic, frame) for a frame published on another node."""
@@ -65,6 +67,7 @@ class Backend(ABC):
         self.node_id = node_id
         self._topic_handlers: dict[str, TopicHandler] = {}
         self._direct_handlers: dict[str, DirectHandler] = {}
+        self._throttle = Throttle()
 
     # --- lifecycle ---
     @abstractmethod
@@ -143,15 +146,15 @@ class Backend(ABC):
     async def lookup(self, key: str) -> Claim | None:
         """Who holds ``key``, or None."""
 
-    # --- helpers for implementations ---
+    # --- helpers for implementations: the one guard around what other nodes send ---
     def _deliver_topic(self, namespace: str, topic: str, frame: bytes) -> None:
         handler = self._topic_handlers.get(namespace)
         if handler is None:
             return
         try:
             handler(topic, frame)
-        except Exception:
-            log.exception("topic handler failed for a frame from another node")
+        except Exception as exc:
+            self._dropped(f"{namespace} publish", "another node", exc)
 
     async def _deliver_direct(self, origin: str, kind: str, payload: bytes) -> None:
         handler = self._direct_handlers.get(kind)
@@ -162,5 +165,18 @@ class Backend(ABC):
             result = handler(origin, payload)
             if result is not None:
                 await result
-        except Exception:
-            log.exception("direct handler %r failed", kind)
+        except Exception as exc:
+            self._dropped(f"{kind} message", f"node {origin}", exc)
+
+    def _dropped(self, what: str, origin: str, exc: Exception) -> None:
+        """A message from another node failed: malformed (a WARNING, never an ERROR: another
+        node's bytes are not this node's bug), or a handler's bug (ERROR with its traceback);
+        each at most once per interval per kind."""
+        if isinstance(exc, ClientError):
+            held = self._throttle.allow(("malformed", what))
+            if held is not None:
+                log.warning("dropped a malformed %s from %s: %s%s", what, origin, exc, more(held))
+            return
+        held = self._throttle.allow(("failed", what))
+        if held is not None:
+            log.error("handling a %s from %s failed%s", what, origin, more(held), exc_info=exc)

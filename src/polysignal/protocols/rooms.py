@@ -1,15 +1,15 @@
-"""The rooms protocol of wrtc-signal (PROTOCOLS.md §5): tokens, event validation, event bodies.
+"""The rooms protocol of wrtc-signal (docs/protocols/rooms.md): tokens, validation, event bodies.
 
 No I/O: the socket.io server (``server/rooms.py``) hands event data in and sends what comes out.
 
-Tokens (§5.3) keep the original format, so tokens issued by an existing deployment with the same
-``APP_SECRET`` stay valid::
+Tokens (docs/protocols/rooms.md, "Tokens") keep the original format, so tokens issued by an
+existing deployment with the same ``APP_SECRET`` stay valid::
 
     base64(header) "." base64(payload) "." hex(HMAC-SHA256(APP_SECRET, header + payload))
 
 with standard, padded base64 and the payload serialized as Node's ``JSON.stringify`` does. Unlike
 the original, every check compares in constant time (``hmac.compare_digest``) and per-event
-session tokens have their signature verified, not only decoded (DESIGN.md §5).
+session tokens have their signature verified, not only decoded.
 
 Event data is validated here into typed, frozen commands; anything a client gets wrong raises
 ``BadEvent``, which carries the client's ``payload`` so the reject can echo it as the original
@@ -30,12 +30,12 @@ from typing import Any, Final
 
 import orjson
 
-from polysignal.core.errors import ClientError
+from polysignal.core.errors import ClientError, MalformedFrame
 from polysignal.protocols.jsonwire import type_name
 
 
 class ClientEvent(StrEnum):
-    """Events a client emits (§5.5)."""
+    """Events a client emits (docs/protocols/rooms.md, "Events")."""
 
     AUTH_REQUEST = "auth-request"
     ROOM_CREATE_REQUEST = "room-create-request"
@@ -47,8 +47,9 @@ class ClientEvent(StrEnum):
 
 
 class ServerEvent(StrEnum):
-    """Events the server emits (§5.6), plus ``error``: polysignal's answer to bad input that has
-    no reject event of its own (accept/reject/relay events, unknown events, floods)."""
+    """Events the server emits (docs/protocols/rooms.md, "Events"), plus ``error``: polysignal's
+    answer to bad input that has no reject event of its own (accept/reject/relay events, unknown
+    events, floods)."""
 
     UNAUTHORIZED = "unauthorized"
     AUTH_ACCEPT = "auth-accept"
@@ -65,7 +66,7 @@ class ServerEvent(StrEnum):
     ERROR = "error"
 
 
-# The original's messages, verbatim (§5.2, §5.3, §5.5).
+# The original's messages, verbatim (docs/protocols/rooms.md).
 TOKEN_NOT_VALID: Final = "Token is not valid"
 ROOM_TAKEN: Final = (
     "Room already taken someone else. Please type another room name or stay it blank."
@@ -104,7 +105,7 @@ class BadEvent(ClientError):
         self.payload = payload
 
 
-# --- tokens (§5.3) -------------------------------------------------------------------------------
+# --- tokens (docs/protocols/rooms.md, "Tokens") --------------------------------------------------
 
 HEADER: Final = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
 """base64 of ``{"alg":"HS256","typ":"JWT"}``, the only header the original makes."""
@@ -131,7 +132,7 @@ def create_token(data: dict[str, Any], secret: bytes) -> str:
 
 
 def app_token(app: str, secret: bytes) -> str:
-    """The app token ``POST /app`` issues: payload ``{"app": <name>}``, no expiry (§5.2)."""
+    """The app token ``POST /app`` issues: payload ``{"app": <name>}``, no expiry."""
     return create_token({"app": app}, secret)
 
 
@@ -179,7 +180,7 @@ def verify_handshake(token: object, secret: bytes, now: float) -> bool:
 
 
 def verify_session(token: object, secret: bytes, sid: str, now: float) -> bool:
-    """An event's ``auth``: signed, for this socket, not expired (§5.3, checked in full here)."""
+    """An event's ``auth``: signed, for this socket, not expired (checked in full here)."""
     data = verify_token(token, secret)
     if data is None:
         return False
@@ -194,7 +195,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-# --- event validation (§5.5) ---------------------------------------------------------------------
+# --- event validation (docs/protocols/rooms.md, "Events") ----------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +288,7 @@ def _room(data: dict[str, Any], event: ClientEvent, payload: Maybe, limits: Limi
 
 
 def parse_auth_request(data: Any, limits: Limits) -> AuthRequest:
-    """``{token, payload?, peerinfo?}``; the README's bare-string form never worked (§5.7)."""
+    """``{token, payload?, peerinfo?}``; the original README's bare-string form never worked."""
     data = _object(data, ClientEvent.AUTH_REQUEST)
     payload = _payload(data, limits)
     peerinfo: Maybe = MISSING
@@ -463,7 +464,14 @@ def encode_cluster(msg: ClusterMessage) -> bytes:
 
 
 def decode_cluster(raw: bytes) -> ClusterMessage:
-    """Parse a message from another node; ValueError/KeyError/TypeError if it is not one."""
+    """Parse a message from another node; MalformedFrame if it is not one."""
+    try:
+        return _decode_cluster(raw)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        raise MalformedFrame("invalid cluster message") from None
+
+
+def _decode_cluster(raw: bytes) -> ClusterMessage:
     obj = orjson.loads(raw)
     snapshot = None
     snap = obj.get("snapshot")

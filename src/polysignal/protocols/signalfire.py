@@ -1,4 +1,4 @@
-"""The Signal-Fire protocol of server 0.5.0 (PROTOCOLS.md §3.2-3.4): frames <-> requests.
+"""The Signal-Fire protocol of server 0.5.0 (docs/protocols/signal-fire.md): frames <-> requests.
 
 ```
 <- {"id":"<nanoid>","cmd":"welcome","data":{"id":"<your id>","configuration":{"iceServers":[]}}}
@@ -9,11 +9,11 @@
 <- {"id":"<same>","ok":false,"data":{"message":"Peer Not Found"}}        or an error
 ```
 
-Decoding is split in two, because the original checks in this order (§3.4): the message id and
-the target's presence (``decode`` and ``precheck``, no I/O), then the target's registry state
-(which the server looks up), then the command's own payload (``postcheck``). Everything a client
-can send ends as a ``Request``, an ``Ignored`` (no reply, §3.4: unknown commands) or a
-``CloseRequest`` exception (close 4400).
+Decoding is split in two, because the original checks in this order (docs/protocols/signal-fire.md,
+"Errors"): the message id and the target's presence (``decode`` and ``precheck``, no I/O), then the
+target's registry state (which the server looks up), then the command's own payload
+(``postcheck``). Everything a client can send ends as a ``Request``, an ``Ignored`` (no reply to
+unknown commands) or a ``CloseRequest`` exception (close 4400).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Any
 
 import orjson
 
-from polysignal.core.errors import Answer, ClientError, Close, CloseCode, Reply
+from polysignal.core.errors import Answer, ClientError, Close, CloseCode, MalformedFrame, Reply
 
 SUBPROTOCOL = "Signal-Fire@3"
 LEGACY_SUBPROTOCOL = "Signal-Fire@2"
-"""Clients 1.0-1.3 (server 0.3.0) offer this one and send SDP as ``data.sdp`` (§3.4)."""
+"""Clients 1.0-1.3 (server 0.3.0) offer this one and send SDP as ``data.sdp``."""
 SUBPROTOCOLS = (SUBPROTOCOL, LEGACY_SUBPROTOCOL)
 
 ID_LENGTH = 21
@@ -63,11 +63,11 @@ REQUESTS = frozenset(
     }
 )
 """Commands a client may send. ``session-timeout`` is not one: the server never answers it
-(§3.4, §3.8); polysignal sends it itself when a session start goes unanswered."""
+(nor did the original); polysignal sends it itself when a session start goes unanswered."""
 
 
 class ErrorText(StrEnum):
-    """The ``data.message`` of an ``ok:false`` reply: exactly the original's strings (§3.4)."""
+    """The ``data.message`` of an ``ok:false`` reply: exactly the original's strings."""
 
     MISSING_TARGET = "Missing Target"
     SELF_TARGET = "Can't Send to Yourself"
@@ -82,7 +82,7 @@ class ErrorText(StrEnum):
 
 
 class CloseReason(StrEnum):
-    """Reasons of the 4400 close (§3.2, §3.4)."""
+    """Reasons of the 4400 close (docs/protocols/signal-fire.md, "Errors")."""
 
     BAD_REQUEST = "Bad Request"
     MISSING_ID = "Missing message ID"
@@ -96,7 +96,7 @@ class TargetState(Enum):
     NOT_FOUND = "not-found"
 
 
-# Which payload field each relaying command requires, and the error when it is absent (§3.4).
+# Which payload field each relaying command requires, and the error when it is absent.
 _REQUIRED_DATA: dict[Cmd, tuple[str, ErrorText]] = {
     Cmd.OFFER: ("offer", ErrorText.MISSING_OFFER),
     Cmd.ANSWER: ("answer", ErrorText.MISSING_ANSWER),
@@ -108,7 +108,7 @@ MessageId = str | int | float
 
 
 class CloseRequest(ClientError):
-    """The frame ends the connection: close 4400 with ``message`` as the reason (§3.2, §3.4)."""
+    """The frame ends the connection: close 4400 with ``message`` as the reason."""
 
     close_code = CloseCode.BAD_REQUEST
 
@@ -153,10 +153,10 @@ def _truthy(value: Any) -> bool:
 def decode(frame: str | bytes) -> Request | Ignored:
     """Parse one frame; raise ``CloseRequest`` when the protocol says the socket must close.
 
-    * not JSON, or not a JSON object: 4400 ``Bad Request`` (Luce's parse failure, §3.2);
+    * not JSON, or not a JSON object: 4400 ``Bad Request`` (the original's parse-failure close);
     * no usable ``id`` (absent, or falsy as JavaScript sees it): 4400 ``Missing message ID``;
       an id that is neither a string nor a number cannot be echoed meaningfully: ``Bad Request``;
-    * unknown or missing ``cmd``: ``Ignored`` (§3.4: no reply).
+    * unknown or missing ``cmd``: ``Ignored`` (no reply, as in the original).
     """
     try:
         message = orjson.loads(frame)
@@ -214,7 +214,7 @@ def postcheck(request: Request, state: TargetState, *, legacy: bool = False) -> 
 
 
 def relayed(request: Request, origin: str) -> dict[str, Any]:
-    """What the target receives: a fresh id, ``cmd``, ``origin``, never ``target`` (§3.4).
+    """What the target receives: a fresh id, ``cmd``, ``origin``, never ``target``.
 
     ``offer``/``answer``/``ice`` carry the client's whole ``data``; ``session-reject`` carries
     the rejecting side's ``data.message`` reason (polysignal's addition; the original dropped
@@ -248,7 +248,7 @@ def encode_error(request_id: MessageId, error: ErrorText) -> bytes:
 
 
 def encode_welcome(client_id: str, ice_servers: tuple[dict[str, Any], ...] | None) -> bytes:
-    """The first frame (§3.3); ``configuration`` only when ICE servers are configured."""
+    """The first frame; ``configuration`` only when ICE servers are configured."""
     data: dict[str, Any] = {"id": client_id}
     if ice_servers is not None:
         data["configuration"] = {"iceServers": list(ice_servers)}
@@ -264,3 +264,67 @@ def answer(error: Exception, request_id: MessageId | None) -> Answer:
     if request_id is None:
         return Close(CloseCode.SERVER_ERROR, ErrorText.INTERNAL.value)
     return Reply(encode_error(request_id, ErrorText.INTERNAL))
+
+
+# --- the cluster format: what Signal-Fire nodes send each other ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRelay:
+    """A relay for the peer ``to`` on the receiving node; ``requester``/``request_id`` name the
+    request it answers, so an undeliverable relay can be reported back (None: a server notice)."""
+
+    to: str
+    message: dict[str, Any]
+    requester: str | None = None
+    request_id: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Undeliverable:
+    """Back to the requester's node: the relay of ``cmd`` to ``target`` found no open socket."""
+
+    to: str
+    request_id: Any
+    cmd: Any = None
+    target: Any = None
+
+
+def encode_remote_relay(relay: RemoteRelay) -> bytes:
+    return orjson.dumps(
+        {"to": relay.to, "message": relay.message, "from": relay.requester, "req": relay.request_id}
+    )
+
+
+def decode_remote_relay(payload: bytes) -> RemoteRelay:
+    envelope = _cluster_object(payload)
+    to, message, requester = envelope.get("to"), envelope.get("message"), envelope.get("from")
+    if not isinstance(to, str) or not isinstance(message, dict):
+        raise MalformedFrame("invalid cluster message")
+    return RemoteRelay(
+        to, message, requester if isinstance(requester, str) else None, envelope.get("req")
+    )
+
+
+def encode_undeliverable(notice: Undeliverable) -> bytes:
+    return orjson.dumps(
+        {"to": notice.to, "req": notice.request_id, "cmd": notice.cmd, "target": notice.target}
+    )
+
+
+def decode_undeliverable(payload: bytes) -> Undeliverable:
+    notice = _cluster_object(payload)
+    to = notice.get("to")
+    if not isinstance(to, str) or "req" not in notice:
+        raise MalformedFrame("invalid cluster message")
+    return Undeliverable(to, notice["req"], notice.get("cmd"), notice.get("target"))
+
+
+def _cluster_object(payload: bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise MalformedFrame("invalid cluster message") from None
+    if not isinstance(value, dict):
+        raise MalformedFrame("invalid cluster message")
+    return value

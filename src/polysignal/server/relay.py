@@ -366,11 +366,9 @@ class RelayHub(Handler):
 
     # --- announcements and introductions from other nodes ---
     def _on_announce(self, topic: str, payload: bytes) -> None:
-        try:
-            msg = proto.decode_announce(payload)
-        except ClientError:
-            log.warning("dropped a malformed relay announcement")
-            return
+        # Like every message from another node: a malformed one (MalformedFrame) is dropped
+        # with a warning by the backend.
+        msg = proto.decode_announce(payload)
         if msg.node == self.node.node_id:
             return
         replies: list[bytes] = []

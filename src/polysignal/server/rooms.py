@@ -1,10 +1,11 @@
-"""Serving the rooms protocol of wrtc-signal (PROTOCOLS.md §5, DESIGN.md §5) on socket.io.
+"""Serving the rooms protocol of wrtc-signal on socket.io (docs/protocols/rooms.md).
 
 * ``/socket.io/``: python-socketio's ``AsyncServer`` on the same aiohttp app, socket.io v4
   defaults (ping 25 s / timeout 20 s). With a Redis backend it uses python-socketio's
   ``AsyncRedisManager`` on the same Redis, so events addressed to a socket id or a room reach
   the node holding that socket.
-* ``POST /app``: app tokens (§5.2); ``GET /demo``: the browser demo with a local socket.io client.
+* ``POST /app``: app tokens (docs/protocols/rooms.md, "POST /app"); ``GET /demo``: the browser
+  demo with a local socket.io client.
 
 Cluster model. A room lives on its **owner's node**: that node holds the room's member list (in
 join order, with each member's node and ``socket.data``) and its pending join requests, and
@@ -72,7 +73,9 @@ class _RedisManagerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 def room_key(room: str) -> str:
     """The socket.io room of a rooms-protocol room. Prefixed so that no room name can collide
-    with a socket id (every socket is in a room named by its id: §5.5 edge cases)."""
+    with a socket id (every socket is in a room named by its id; in the original a room named
+    after a socket id got that socket's events: docs/protocols/rooms.md, "What differs from
+    wrtc-signal")."""
     return "room:" + room
 
 
@@ -130,7 +133,8 @@ class RoomView:
 class Server(socketio.AsyncServer):  # type: ignore[misc]
     """python-socketio's server, answering a malformed socket.io packet as socket.io does (the
     connection is closed) without logging it as a server error, and cutting off a client that
-    does not read (engine.io's own send queue has no bound: DESIGN.md §4, slow consumers)."""
+    does not read (engine.io's own send queue has no bound: docs/architecture.md, slow
+    consumers)."""
 
     max_queued = 1024
     websockets: _OpenWebSockets
@@ -303,9 +307,10 @@ class RoomsHub:
     async def stop(self) -> None:
         """Close every socket.io connection (clients reconnect elsewhere), then stop the tasks.
 
-        WebSockets are closed with 1001, as every protocol's (DESIGN.md §4): socket.io clients
-        see a transport close and reconnect, to another node behind a load balancer. Their
-        ``disconnect`` handlers (leaves, owner handovers) run while the backend is still up.
+        WebSockets are closed with 1001, as every protocol's (docs/architecture.md, graceful
+        shutdown): socket.io clients see a transport close and reconnect, to another node behind
+        a load balancer. Their ``disconnect`` handlers (leaves, owner handovers) run while the
+        backend is still up.
         """
         grace = self.settings.shutdown_timeout
         open_ws = list(self.websockets.sockets)
@@ -360,7 +365,8 @@ class RoomsHub:
         if token is None:
             raise socketio.exceptions.ConnectionRefusedError(proto.TOKEN_REQUIRED)
         if not proto.verify_handshake(token, self.secret, time.time()):
-            # The original never answers here and leaves the client hanging (§5.3).
+            # The original never answers here and leaves the client hanging
+            # (docs/protocols/rooms.md, "Errors and limits").
             raise socketio.exceptions.ConnectionRefusedError(proto.TOKEN_NOT_VALID)
         request = environ.get("aiohttp.request")
         address = (request.remote if request is not None else None) or "unknown"
@@ -395,7 +401,8 @@ class RoomsHub:
                 log.exception("socket %s: withdrawing its request for room %r failed", sid, room)
 
     async def _leave(self, peer: Peer, room: str) -> None:
-        """§5.5 "Disconnect": the others in the room get ``room-user-leave``."""
+        """Leaving is disconnecting: the others in the room get ``room-user-leave``
+        (docs/protocols/rooms.md, "Leaving")."""
         await self.emit(
             ServerEvent.ROOM_USER_LEAVE,
             proto.body(room=room, peer_id=peer.sid, peerinfo=proto.peerinfo_of(peer.data)),
@@ -421,7 +428,8 @@ class RoomsHub:
 
     # --- events ---
     async def on_event(self, event: Any, sid: str, *args: Any) -> None:
-        """Every client event: rate limit, auth (§5.3), validation, then its handler."""
+        """Every client event: rate limit, auth (docs/protocols/rooms.md, "Tokens"), validation,
+        then its handler."""
         peer = self.peers.get(sid)
         if peer is None:
             return
@@ -539,7 +547,8 @@ class RoomsHub:
             raise proto.BadEvent(proto.ROOM_NOT_FOUND, cmd.payload)
 
     def _owned_view(self, peer: Peer, cmd: proto.Answer) -> RoomView:
-        """The room if ``peer`` owns it here (the fix of §5.5: only the owner answers)."""
+        """The room if ``peer`` owns it here (only the owner answers, unlike in the original:
+        docs/protocols/rooms.md, "What differs from wrtc-signal")."""
         view = self.views.get(cmd.room)
         if view is None or not view.authority or view.owner != peer.sid:
             raise proto.BadEvent(proto.NOT_OWNER, cmd.payload)
@@ -585,7 +594,8 @@ class RoomsHub:
     async def relay(self, peer: Peer, kind: ClientEvent, data: Any) -> None:
         cmd = proto.parse_relay(kind, data, self.limits)
         view = self.views.get(cmd.room)
-        # The fix of §5.5 "Relays reach any socket id": only between members of one room.
+        # Only between members of one room (the original relayed to any socket id:
+        # docs/protocols/rooms.md, "Errors and limits").
         if cmd.room not in peer.rooms or view is None or cmd.to not in view.members:
             raise proto.BadEvent(proto.NOT_SHARING_ROOM, cmd.payload)
         if kind is ClientEvent.RELAY_SESSION_DESCRIPTION:
@@ -620,12 +630,8 @@ class RoomsHub:
         return await self._to_node(claim.node_id, msg)
 
     async def on_cluster(self, origin: str, raw: bytes) -> None:
-        try:
-            msg = proto.decode_cluster(raw)
-        except (ValueError, KeyError, TypeError):
-            log.warning("undecodable rooms message from node %s dropped", origin)
-            return
-        await self._handle_cluster(msg)
+        # A malformed message (MalformedFrame) is dropped with a warning by the backend.
+        await self._handle_cluster(proto.decode_cluster(raw))
 
     async def _handle_cluster(self, msg: ClusterMessage) -> None:
         match msg.op:
@@ -812,7 +818,8 @@ class RoomsHub:
 
     # --- HTTP ---
     async def post_app(self, request: web.Request) -> web.Response:
-        """``POST /app`` (form or JSON): ``app`` and ``password`` -> an app token (§5.2)."""
+        """``POST /app`` (form or JSON): ``app`` and ``password`` -> an app token
+        (docs/protocols/rooms.md, "POST /app")."""
         form: Any
         try:
             if request.content_type == "application/json":

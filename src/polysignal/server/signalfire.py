@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import orjson
-
 from polysignal.core.errors import Answer, CloseCode, Reply
 from polysignal.core.signalfire import PendingSessions
 from polysignal.protocols import signalfire as proto
@@ -305,55 +303,40 @@ class SignalFireHub(Handler):
         requester: str | None = None,
         request_id: proto.MessageId | None = None,
     ) -> bool:
-        envelope = {"to": target, "message": message, "from": requester, "req": request_id}
+        relay = proto.RemoteRelay(target, message, requester, request_id)
         try:
-            return await self.backend.send_direct(node_id, RELAY_KIND, orjson.dumps(envelope))
+            return await self.backend.send_direct(
+                node_id, RELAY_KIND, proto.encode_remote_relay(relay)
+            )
         except Exception as exc:
             log.warning("cannot relay %s to node %s (%s)", message["cmd"], node_id, exc)
             return False
 
     async def _on_relay(self, origin_node: str, payload: bytes) -> None:
-        """A relay from a peer on another node to one of ours."""
-        try:
-            envelope = orjson.loads(payload)
-            target, message = envelope["to"], envelope["message"]
-            if not isinstance(target, str) or not isinstance(message, dict):
-                raise TypeError("bad envelope")
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            log.warning("dropped a malformed relay from node %s (%s)", origin_node, exc)
+        """A relay from a peer on another node to one of ours (a malformed one is dropped with
+        a warning by the backend)."""
+        relay = proto.decode_remote_relay(payload)
+        if self._deliver_local(relay.to, relay.message):
             return
-        if self._deliver_local(target, message):
-            return
-        requester, request_id = envelope.get("from"), envelope.get("req")
-        if isinstance(requester, str) and request_id is not None:
-            notice = {
-                "to": requester,
-                "req": request_id,
-                "cmd": message.get("cmd"),
-                "target": target,
-            }
+        if relay.requester is not None and relay.request_id is not None:
+            notice = proto.Undeliverable(
+                relay.requester, relay.request_id, relay.message.get("cmd"), relay.to
+            )
             try:
                 await self.backend.send_direct(
-                    origin_node, UNDELIVERABLE_KIND, orjson.dumps(notice)
+                    origin_node, UNDELIVERABLE_KIND, proto.encode_undeliverable(notice)
                 )
             except Exception as exc:
                 log.warning("cannot report an undeliverable relay to %s (%s)", origin_node, exc)
 
-    async def _on_undeliverable(self, origin_node: str, payload: bytes) -> None:
+    def _on_undeliverable(self, origin_node: str, payload: bytes) -> None:
         """Our peer's relay reached a node where the target had no open socket any more."""
-        try:
-            notice = orjson.loads(payload)
-            requester, request_id = notice["to"], notice["req"]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            log.warning("dropped a malformed notice from node %s (%s)", origin_node, exc)
-            return
-        if not isinstance(requester, str):
-            return
-        if notice.get("cmd") == Cmd.SESSION_START and isinstance(notice.get("target"), str):
-            self._settle(requester, notice["target"])
-        peer = self.peers.get(requester)
+        notice = proto.decode_undeliverable(payload)
+        if notice.cmd == Cmd.SESSION_START and isinstance(notice.target, str):
+            self._settle(notice.to, notice.target)
+        peer = self.peers.get(notice.to)
         if peer is not None:
-            peer.conn.send_text(proto.encode_error(request_id, ErrorText.PEER_OFFLINE))
+            peer.conn.send_text(proto.encode_error(notice.request_id, ErrorText.PEER_OFFLINE))
 
     # --- session timer ---
     def _start_timer(self, initiator: str, target: str) -> None:
