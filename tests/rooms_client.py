@@ -174,7 +174,7 @@ async def rooms_handshake(owner: RoomsClient, joiner: RoomsClient, room: str) ->
 
 
 def check_flow(result: dict[str, Any]) -> None:
-    """What the Node client saw, field by field (PROTOCOLS.md §5.5, DESIGN.md §5 fixes)."""
+    """What the Node client saw, field by field, fixes included (docs/protocols/rooms.md)."""
     assert result.get("ok") is True, result
     room, owner, joiner = result["room"], result["ownerId"], result["joinerId"]
     assert result["refusal"] == {"message": "Token is not valid"}

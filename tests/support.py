@@ -44,7 +44,7 @@ def require(condition: bool, reason: str) -> None:
     """Skip with ``reason`` when ``condition`` is false, or fail in CI (POLYSIGNAL_REQUIRE_ALL=1).
 
     A test that needs a tool the machine lacks must say so; CI turns such skips into failures
-    so nothing silently goes untested there (DESIGN.md §7).
+    so nothing silently goes untested there (docs/architecture.md, "Tests").
     """
     if condition:
         return

@@ -10,7 +10,7 @@ from polysignal.config import ConfigError, Secret, Settings, config_table, redac
 from support import ROOT
 
 
-def test_defaults_match_the_seeds():
+def test_defaults_match_the_originals():
     s = Settings.from_env({})
     assert (s.port, s.backend_url, s.signal_channel, s.max_frame_bytes) == (
         4444,

@@ -163,7 +163,7 @@ class Settings:
             raw = env.get(spec.env)
             if raw is not None and raw != "":
                 values[spec.name] = spec.parse(spec.env, raw)
-        # A REDIS_URL alone selects the redis backend (DESIGN.md §6).
+        # A REDIS_URL alone selects the redis backend (docs/configuration.md).
         if "backend_url" not in values and env.get("REDIS_URL"):
             values["backend_url"] = env["REDIS_URL"]
         values.update({k: v for k, v in overrides.items() if v is not None})

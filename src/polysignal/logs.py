@@ -1,4 +1,4 @@
-"""Logging policy (STYLE.md habit 11).
+"""Logging policy (docs/architecture.md, "Logging").
 
 * INFO: lifecycle (listening, backend connected, shutdown), one line each.
 * DEBUG: per message, with payloads elided to their size.
@@ -7,7 +7,8 @@
 
 Loggers are named per layer and part: ``polysignal.server``, ``polysignal.topics``,
 ``polysignal.redis``, ``polysignal.presence``, ``polysignal.publish``, ``polysignal.relay``,
-``polysignal.signalfire``, ``polysignal.rooms``, ``polysignal.serverless``. The part's name is
+``polysignal.signalfire``, ``polysignal.rooms``, ``polysignal.serverless``,
+``polysignal.workers``, ``polysignal.backend``. The part's name is
 printed as the tag, e.g. ``[redis]``. Secrets and URL credentials never reach a log line.
 """
 

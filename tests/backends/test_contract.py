@@ -1,4 +1,4 @@
-"""The backend contract (DESIGN.md §3): one suite, run against memory and against a real Redis."""
+"""The backend contract (docs/architecture.md): one suite, run against memory and a real Redis."""
 
 from __future__ import annotations
 

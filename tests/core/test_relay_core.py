@@ -1,4 +1,4 @@
-"""Introduction rules and hold buffers of the relay, without I/O (PROTOCOLS.md §2.3-2.4)."""
+"""Introduction rules and hold buffers of the relay, without I/O (docs/protocols/relay.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The published relay clients (Node) against polysignal: @localfirst/relay 4.2.2 and
-cevitxe-signal-client 0.4.2 discover each other, get piped sockets and talk (PROTOCOLS.md §2.5-2.7).
+cevitxe-signal-client 0.4.2 discover each other, get piped sockets and talk
+(docs/protocols/relay.md).
 
 On one node, and on two in-process nodes sharing a ``MemoryBus`` (the Redis variant with node
 processes is in tests/multinode/test_relay_multinode.py).

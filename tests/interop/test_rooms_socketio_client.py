@@ -1,4 +1,4 @@
-"""The published socket.io-client 4.x (Node) against the rooms protocol: the whole §5.5 flow."""
+"""The published socket.io-client 4.x (Node) against the rooms protocol: its whole flow."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 // Shared launcher for the browser tests: Debian's chromium driven by playwright-core.
-// Flags keep it offline and quiet, and let WebRTC use loopback host candidates (DESIGN.md §7).
+// Flags keep it offline and quiet, and let WebRTC use loopback host candidates
+// (docs/architecture.md, "Tests").
 import { chromium } from 'playwright-core'
 
 export const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium'

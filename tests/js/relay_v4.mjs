@@ -26,10 +26,10 @@ function decode (data) {
 }
 
 // The client emits `peer-connect` only after an `await`, so frames the server flushes from a held
-// socket as the pair connects (PROTOCOLS.md §2.4) can reach the socket before the application's
-// listener exists; the original servers flush the same way. So each side first says "ready",
-// and sends its payload once it hears the other's "ready" (answering the first one with "again",
-// in case its own "ready" went out before the other side listened).
+// socket as the pair connects (docs/protocols/relay.md, "Pipes") can reach the socket before the
+// application's listener exists; the original servers flush the same way. So each side first
+// says "ready", and sends its payload once it hears the other's "ready" (answering the first one
+// with "again", in case its own "ready" went out before the other side listened).
 function run (peerId, url) {
   return new Promise((resolve, reject) => {
     const client = new Client({ peerId, url })

@@ -1,8 +1,8 @@
 """The relay protocol on two polysignal processes sharing one real Redis.
 
 Peers on different nodes are introduced to each other, and their ``/connection`` sockets are
-piped across the nodes with frame order and text/binary types kept (DESIGN.md §3, §5): with raw
-clients of every generation and with the published npm clients.
+piped across the nodes with frame order and text/binary types kept (docs/protocols/relay.md,
+"Across nodes"): with raw clients of every generation and with the published npm clients.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The relay protocol's decode/encode for every generation, without I/O (PROTOCOLS.md §2)."""
+"""The relay protocol's decode/encode for each generation, without I/O (docs/protocols/relay.md)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_v1_join_carries_join_and_leave_lists():
 
 
 def test_v1_empty_join_on_open_is_v1():
-    """cevitxe-signal-client sends its (possibly empty) key list on open (PROTOCOLS.md §2.5)."""
+    """cevitxe-signal-client sends its key list, maybe empty, on open (docs/protocols/relay.md)."""
     assert proto.decode('{"type":"Join","join":[]}', JSON) == proto.Decoded(
         proto.Join(()), Generation.V1
     )
@@ -51,7 +51,7 @@ def test_v4_msgpack_document_ids():
 
 
 def test_v4_join_as_msgpackr_encodes_it_with_map16():
-    """msgpackr writes maps as map16 (0xde) even when small (PROTOCOLS.md §2.6)."""
+    """msgpackr writes maps as map16 (0xde) even when small (docs/protocols/relay.md)."""
     frame = bytes.fromhex("de0002a474797065a44a6f696eab646f63756d656e7449647391a4646f6331")
     assert proto.decode(frame, MSGPACK).command == proto.Join(("doc1",))
 

@@ -1,4 +1,4 @@
-"""The topics protocol's decode/encode, without an event loop (PROTOCOLS.md §1.3)."""
+"""The topics protocol's decode/encode, without an event loop (docs/protocols/topics.md)."""
 
 from __future__ import annotations
 

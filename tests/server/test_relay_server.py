@@ -1,7 +1,7 @@
 """The relay protocol against real servers on free ports with raw WebSocket clients.
 
 Every generation (JSON ``join``/``keys``, JSON ``documentIds``, msgpack v4), the pipes, the
-limits and bad input (PROTOCOLS.md §2, DESIGN.md §5); then two nodes sharing one ``MemoryBus``,
+limits and bad input (docs/protocols/relay.md); then two nodes sharing one ``MemoryBus``,
 which behave like two nodes sharing Redis.
 """
 
@@ -79,7 +79,7 @@ TEXT, BINARY = aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY
 
 
 async def test_v1_join_keys_introductions_both_ways(server):
-    """cevitxe 0.4: Join with `join`, Introduction with `id` and `keys` (PROTOCOLS.md §2.3)."""
+    """cevitxe 0.4: Join with `join`, Introduction with `id`, `keys` (docs/protocols/relay.md)."""
     a = await server.ws("/introduction/aaaa4242")
     b = await server.ws("/introduction/qrst7890")
     await join_json(a, "happy-raccoon", "hairy-thumb", field="join")
@@ -146,7 +146,7 @@ async def test_each_generation_is_answered_in_its_own_shape(server):
 
 
 async def test_repeated_joins_repeat_introductions(server):
-    """The originals re-introduce on every Join; clients dedupe (PROTOCOLS.md §2.3)."""
+    """The originals re-introduce on every Join; clients dedupe (docs/protocols/relay.md)."""
     a = await server.ws("/introduction/a")
     b = await server.ws("/introduction/b")
     await join_json(a, "k")
@@ -219,7 +219,7 @@ async def test_abrupt_disconnect_is_forgotten(server):
 
 
 async def test_second_socket_with_the_same_id_replaces_the_first_cleanly(server):
-    """The old socket is closed, and its cleanup does not orphan the new one (DESIGN.md §5)."""
+    """The old socket is closed; its cleanup does not orphan the new one (the original's did)."""
     old = await server.ws("/introduction/dup")
     await join_json(old, "k")
     await until(lambda: "dup" in hub(server).directory)

@@ -1,4 +1,4 @@
-"""The rooms protocol (PROTOCOLS.md §5) on a real server, driven by python-socketio clients."""
+"""The rooms protocol (docs/protocols/rooms.md) on a real server, with python-socketio clients."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ async def connect(rooms: RunningServer) -> AsyncIterator[Connect]:
         await client.close()
 
 
-# --- POST /app (§5.2) ----------------------------------------------------------------------------
+# --- POST /app -----------------------------------------------------------------------------------
 
 
 async def test_post_app_form_issues_a_verifiable_app_token(rooms):
@@ -111,7 +111,7 @@ async def test_post_app_malformed_json_is_a_400(rooms):
         assert resp.status == 400
 
 
-# --- handshake and auth (§5.3) -------------------------------------------------------------------
+# --- handshake and auth --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ async def test_bad_handshake_token_gets_connect_error_with_reason(rooms, token):
 
 async def refused_reason(rooms: RunningServer, auth: Any) -> Any:
     """Connect with ``auth``; the handshake must fail with a ``connect_error``, whose data is
-    returned (the original server never answered: §5.3)."""
+    returned (the original server never answered)."""
     client = socketio.AsyncClient(reconnection=False)
     errors: asyncio.Queue[Any] = asyncio.Queue()
     client.on("connect_error", errors.put_nowait)
@@ -195,7 +195,7 @@ async def unauthorized_cases(client: RoomsClient, other: RoomsClient) -> list[An
         {"room": "r", "auth": other.session},
         # expired
         {"room": "r", "auth": proto.session_token("a", client.sid, now - 1, secret)},
-        # right socket and expiry, wrong key: the original only decoded this one (§5.3)
+        # right socket and expiry, wrong key: the original only decoded this one
         {"room": "r", "auth": proto.session_token("a", client.sid, now + 99, b"forged")},
     ]
 
@@ -209,7 +209,7 @@ async def test_every_event_needs_a_valid_session_token(connect):
     await client.assert_silent("room-create-accept", "room-create-reject", "error")
 
 
-# --- rooms (§5.5) -----------------------------------------------------------------------------
+# --- rooms ------------------------------------------------------------------------------------
 
 
 async def test_whole_flow(connect):
@@ -232,7 +232,7 @@ async def test_whole_flow(connect):
         "room": "r1",
         "peer_id": joiner.sid,
         "peers": [owner.sid],
-        # whole socket.data, the joiner included (§5.5 notes)
+        # whole socket.data, the joiner included (as in the original)
         "peersinfo": {
             owner.sid: {"peerinfo": {"name": "owner"}},
             joiner.sid: {"peerinfo": {"name": "joiner"}},
@@ -298,7 +298,7 @@ async def test_create_taken_room_is_rejected(connect):
 
 
 async def test_room_named_like_a_socket_id_cannot_capture_its_events(connect):
-    """§5.5 edge case: a room named after a socket id must not receive that socket's relays."""
+    """Unlike the original, a room named after a socket id does not receive that socket's relays."""
     victim, attacker, friend = await connect(), await connect(), await connect()
     await create_room(attacker, victim.sid)
     await create_room(friend, "room")

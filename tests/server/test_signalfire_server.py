@@ -1,4 +1,4 @@
-"""Signal-Fire on a real server on a free port, with raw WebSocket clients (PROTOCOLS.md §3)."""
+"""Signal-Fire (docs/protocols/signal-fire.md) on a real server on a free port, raw clients."""
 
 from __future__ import annotations
 
@@ -278,7 +278,7 @@ async def test_peer_offline_while_its_socket_closes(server):
 
 async def test_ghost_claim_gets_ack_then_peer_offline():
     """An id claimed by a node that no longer listens: ok:true, then a second reply Peer Offline,
-    as the original's registry errors arrive after the ack (§3.4)."""
+    as the original's registry errors arrive after the ack."""
     bus = MemoryBus()
     async with running_server(backend=MemoryBackend("live", bus)) as srv:
         ghost = MemoryBackend("ghost", bus)  # never started: nothing receives its deliveries
@@ -293,7 +293,7 @@ async def test_ghost_claim_gets_ack_then_peer_offline():
 async def test_unknown_commands_get_no_reply(server):
     a, b = await join(server), await join(server)
     await a.send("dance", b.id)
-    await a.send("session-timeout", b.id)  # only the server sends it (§3.4)
+    await a.send("session-timeout", b.id)  # only the server sends it
     await a.send("welcome", b.id)
     await a.ws.send_str(orjson.dumps({"id": "x", "target": b.id}).decode())
     await a.ws.send_str(orjson.dumps({"id": "y", "cmd": 5}).decode())

@@ -25,7 +25,7 @@ def by_connection(items):
 
 
 def test_subscribe_writes_pk_sk_data_and_ttl(clients, items, handler):
-    """One item per topic with the seed's keys, `data` written (so gs1 sees it), and a TTL."""
+    """One item per topic with the original's keys, `data` written (so gs1 sees it), and a TTL."""
     (a,) = clients(1)
     before = int(time.time())
     a.subscribe("room-1", "room 2/ü:x")
@@ -328,7 +328,7 @@ def test_a_storage_failure_is_500_with_an_error_frame(make_handler, management, 
 
 
 def test_table_name_is_honoured_everywhere(clients, dynamodb, table):
-    """Only the configured table exists and is used (the seed hard-coded 'Database' in queries)."""
+    """Only the configured table exists and is used (the original's queries read 'Database')."""
     a, b = clients(2)
     b.subscribe("t")
     a.send({"type": "publish", "topic": "t", "data": 1})

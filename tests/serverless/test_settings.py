@@ -1,4 +1,4 @@
-"""The serverless shape's settings: defaults of the seed, shared limits, loud failures."""
+"""The serverless shape's settings: defaults of the original, shared limits, loud failures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from polysignal.serverless.settings import SERVERLESS_FIELDS, ServerlessSettings
 from support import ROOT
 
 
-def test_defaults_match_the_seed():
+def test_defaults_match_the_original():
     s = ServerlessSettings.from_env({})
     assert (s.table_name, s.region, s.dynamodb_endpoint, s.echo) == (
         "Database",

@@ -1,4 +1,4 @@
-"""Backends selected by URL: ``memory://`` (default) and ``redis://`` (DESIGN.md §3)."""
+"""Backends selected by URL: ``memory://`` (default) and ``redis://`` (docs/architecture.md)."""
 
 from __future__ import annotations
 

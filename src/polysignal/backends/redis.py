@@ -1,4 +1,4 @@
-"""Redis backend: many processes and hosts act as one signaling server (DESIGN.md §3).
+"""Redis backend: many processes and hosts act as one signaling server (docs/redis.md).
 
 What lives where in Redis (``P`` = ``SIGNAL_CHANNEL``, default ``signal:publish``; every name
 comes from ``redis_name``, see docs/redis.md):
@@ -7,7 +7,7 @@ comes from ``redis_name``, see docs/redis.md):
   it has local subscribers of the topic (batched SUBSCRIBE/UNSUBSCRIBE), so a node receives only
   traffic for its own topics. A bus message is ``<origin envelope><frame>``; a node drops its own
   (Redis pub/sub echoes a publisher that is subscribed too).
-* presence: hash ``topic:presence:{topic}`` (Flow-Like's key, PROTOCOLS.md §1.5) or
+* presence: hash ``topic:presence:{topic}`` (Flow-Like's key, docs/redis.md) or
   ``{namespace}:presence:{topic}`` for other namespaces; field = node id, value = that node's
   count; ``EXPIRE presence_ttl`` refreshed every ``presence_refresh``; HDEL at zero and at stop.
   A node also holds ``P:alive:{node}`` with the same TTL: fields of nodes whose alive key is

@@ -1,4 +1,4 @@
-"""An asyncio client for the Signal-Fire protocol (PROTOCOLS.md §3), usable with aiortc.
+"""An asyncio client for Signal-Fire (docs/protocols/signal-fire.md), usable with aiortc.
 
 ```python
 client = await connect("ws://127.0.0.1:4444/signal-fire")
@@ -279,7 +279,7 @@ class Client:
             else:
                 ack.set_exception(SignalFireError(error))
         elif not ok and isinstance(request_id, str | int | float):
-            # A relay that failed after its ack (§3.4: registry errors arrive second).
+            # A relay that failed after its ack: a second reply (docs/protocols/signal-fire.md).
             self.late_errors.append((request_id, error))
 
     def _end_outgoing(self, origin: str, end: SessionEnd) -> None:
@@ -303,7 +303,7 @@ async def connect(
     """Open a connection and wait for ``welcome``; the client then knows its ``id``.
 
     With ``subprotocol`` set (the default ``Signal-Fire@3``), a server that does not echo it is
-    refused, as the published client does (§3.2). Pass ``None`` to offer none (the server's
+    refused, as the published client does. Pass ``None`` to offer none (the server's
     ``/signal-fire`` path accepts that). ``request_timeout`` bounds the handshake and each
     request's wait for its ack.
     """

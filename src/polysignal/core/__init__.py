@@ -1,1 +1,1 @@
-"""The part of polysignal with no I/O: registries, limits, errors (DESIGN.md §2)."""
+"""The part of polysignal with no I/O: registries, limits, errors (docs/architecture.md)."""

@@ -1,4 +1,4 @@
-"""Relay rules without I/O (PROTOCOLS.md §2.3-2.4): who is introduced to whom, and held pipes.
+"""Relay rules without I/O (docs/protocols/relay.md): who is introduced to whom, and held pipes.
 
 * ``Directory``: each peer's document ids (in join order) and each document's peers, so a Join
   finds every peer sharing a document in O(the joiner's documents) instead of scanning all peers.
@@ -6,7 +6,7 @@
   A is introduced to B and B to A with the *full* list of documents they share, in A's order — on
   every Join, even one that adds nothing, as the originals do (clients dedupe per peer and key).
 * ``HoldBuffer``: the frames a ``/connection`` socket sends before its peer arrives, bounded in
-  bytes (the originals buffer without limit, §2.4).
+  bytes (the originals buffer without limit).
 * Names and tokens of the cluster-wide claims of peer ids and pipe rendezvous.
 """
 
@@ -45,7 +45,7 @@ class Directory:
     def join(
         self, peer: str, documents: Iterable[str], leave: Iterable[str] = ()
     ) -> tuple[list[str], list[str], list[Introduction]]:
-        """Apply ``dedupe(current + documents) - leave`` (§2.3) for ``peer``.
+        """Apply ``dedupe(current + documents) - leave`` for ``peer``, as the originals do.
 
         Returns (documents newly held, documents dropped, introductions). Raises
         DocumentLimitExceeded, changing nothing, when the peer would hold too many documents.

@@ -1,10 +1,11 @@
-"""Pending Signal-Fire sessions: the rules of polysignal's session timer (DESIGN.md §5).
+"""Pending Signal-Fire sessions: the rules of polysignal's session timer.
 
 A ``session-start`` from initiator A to target B is pending until B accepts or rejects it, A
 cancels it, or the timer fires (then both get ``session-timeout``). The table lives on the node
 of the initiator, which sees every event of the session: A's own start and cancel requests, and
 B's accept or reject when they are delivered to A. Each entry carries an opaque handle (the
 server's timer), which the table hands back whenever the entry goes away so it can be cancelled.
+The timer's behaviour on the wire: docs/protocols/signal-fire.md, "Sessions and the timer".
 """
 
 from __future__ import annotations

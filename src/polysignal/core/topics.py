@@ -1,9 +1,10 @@
-"""Topic registry: topic -> subscribers, and each subscriber's own topics (PROTOCOLS.md §1.3).
+"""Topic registry: topic -> subscribers, and each subscriber's own topics.
 
 The reverse index makes removing a closed connection cost O(its own topics), as in y-webrtc's
 ``bin/server.js``. Subscribers are any hashable handle (the server uses its connection objects).
 Every mutation returns the topics whose *local* subscriber count changed, so the caller can tell
-the backend (presence, channel subscriptions) without recounting.
+the backend (presence, channel subscriptions) without recounting. A topic already held is not
+subscribed twice (docs/protocols/topics.md, "Messages").
 """
 
 from __future__ import annotations

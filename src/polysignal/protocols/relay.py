@@ -1,7 +1,7 @@
-"""The relay protocol of cevitxe-signal-server and @localfirst/relay (PROTOCOLS.md §2).
+"""The relay protocol of cevitxe-signal-server and @localfirst/relay (docs/protocols/relay.md).
 
 Frames <-> commands. Three generations share the endpoints; a connection's first frame tells
-which one it speaks, and it is answered in kind (PROTOCOLS.md §2.3, §2.6):
+which one it speaks, and it is answered in kind (docs/protocols/relay.md, "Introductions"):
 
 ```
 V1  cevitxe 0.4.x, relay 1.0   JSON text
@@ -16,8 +16,8 @@ V4  relay 4.x                  msgpack binary
 all -> {"type":"Heartbeat"} (v4's types.ts also names "❤️"); nothing is sent back
 ```
 
-The clients throw on any server message that is not an ``Introduction`` (§2.6), so the protocol has
-no error frame: ``decode`` raises ``ClientError`` and the server closes with its code and reason.
+The clients throw on any server message that is not an ``Introduction``, so the protocol has no
+error frame: ``decode`` raises ``ClientError`` and the server closes with its code and reason.
 
 The second half of this module is the cluster format: what relay nodes send each other over the
 backend (announcements of joins on a document's topic, and direct messages that introduce peers
@@ -143,7 +143,7 @@ def decode(frame: str | bytes, encoding: Encoding, limits: RelayLimits = RelayLi
         generation = Generation.V4
         command: Command = Join(ids) if kind == MessageType.JOIN else Leave(ids)
         return Decoded(command, generation)
-    # JSON: V2 names the list `documentIds`; V1 has `join` and/or `leave` lists (§2.3, §2.6).
+    # JSON: V2 names the list `documentIds`; V1 has `join` and/or `leave` lists.
     if "documentIds" in message:
         if "join" in message or "leave" in message:
             raise MalformedFrame("a frame has either 'documentIds' or 'join'/'leave', not both")

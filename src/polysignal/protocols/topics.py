@@ -1,4 +1,4 @@
-"""The topics protocol of y-webrtc and Flow-Like (PROTOCOLS.md §1.3-1.6): frames <-> commands.
+"""The topics protocol of y-webrtc and Flow-Like (docs/protocols/topics.md): frames <-> commands.
 
 ```
 -> {"type":"subscribe","topics":["a","b"]}      no reply

@@ -35,7 +35,8 @@ class Node:
         self.connections: set[Connection] = set()
         self.addresses = AddressCounter(settings.max_connections_per_ip)
         self.batch = WriteBatch()
-        # WebSocket routes, tried in order; ``fallback`` takes the rest (topics, docs/routes.md).
+        # WebSocket routes, tried in order; ``fallback`` takes the rest (topics; see
+        # docs/architecture.md, "Routing on one port").
         self.routes: list[tuple[Matcher, Driver]] = []
         self.fallback: Driver | None = None
         # Path prefixes whose requests, WebSocket or not, stay with aiohttp (socket.io).

@@ -1,7 +1,7 @@
 """Sending to API Gateway WebSocket connections (the Management API's ``PostToConnection``).
 
 A send has three outcomes: sent, gone (HTTP 410: the connection no longer exists, so the
-caller removes its subscriptions, PROTOCOLS.md §4.2), or failed (anything else: logged, and
+caller removes its subscriptions: docs/serverless.md), or failed (anything else: logged, and
 never fatal for the rest of a fan-out).
 """
 
@@ -64,7 +64,7 @@ class ApiGatewaySender:
 def management_endpoint(request_context: Mapping[str, Any], region: str) -> str | None:
     """The Management API URL of the API stage an event came from.
 
-    Built from ``apiId`` and ``stage`` rather than ``domainName`` (as the seed does), so it is
+    Built from ``apiId`` and ``stage`` (as the original does) rather than ``domainName``, so it is
     right behind a custom domain too, whose base path mapping may hide the stage.
     """
     api_id = request_context.get("apiId")

@@ -1,4 +1,4 @@
-"""The topics protocol as an API Gateway WebSocket handler (PROTOCOLS.md §4.4, generation A).
+"""The topics protocol as an API Gateway WebSocket handler (docs/serverless.md).
 
 API Gateway holds the sockets and invokes the handler once per event, with the route in
 ``requestContext.routeKey``:
@@ -7,7 +7,7 @@ API Gateway holds the sockets and invokes the handler once per event, with the r
 * ``$default``: one client frame, decoded by the topics codec (``polysignal.protocols.topics``),
   with the server's semantics: ``subscribe``/``unsubscribe`` (no reply), ``publish`` to the other
   subscribers with ``clients`` and ``_origin`` (the sender too with ``ECHO=1``), ``ping`` ->
-  ``pong``, and a ``{"type":"error"}`` frame for bad input instead of the seed's silent 500.
+  ``pong``, and a ``{"type":"error"}`` frame for bad input instead of the original's silent 500.
 * ``$disconnect``: every subscription of the connection is deleted, found through ``gs1``.
 
 Every ``$default`` event is activity: the connection's subscriptions whose TTL is older than
@@ -51,7 +51,7 @@ class Route(StrEnum):
 
 
 def response(status: int, body: str) -> Response:
-    """The HTTP answer to API Gateway (the seed's shape: text/plain, CORS open)."""
+    """The HTTP answer to API Gateway (the original's shape: text/plain, CORS open)."""
     return {"statusCode": status, "headers": dict(_HEADERS), "body": body}
 
 

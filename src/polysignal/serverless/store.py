@@ -1,4 +1,4 @@
-"""Topic subscriptions in one DynamoDB table (PROTOCOLS.md §4.3, DESIGN.md §5 serverless).
+"""Topic subscriptions in one DynamoDB table (docs/serverless.md, "Table design").
 
 One item per (topic, connection):
 
@@ -9,7 +9,7 @@ One item per (topic, connection):
 | `data` | `{topic}` | range key of `gs1` |
 | `ttl` | epoch seconds | DynamoDB TTL: abandoned subscriptions expire |
 
-``data`` is always written: the seed's first generation left it out, so its items never entered
+``data`` is always written: the original's first generation left it out, so its items never entered
 the sparse index ``gs1`` and disconnect cleanup found nothing. ``ttl`` is moved forward by the
 connection's activity; DynamoDB deletes expired items lazily (within days), so every read also
 filters them out by time.
@@ -248,7 +248,7 @@ class SubscriptionStore:
 
 
 def _expires(item: dict[str, Any]) -> int:
-    """The item's TTL; an item without one (written by hand or by the seed) never expires."""
+    """The item's TTL; an item without one (written by hand or by the original) never expires."""
     raw = item.get(TTL_ATTRIBUTE, {}).get("N")
     try:
         return int(raw) if raw is not None else NO_EXPIRY

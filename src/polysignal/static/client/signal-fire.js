@@ -12,7 +12,7 @@
 // The RTCPeerConnection is created with the welcome's ICE configuration (merged over the one
 // given to connect). Negotiation follows the "perfect negotiation" pattern, so either side may
 // add tracks or channels at any time: the accepting side is the polite peer. Offers are sent as
-// data.offer, answers as data.answer, candidates as data.candidate (PROTOCOLS.md §3.4).
+// data.offer, answers as data.answer, candidates as data.candidate (docs/protocols/signal-fire.md).
 
 const SUBPROTOCOL = 'Signal-Fire@3'
 const ALPHABET = 'useandom-26T198340PX75pxJACKVERYMINDBUSHWOLF_GQZbfghjklqvwyzrict'
