@@ -31,32 +31,15 @@ from polysignal.protocols.websocket import (
     switching_protocols,
 )
 
+from rawws import frame as raw_frame
+
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 
-def frame(
-    payload: bytes,
-    opcode: int = OP_TEXT,
-    *,
-    fin: bool = True,
-    mask: bytes | None = b"\x01\x02\x03\x04",
-    rsv: int = 0,
-    length: int | None = None,
-) -> bytes:
-    """A client frame, masked with ``mask`` (None: unmasked), as raw bytes."""
-    size = len(payload) if length is None else length
-    first = (0x80 if fin else 0) | rsv << 4 | opcode
-    bit = 0x80 if mask is not None else 0
-    if size < 126:
-        head = bytes([first, bit | size])
-    elif size < 65536:
-        head = bytes([first, bit | 126]) + size.to_bytes(2, "big")
-    else:
-        head = bytes([first, bit | 127]) + size.to_bytes(8, "big")
-    if mask is None:
-        return head + payload
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return head + mask + masked
+def frame(payload: bytes, opcode: int = OP_TEXT, **kwargs: object) -> bytes:
+    """A client frame (tests/rawws.py), masked with a key that changes every byte."""
+    kwargs.setdefault("mask", b"\x01\x02\x03\x04")
+    return raw_frame(payload, opcode, **kwargs)  # type: ignore[arg-type]
 
 
 def read_all(data: bytes, max_size: int = 1024):
