@@ -384,3 +384,91 @@ def test_valid_streams_cut_anywhere_read_back_exactly(stream, points):
     messages, error = feed(cut(data, points), max_size=1024)
     assert error is None
     assert messages == expected
+
+
+# --- edges: each one a rule that a careless change would break ---
+
+
+def test_a_complete_16_bit_header_asks_for_the_whole_frame():
+    data = frame(b"x" * 200)
+    assert read_all(data[:4]) == ([], 0, None, None, len(data))
+    assert read_all(data[:3]) == ([], 0, None, None, 4)
+
+
+def test_a_complete_64_bit_header_asks_for_the_whole_frame():
+    data = frame(b"y" * 70000)
+    assert read_all(data[:10], max_size=1 << 20) == ([], 0, None, None, len(data))
+    assert read_all(data[:9], max_size=1 << 20) == ([], 0, None, None, 10)
+
+
+def test_a_64_bit_length_frame_reads_back_exactly():
+    payload = bytes(range(256)) * 300  # 76,800 bytes
+    messages, used, _, error, _ = read_all(frame(payload, OP_BINARY), max_size=1 << 20)
+    assert (messages, used, error) == ([(OP_BINARY, payload)], len(frame(payload, OP_BINARY)), None)
+
+
+@pytest.mark.parametrize("mask", [b"\0\0\0\0", b"\x01\x02\x03\x04"])
+def test_a_frame_gathered_in_a_bytearray_is_read_into_bytes(mask):
+    data = bytearray(frame(b"one", mask=mask) + frame(b"\x00two", OP_BINARY, mask=mask))
+    messages, used, fragments, error, need = read_messages(data, 1024)
+    assert messages == [(OP_TEXT, b"one"), (OP_BINARY, b"\x00two")]
+    assert all(type(payload) is bytes for _, payload in messages)
+    assert (used, fragments, error, need) == (len(data), None, None, 2)
+
+
+def test_a_close_between_fragments_is_a_control_frame():
+    data = frame(b"ab", fin=False) + frame(b"\x03\xe8", OP_CLOSE) + frame(b"c", OP_CONTINUATION)
+    assert read_all(data)[0] == [(OP_CLOSE, b"\x03\xe8"), (OP_TEXT, b"abc")]
+
+
+def test_three_fragments_count_together_against_the_limit():
+    data = (
+        frame(b"x" * 40, fin=False)
+        + frame(b"y" * 40, OP_CONTINUATION, fin=False)
+        + frame(b"z" * 21, OP_CONTINUATION)
+    )
+    assert error_of(data, max_size=100) == (1009, TOO_LARGE)
+    exact = data[: -len(frame(b"z" * 21, OP_CONTINUATION))] + frame(b"z" * 20, OP_CONTINUATION)
+    assert read_all(exact, max_size=100)[0] == [(OP_TEXT, b"x" * 40 + b"y" * 40 + b"z" * 20)]
+
+
+def test_a_first_fragment_of_exactly_the_limit_is_accepted():
+    data = frame(b"x" * 100, fin=False) + frame(b"", OP_CONTINUATION)
+    assert read_all(data, max_size=100)[0] == [(OP_TEXT, b"x" * 100)]
+    assert error_of(frame(b"x" * 101, fin=False), max_size=100) == (1009, TOO_LARGE)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (frame(b"\x03\xe8", OP_CLOSE, fin=False), "control frames must not be fragmented"),
+        (frame(b"\x03\xe8" + b"r" * 124, OP_CLOSE), "control frame longer than 125 bytes"),
+    ],
+)
+def test_close_frames_are_control_frames(data, message):
+    assert error_of(data) == (1002, message)
+
+
+def test_an_error_asks_for_nothing_more():
+    """After an error the reader is done: ``need`` is 0 whatever the error."""
+    for data in (
+        frame(b"x", rsv=1),
+        frame(b"x", OP_CONTINUATION),
+        frame(b"\xff"),
+        frame(b"a", fin=False) + frame(b"b"),
+    ):
+        assert read_all(data)[4] == 0
+
+
+def test_a_key_with_a_character_outside_base64_is_refused():
+    with pytest.raises(HandshakeError) as info:
+        check_handshake("1.1", "13", "dGhlIHNhbXBs!ZSBub25jZQ==")
+    assert (info.value.status, info.value.message) == (400, "invalid Sec-WebSocket-Key")
+
+
+def test_switching_protocols_with_a_subprotocol_is_the_whole_response():
+    assert switching_protocols(KEY, "Signal-Fire@3") == (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+        b"Sec-WebSocket-Protocol: Signal-Fire@3\r\n\r\n"
+    )
