@@ -69,7 +69,7 @@ def node_settings(**overrides: Any) -> Settings:
         "shutdown_timeout": 1 * UNIT,
     }
     base.update(overrides)
-    return Settings(**base)
+    return Settings.of(**base)
 
 
 @dataclass

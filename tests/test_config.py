@@ -2,34 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from polysignal.cli import build_parser
-from polysignal.config import ConfigError, Secret, Settings, config_table, redact_url
+from polysignal.config import (
+    FIELDS,
+    GROUPS,
+    ConfigError,
+    Secret,
+    Settings,
+    config_table,
+    redact_url,
+)
 
 from support import ROOT
 
 
 def test_defaults_match_the_originals():
     s = Settings.from_env({})
-    assert (s.port, s.backend_url, s.signal_channel, s.max_frame_bytes) == (
+    server = s.server
+    assert (server.port, server.backend_url, s.redis.signal_channel, s.limits.max_frame_bytes) == (
         4444,
         "memory://",
         "signal:publish",
         65536,
     )
-    assert len(s.node_id) == 36
+    assert len(server.node_id) == 36
 
 
 def test_env_and_flag_precedence():
     s = Settings.from_env({"PORT": "5000", "ECHO": "1"}, port=6000)
-    assert s.port == 6000 and s.echo is True
+    assert s.server.port == 6000 and s.topics.echo is True
 
 
 def test_redis_url_alone_selects_redis():
-    assert Settings.from_env({"REDIS_URL": "redis://h:1/0"}).backend_url == "redis://h:1/0"
+    alone = Settings.from_env({"REDIS_URL": "redis://h:1/0"})
+    assert alone.server.backend_url == "redis://h:1/0"
     both = Settings.from_env({"REDIS_URL": "redis://h:1/0", "BACKEND": "memory://"})
-    assert both.backend_url == "memory://"
+    assert both.server.backend_url == "memory://"
 
 
 @pytest.mark.parametrize(
@@ -42,6 +54,8 @@ def test_redis_url_alone_selects_redis():
         ({"ICE_SERVERS": "{"}, "ICE_SERVERS"),
         ({"WORKERS": "2"}, "--workers"),
         ({"RELAY_MAX_FRAME_BYTES": "2000000"}, "RELAY_MAX_FRAME_BYTES"),
+        ({"ID_LEASE_TTL": "0"}, "ID_LEASE_TTL"),
+        ({"MAX_HEADERS": "0"}, "MAX_HEADERS"),
     ],
 )
 def test_bad_values_fail_loudly(env, needle):
@@ -51,11 +65,11 @@ def test_bad_values_fail_loudly(env, needle):
 
 def test_ice_servers_accepts_list_or_configuration():
     servers = '[{"urls":"stun:127.0.0.1:3478"}]'
-    assert Settings.from_env({"ICE_SERVERS": servers}).ice_servers == (
+    assert Settings.from_env({"ICE_SERVERS": servers}).server.ice_servers == (
         {"urls": "stun:127.0.0.1:3478"},
     )
     wrapped = '{"iceServers":' + servers + "}"
-    assert Settings.from_env({"ICE_SERVERS": wrapped}).ice_servers == (
+    assert Settings.from_env({"ICE_SERVERS": wrapped}).server.ice_servers == (
         {"urls": "stun:127.0.0.1:3478"},
     )
 
@@ -63,7 +77,7 @@ def test_ice_servers_accepts_list_or_configuration():
 def test_secrets_never_print():
     s = Settings.from_env({"APP_SECRET": "hunter2", "APP_PASS": "pw"})
     assert "hunter2" not in repr(s) and "pw'" not in repr(s)
-    assert s.app_secret.reveal() == "hunter2"
+    assert s.rooms.app_secret.reveal() == "hunter2"
     assert str(Secret("x")) == "Secret('**********')"
 
 
@@ -80,3 +94,34 @@ def test_every_setting_is_a_flag():
 def test_configuration_page_is_generated_from_the_code():
     page = (ROOT / "docs" / "configuration.md").read_text()
     assert page == config_table(), "run: polysignal config-table > docs/configuration.md"
+
+
+def test_each_setting_is_declared_once_and_names_are_unique():
+    """One declaration per setting: names and variables are unique across the groups, and each
+    group holds exactly the fields it declares."""
+    names = [spec.name for spec in FIELDS]
+    envs = [spec.env for spec in FIELDS]
+    assert len(names) == len(set(names)) and len(envs) == len(set(envs))
+    for name, group in GROUPS:
+        declared = {spec.name for spec in FIELDS if spec.group == name}
+        assert declared == {f.name for f in dataclasses.fields(group)}
+
+
+def test_replace_and_of_name_fields_without_their_group():
+    s = Settings.of(max_frame_bytes=2048, echo=True, relay_max_documents=3)
+    assert (s.limits.max_frame_bytes, s.topics.echo, s.relay.relay_max_documents) == (2048, True, 3)
+    assert s.replace(port=0).server.port == 0 and s.server.port == 4444
+    with pytest.raises(TypeError, match="unknown setting 'nope'"):
+        s.replace(nope=1)
+
+
+def test_one_meaning_per_name():
+    """Topics per connection, documents per relay peer and rooms per socket are separate."""
+    s = Settings.from_env(
+        {"MAX_TOPICS_PER_CONNECTION": "5", "RELAY_MAX_DOCUMENTS": "6", "ROOMS_MAX_PER_SOCKET": "7"}
+    )
+    assert (
+        s.topics.max_topics_per_connection,
+        s.relay.relay_max_documents,
+        s.rooms.rooms_max_per_socket,
+    ) == (5, 6, 7)

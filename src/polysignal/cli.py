@@ -1,4 +1,4 @@
-"""``polysignal`` command line: ``serve`` and helpers. Every setting of ``config.FIELDS`` is also a
+"""``polysignal`` command line: ``serve`` and helpers. Every setting (``config.FIELDS``) is also a
 flag (``PORT`` -> ``--port``, ``MAX_FRAME_BYTES`` -> ``--max-frame-bytes``); flags win over the
 environment."""
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from polysignal import __version__
-from polysignal.config import FIELDS, ConfigError, Settings, config_table
+from polysignal.config import FIELDS, ConfigError, Settings, config_table, parse_bool
 from polysignal.serverless import commands as serverless_commands
 
 
@@ -21,7 +21,7 @@ def _flag(env: str) -> str:
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (each overrides its environment variable)")
     for spec in FIELDS:
-        if spec.parse.__name__ == "_parse_bool":
+        if spec.parse is parse_bool:
             group.add_argument(
                 _flag(spec.env),
                 dest=spec.name,
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from polysignal import logs
 
-    logs.configure(settings.log_level)
+    logs.configure(settings.server.log_level)
     if args.command == "serve":
         from polysignal.server.runner import run
 

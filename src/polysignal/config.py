@@ -1,8 +1,13 @@
-"""One frozen Settings object, built from environment variables; CLI flags override.
+"""Settings: frozen groups, one per concern, each field declared once.
 
-Every setting is listed in ``FIELDS`` with its environment variable, default and a one-line
-description; ``docs/configuration.md`` is generated from the same table so the two never drift
-(``python -m polysignal config-table``).
+A field is declared with ``setting(default, ENV_NAME, doc)`` in its group; the environment
+variable, the ``polysignal serve`` flag (``MAX_FRAME_BYTES`` -> ``--max-frame-bytes``) and the row
+of ``docs/configuration.md`` (``polysignal config-table``, kept in step by a test) are all derived
+from that one declaration. ``Settings`` holds one instance of each group; a part of the server
+receives only the group it needs.
+
+Field names are unique across groups, so ``Settings.of(max_frame_bytes=1024)`` and
+``settings.replace(port=0)`` can name a field without its group.
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ import dataclasses
 import json
 import os
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_type_hints
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -62,7 +67,12 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
 
 
-def _parse_bool(name: str, raw: str) -> bool:
+# --- parsing ------------------------------------------------------------------------------------
+
+Parser = Callable[[str, str], Any]
+
+
+def parse_bool(name: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -71,7 +81,7 @@ def _parse_bool(name: str, raw: str) -> bool:
     raise ConfigError(f"{name}: expected a boolean (1/0, true/false), got {raw!r}")
 
 
-def _parse_int(name: str, raw: str) -> int:
+def parse_int(name: str, raw: str) -> int:
     try:
         value = int(raw.strip())
     except ValueError:
@@ -81,7 +91,7 @@ def _parse_int(name: str, raw: str) -> int:
     return value
 
 
-def _parse_float(name: str, raw: str) -> float:
+def parse_float(name: str, raw: str) -> float:
     try:
         value = float(raw.strip())
     except ValueError:
@@ -91,7 +101,23 @@ def _parse_float(name: str, raw: str) -> float:
     return value
 
 
-def _parse_ice_servers(name: str, raw: str) -> tuple[dict[str, Any], ...]:
+def parse_text(_: str, raw: str) -> str:
+    return raw
+
+
+def parse_upper(_: str, raw: str) -> str:
+    return raw.upper()
+
+
+def parse_secret(_: str, raw: str) -> Secret:
+    return Secret(raw)
+
+
+def parse_optional(_: str, raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def parse_ice_servers(name: str, raw: str) -> tuple[dict[str, Any], ...]:
     try:
         value = json.loads(raw)
     except ValueError as exc:
@@ -103,59 +129,346 @@ def _parse_ice_servers(name: str, raw: str) -> tuple[dict[str, Any], ...]:
     return tuple(value)
 
 
+_PARSERS: dict[Any, Parser] = {
+    bool: parse_bool,
+    int: parse_int,
+    float: parse_float,
+    str: parse_text,
+    Secret: parse_secret,
+}
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    env: str = "",
+    doc: str = "",
+    *,
+    parse: Parser | None = None,
+    factory: Callable[[], Any] | None = None,
+    shown: str | None = None,
+) -> Any:
+    """Declare one setting: its default, environment variable and one-line description.
+
+    ``parse`` defaults to the parser of the field's type; ``shown`` is the default as
+    docs/configuration.md prints it, when the value itself is not what a reader should see.
+    """
+    metadata = {"env": env, "doc": doc, "parse": parse, "shown": shown}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One setting as the environment, the command line and the docs see it."""
+
+    name: str
+    env: str
+    parse: Parser
+    doc: str
+    group: str
+    shown: str | None = None
+
+
+def fields_of(group: type, name: str) -> tuple[FieldSpec, ...]:
+    """The settings declared in the dataclass ``group`` (called ``name`` in the docs)."""
+    hints = get_type_hints(group)
+    specs = []
+    for item in dataclasses.fields(group):
+        meta = item.metadata
+        if not meta.get("env"):
+            continue
+        parse = meta["parse"] or _PARSERS[hints[item.name]]
+        specs.append(FieldSpec(item.name, meta["env"], parse, meta["doc"], name, meta["shown"]))
+    return tuple(specs)
+
+
+# --- the groups ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where and how a node runs."""
+
+    host: str = setting("0.0.0.0", "HOST", "Address to listen on.")
+    port: int = setting(4444, "PORT", "TCP port for every protocol.")
+    node_id: str = setting(
+        env="NODE_ID",
+        doc="This node's id, stamped as `_origin`.",
+        factory=lambda: str(uuid.uuid4()),
+        shown="<random UUID>",
+    )
+    backend_url: str = setting(
+        "memory://",
+        "BACKEND",
+        "`memory://` (one process) or `redis://host:port/db`; a `REDIS_URL` alone selects Redis.",
+    )
+    log_level: str = setting(
+        "INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", parse=parse_upper
+    )
+    workers: int = setting(1, "WORKERS", "Processes sharing the port (needs Redis).")
+    shutdown_timeout: float = setting(
+        5.0, "SHUTDOWN_TIMEOUT", "Seconds a graceful stop waits for peers to close."
+    )
+    header_timeout: float = setting(
+        10.0,
+        "HEADER_TIMEOUT",
+        "Seconds a new connection has to send its whole request line and headers (else 408). "
+        "0 = no limit.",
+    )
+    linger: float = setting(
+        2.0,
+        "LINGER",
+        "Seconds a refused client is still read (and what it sends dropped) so it sees the answer.",
+    )
+    backlog: int = setting(
+        2048, "BACKLOG", "Connections the kernel queues before they are accepted."
+    )
+    backend_wait: float = setting(
+        10.0,
+        "WORKER_BACKEND_WAIT",
+        "Seconds a worker of `--workers` waits for its backend before listening regardless.",
+    )
+    ice_servers: tuple[dict[str, Any], ...] | None = setting(
+        None,
+        "ICE_SERVERS",
+        "JSON list of RTCIceServer objects handed to clients (Signal-Fire welcome, rooms demo).",
+        parse=parse_ice_servers,
+    )
+    id_lease_ttl: int = setting(
+        60,
+        "ID_LEASE_TTL",
+        "Seconds a claimed id (Signal-Fire and relay peer ids, rooms room names) lives in the "
+        "cluster unless renewed (every third of it). At least 1.",
+    )
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """What every WebSocket connection is held to, whatever its protocol."""
+
+    max_header_bytes: int = setting(
+        16384,
+        "MAX_HEADER_BYTES",
+        "Largest request line and headers, together, in bytes (else 431).",
+    )
+    max_headers: int = setting(100, "MAX_HEADERS", "Most header lines in a request (else 431).")
+    max_frame_bytes: int = setting(
+        65536,
+        "MAX_FRAME_BYTES",
+        "Largest WebSocket message accepted; larger closes with 1009.",
+    )
+    rate_limit: float = setting(
+        200.0,
+        "RATE_LIMIT",
+        "Messages per second one connection may send (token bucket refill); 0 = no limit.",
+    )
+    rate_burst: int = setting(400, "RATE_BURST", "Token bucket size.")
+    max_connections_per_ip: int = setting(
+        1000, "MAX_CONNECTIONS_PER_IP", "Open WebSockets per client address; 0 = unlimited."
+    )
+    send_buffer_bytes: int = setting(
+        1 << 20,
+        "SEND_BUFFER_BYTES",
+        "Unsent bytes a connection may queue before it is closed with 1013.",
+    )
+    ping_interval: float = setting(
+        30.0,
+        "PING_INTERVAL",
+        "Seconds between WebSocket pings; a peer silent (no pong) for one interval is closed. "
+        "0 = off.",
+    )
+
+
+@dataclass(frozen=True)
+class TopicsSettings:
+    """The topics protocol (y-webrtc, Flow-Like)."""
+
+    echo: bool = setting(False, "ECHO", "Also deliver a publish to its sender.")
+    max_topics_per_connection: int = setting(
+        256, "MAX_TOPICS_PER_CONNECTION", "Topics one connection may be subscribed to."
+    )
+    max_topic_length: int = setting(512, "MAX_TOPIC_LENGTH", "Longest topic, in characters.")
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """The Redis backend."""
+
+    signal_channel: str = setting(
+        "signal:publish", "SIGNAL_CHANNEL", "Prefix of the Redis channels."
+    )
+    presence_ttl: int = setting(
+        90, "PRESENCE_TTL", "Seconds a node's presence counts live in Redis unless refreshed."
+    )
+    presence_refresh: float = setting(
+        10.0, "PRESENCE_REFRESH", "Seconds between presence TTL refreshes."
+    )
+    presence_cache_ttl: float = setting(
+        2.0,
+        "PRESENCE_CACHE_TTL",
+        "Longest a cached cluster-wide `clients` count is used without re-reading Redis.",
+    )
+    redis_backoff_max: float = setting(
+        10.0, "REDIS_BACKOFF_MAX", "Cap, in seconds, of the reconnect backoff."
+    )
+    redis_connect_timeout: float = setting(
+        5.0, "REDIS_CONNECT_TIMEOUT", "Seconds to open a connection to Redis."
+    )
+    redis_command_timeout: float = setting(
+        5.0,
+        "REDIS_COMMAND_TIMEOUT",
+        "Seconds one batch of commands may take before the connection is considered lost.",
+    )
+    redis_read_timeout: float = setting(
+        2.0,
+        "REDIS_READ_TIMEOUT",
+        "Seconds a presence read may delay a publish before the cached or local count is used.",
+    )
+    redis_keepalive: float = setting(
+        5.0,
+        "REDIS_KEEPALIVE",
+        "Seconds between PINGs on the subscriber connection; silence for 3x this drops it.",
+    )
+    redis_outbox_bytes: int = setting(
+        8 << 20,
+        "REDIS_OUTBOX_BYTES",
+        "Bytes of publishes queued for Redis before publishers wait for the writer.",
+    )
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """The relay protocol (cevitxe-signal-server, @localfirst/relay)."""
+
+    relay_buffer_bytes: int = setting(
+        1 << 20,
+        "RELAY_BUFFER_BYTES",
+        "Bytes a held `/connection` socket may send before its peer arrives.",
+    )
+    relay_wait_timeout: float = setting(
+        60.0,
+        "RELAY_WAIT_TIMEOUT",
+        "Seconds a `/connection` socket is held waiting for its peer.",
+    )
+    relay_max_frame_bytes: int = setting(
+        256 * 1024,
+        "RELAY_MAX_FRAME_BYTES",
+        "Largest frame on a `/connection` pipe (document sync); larger closes with 1009.",
+    )
+    relay_max_documents: int = setting(
+        256, "RELAY_MAX_DOCUMENTS", "Document ids one `/introduction` peer may hold."
+    )
+    relay_max_id_length: int = setting(
+        512, "RELAY_MAX_ID_LENGTH", "Longest peer id or document id, in characters."
+    )
+    relay_match_timeout: float = setting(
+        5.0,
+        "RELAY_MATCH_TIMEOUT",
+        "Seconds a `/connection` socket waits for another node to confirm a pipe.",
+    )
+    relay_backpressure_timeout: float = setting(
+        30.0,
+        "RELAY_BACKPRESSURE_TIMEOUT",
+        "Seconds a pipe's writer waits for a reader that is behind before the send buffer "
+        "limit (1013) decides.",
+    )
+
+
+@dataclass(frozen=True)
+class SignalFireSettings:
+    """The Signal-Fire protocol."""
+
+    signalfire_path: str = setting(
+        "/signal-fire",
+        "SIGNALFIRE_PATH",
+        "Path where any WebSocket speaks Signal-Fire, with or without subprotocol.",
+    )
+    session_timeout: float = setting(
+        30.0,
+        "SESSION_TIMEOUT",
+        "Seconds before an unanswered `session-start` times out; 0 = never.",
+    )
+
+
+@dataclass(frozen=True)
+class RoomsSettings:
+    """The rooms protocol (wrtc-signal over socket.io)."""
+
+    app_secret: Secret = setting(
+        env="APP_SECRET",
+        doc="HMAC key of the rooms tokens.",
+        factory=lambda: Secret(""),
+        shown="(unset)",
+    )
+    app_pass: Secret = setting(
+        env="APP_PASS",
+        doc="Password `POST /app` requires.",
+        factory=lambda: Secret(""),
+        shown="(unset)",
+    )
+    token_lifetime: int = setting(
+        86400, "TOKEN_LIFETIME", "Seconds a rooms session token is valid."
+    )
+    max_payload_bytes: int = setting(
+        16384, "MAX_PAYLOAD_BYTES", "Largest `payload` of a rooms event, as JSON bytes."
+    )
+    rooms_max_per_socket: int = setting(
+        256, "ROOMS_MAX_PER_SOCKET", "Rooms one socket may be in or ask to join."
+    )
+    rooms_max_name_length: int = setting(
+        512, "ROOMS_MAX_NAME_LENGTH", "Longest room name, in characters."
+    )
+    rooms_max_pending: int = setting(
+        1024, "ROOMS_MAX_PENDING", "Join requests one room may hold for its owner's answer."
+    )
+    rooms_dev: bool = setting(
+        False,
+        "ROOMS_DEV",
+        "Run the rooms protocol with printed development secrets when unset.",
+    )
+
+
+GROUPS: tuple[tuple[str, type], ...] = (
+    ("server", ServerSettings),
+    ("limits", LimitSettings),
+    ("topics", TopicsSettings),
+    ("redis", RedisSettings),
+    ("relay", RelaySettings),
+    ("signalfire", SignalFireSettings),
+    ("rooms", RoomsSettings),
+)
+
+FIELDS: tuple[FieldSpec, ...] = tuple(
+    spec for name, group in GROUPS for spec in fields_of(group, name)
+)
+"""Every setting, in the order of docs/configuration.md."""
+
+_GROUP_OF: dict[str, str] = {spec.name: spec.group for spec in FIELDS}
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of a polysignal node. Build with ``Settings.from_env()``."""
+    """Every knob of a polysignal node, by concern. Build with ``Settings.from_env()``."""
 
-    # --- server ---
-    host: str = "0.0.0.0"
-    port: int = 4444
-    node_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    backend_url: str = "memory://"
-    signal_channel: str = "signal:publish"
-    log_level: str = "INFO"
-    workers: int = 1
-    shutdown_timeout: float = 5.0
-    header_timeout: float = 10.0
-    max_header_bytes: int = 16384
-    max_headers: int = 100
-    # --- shared limits ---
-    max_frame_bytes: int = 65536
-    max_topics_per_connection: int = 256
-    max_topic_length: int = 512
-    rate_limit: float = 200.0
-    rate_burst: int = 400
-    max_connections_per_ip: int = 1000
-    send_buffer_bytes: int = 1 << 20
-    ping_interval: float = 30.0
-    # --- topics ---
-    echo: bool = False
-    # --- redis backend ---
-    presence_ttl: int = 90
-    presence_refresh: float = 10.0
-    presence_cache_ttl: float = 2.0
-    redis_backoff_max: float = 10.0
-    # --- relay ---
-    relay_buffer_bytes: int = 1 << 20
-    relay_wait_timeout: float = 60.0
-    relay_max_frame_bytes: int = 256 * 1024
-    # --- signal-fire ---
-    signalfire_path: str = "/signal-fire"
-    session_timeout: float = 30.0
-    ice_servers: tuple[dict[str, Any], ...] | None = None
-    id_lease_ttl: int = 60
-    # --- rooms ---
-    app_secret: Secret = field(default_factory=lambda: Secret(""))
-    app_pass: Secret = field(default_factory=lambda: Secret(""))
-    token_lifetime: int = 86400
-    max_payload_bytes: int = 16384
-    rooms_dev: bool = False
+    server: ServerSettings = field(default_factory=ServerSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    topics: TopicsSettings = field(default_factory=TopicsSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    signalfire: SignalFireSettings = field(default_factory=SignalFireSettings)
+    rooms: RoomsSettings = field(default_factory=RoomsSettings)
+
+    @classmethod
+    def of(cls, **values: Any) -> Settings:
+        """Settings with ``values`` (field names, any group) and the defaults elsewhere."""
+        return cls().replace(**values)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read every variable of ``FIELDS`` from ``environ``; ``overrides`` (CLI flags) win.
+        """Read every setting from ``environ``; ``overrides`` (CLI flags, field names) win.
 
-        Raises ConfigError naming the variable when a value cannot be parsed.
+        Raises ConfigError naming the variable when a value cannot be parsed or used.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -167,272 +480,69 @@ class Settings:
         if "backend_url" not in values and env.get("REDIS_URL"):
             values["backend_url"] = env["REDIS_URL"]
         values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)
+        settings = cls.of(**values)
         settings.validate()
         return settings
 
-    def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+    def replace(self, **values: Any) -> Settings:
+        """A copy with ``values`` (field names of any group) changed."""
+        by_group: dict[str, dict[str, Any]] = {}
+        for name, value in values.items():
+            group = _GROUP_OF.get(name)
+            if group is None:
+                raise TypeError(f"unknown setting {name!r}")
+            by_group.setdefault(group, {})[name] = value
+        groups = {
+            group: dataclasses.replace(getattr(self, group), **changes)
+            for group, changes in by_group.items()
+        }
+        return dataclasses.replace(self, **groups)
+
+    def items(self) -> Iterator[tuple[FieldSpec, Any]]:
+        """Every setting with its value."""
+        for spec in FIELDS:
+            yield spec, getattr(getattr(self, spec.group), spec.name)
+
+    @property
+    def backend_scheme(self) -> str:
+        return urlsplit(self.server.backend_url).scheme
 
     def validate(self) -> None:
-        scheme = urlsplit(self.backend_url).scheme
+        server, limits, relay = self.server, self.limits, self.relay
+        scheme = self.backend_scheme
         if scheme not in ("memory", "redis", "rediss", "unix"):
             raise ConfigError(
                 f"BACKEND: unsupported scheme {scheme!r} (use memory:// or redis://host:port)"
             )
-        if not 0 < self.port < 65536 and self.port != 0:
-            raise ConfigError(f"PORT: {self.port} is not a TCP port")
-        if self.workers < 1:
+        if not 0 < server.port < 65536 and server.port != 0:
+            raise ConfigError(f"PORT: {server.port} is not a TCP port")
+        if server.workers < 1:
             raise ConfigError("WORKERS: must be at least 1")
-        if self.workers > 1 and scheme == "memory":
+        if server.workers > 1 and scheme == "memory":
             raise ConfigError(
                 "--workers > 1 needs a shared backend: set BACKEND=redis://... (or REDIS_URL); "
                 "workers on the memory backend could not see each other's peers"
             )
-        if self.max_header_bytes < 1024:
+        if server.id_lease_ttl < 1:
+            raise ConfigError("ID_LEASE_TTL: must be at least 1 second (renewed every third)")
+        if limits.max_header_bytes < 1024:
             raise ConfigError("MAX_HEADER_BYTES: must be at least 1024")
-        if self.max_headers < 1:
+        if limits.max_headers < 1:
             raise ConfigError("MAX_HEADERS: must be at least 1")
-        if self.max_frame_bytes < 1024:
+        if limits.max_frame_bytes < 1024:
             raise ConfigError("MAX_FRAME_BYTES: must be at least 1024")
-        if self.relay_max_frame_bytes < 1024:
+        if relay.relay_max_frame_bytes < 1024:
             raise ConfigError("RELAY_MAX_FRAME_BYTES: must be at least 1024")
-        if self.relay_max_frame_bytes > min(self.relay_buffer_bytes, self.send_buffer_bytes):
+        if relay.relay_max_frame_bytes > min(relay.relay_buffer_bytes, limits.send_buffer_bytes):
             raise ConfigError(
                 "RELAY_MAX_FRAME_BYTES: must not exceed RELAY_BUFFER_BYTES or SEND_BUFFER_BYTES, "
                 "or one frame would overflow the buffers that hold it"
             )
-        if not self.signalfire_path.startswith("/"):
+        if not self.signalfire.signalfire_path.startswith("/"):
             raise ConfigError("SIGNALFIRE_PATH: must start with '/'")
 
-    @property
-    def backend_scheme(self) -> str:
-        return urlsplit(self.backend_url).scheme
 
-
-@dataclass(frozen=True)
-class FieldSpec:
-    name: str
-    env: str
-    parse: Callable[[str, str], Any]
-    doc: str
-    group: str
-
-
-def _str(_: str, raw: str) -> str:
-    return raw
-
-
-def _upper(_: str, raw: str) -> str:
-    return raw.upper()
-
-
-def _secret(_: str, raw: str) -> Secret:
-    return Secret(raw)
-
-
-FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("host", "HOST", _str, "Address to listen on.", "server"),
-    FieldSpec("port", "PORT", _parse_int, "TCP port for every protocol.", "server"),
-    FieldSpec("node_id", "NODE_ID", _str, "This node's id, stamped as `_origin`.", "server"),
-    FieldSpec(
-        "backend_url",
-        "BACKEND",
-        _str,
-        "`memory://` (one process) or `redis://host:port/db`; a `REDIS_URL` alone selects Redis.",
-        "server",
-    ),
-    FieldSpec("signal_channel", "SIGNAL_CHANNEL", _str, "Prefix of the Redis channels.", "server"),
-    FieldSpec("log_level", "LOG_LEVEL", _upper, "DEBUG, INFO, WARNING or ERROR.", "server"),
-    FieldSpec(
-        "workers", "WORKERS", _parse_int, "Processes sharing the port (needs Redis).", "server"
-    ),
-    FieldSpec(
-        "shutdown_timeout",
-        "SHUTDOWN_TIMEOUT",
-        _parse_float,
-        "Seconds a graceful stop waits for peers to close.",
-        "server",
-    ),
-    FieldSpec(
-        "header_timeout",
-        "HEADER_TIMEOUT",
-        _parse_float,
-        "Seconds a new connection has to send its whole request line and headers (else 408). "
-        "0 = no limit.",
-        "server",
-    ),
-    FieldSpec(
-        "max_header_bytes",
-        "MAX_HEADER_BYTES",
-        _parse_int,
-        "Largest request line and headers, together, in bytes (else 431).",
-        "limits",
-    ),
-    FieldSpec(
-        "max_headers",
-        "MAX_HEADERS",
-        _parse_int,
-        "Most header lines in a request (else 431).",
-        "limits",
-    ),
-    FieldSpec(
-        "max_frame_bytes",
-        "MAX_FRAME_BYTES",
-        _parse_int,
-        "Largest WebSocket frame accepted; larger closes with 1009.",
-        "limits",
-    ),
-    FieldSpec(
-        "max_topics_per_connection",
-        "MAX_TOPICS_PER_CONNECTION",
-        _parse_int,
-        "Topics (or document ids) one connection may hold.",
-        "limits",
-    ),
-    FieldSpec(
-        "max_topic_length",
-        "MAX_TOPIC_LENGTH",
-        _parse_int,
-        "Longest topic, document id or peer id, in characters.",
-        "limits",
-    ),
-    FieldSpec(
-        "rate_limit",
-        "RATE_LIMIT",
-        _parse_float,
-        "Messages per second one connection may send (token bucket refill).",
-        "limits",
-    ),
-    FieldSpec("rate_burst", "RATE_BURST", _parse_int, "Token bucket size.", "limits"),
-    FieldSpec(
-        "max_connections_per_ip",
-        "MAX_CONNECTIONS_PER_IP",
-        _parse_int,
-        "Open WebSockets per client address; 0 = unlimited.",
-        "limits",
-    ),
-    FieldSpec(
-        "send_buffer_bytes",
-        "SEND_BUFFER_BYTES",
-        _parse_int,
-        "Unsent bytes a connection may queue before it is closed with 1013.",
-        "limits",
-    ),
-    FieldSpec(
-        "ping_interval",
-        "PING_INTERVAL",
-        _parse_float,
-        "Seconds between WebSocket pings; a peer silent (no pong) for one interval is closed. "
-        "0 = off.",
-        "limits",
-    ),
-    FieldSpec(
-        "echo", "ECHO", _parse_bool, "Topics: also deliver a publish to its sender.", "topics"
-    ),
-    FieldSpec(
-        "presence_ttl",
-        "PRESENCE_TTL",
-        _parse_int,
-        "Seconds a node's presence counts live in Redis unless refreshed.",
-        "redis",
-    ),
-    FieldSpec(
-        "presence_refresh",
-        "PRESENCE_REFRESH",
-        _parse_float,
-        "Seconds between presence TTL refreshes.",
-        "redis",
-    ),
-    FieldSpec(
-        "presence_cache_ttl",
-        "PRESENCE_CACHE_TTL",
-        _parse_float,
-        "Longest a cached cluster-wide `clients` count is used without re-reading Redis.",
-        "redis",
-    ),
-    FieldSpec(
-        "redis_backoff_max",
-        "REDIS_BACKOFF_MAX",
-        _parse_float,
-        "Cap, in seconds, of the reconnect backoff.",
-        "redis",
-    ),
-    FieldSpec(
-        "relay_buffer_bytes",
-        "RELAY_BUFFER_BYTES",
-        _parse_int,
-        "Bytes a held `/connection` socket may send before its peer arrives.",
-        "relay",
-    ),
-    FieldSpec(
-        "relay_wait_timeout",
-        "RELAY_WAIT_TIMEOUT",
-        _parse_float,
-        "Seconds a `/connection` socket is held waiting for its peer.",
-        "relay",
-    ),
-    FieldSpec(
-        "relay_max_frame_bytes",
-        "RELAY_MAX_FRAME_BYTES",
-        _parse_int,
-        "Largest frame on a `/connection` pipe (document sync); larger closes with 1009.",
-        "relay",
-    ),
-    FieldSpec(
-        "signalfire_path",
-        "SIGNALFIRE_PATH",
-        _str,
-        "Path where any WebSocket speaks Signal-Fire, with or without subprotocol.",
-        "signal-fire",
-    ),
-    FieldSpec(
-        "session_timeout",
-        "SESSION_TIMEOUT",
-        _parse_float,
-        "Seconds before an unanswered `session-start` times out.",
-        "signal-fire",
-    ),
-    FieldSpec(
-        "ice_servers",
-        "ICE_SERVERS",
-        _parse_ice_servers,
-        "JSON list of RTCIceServer objects handed to clients (Signal-Fire welcome, demo).",
-        "signal-fire",
-    ),
-    FieldSpec(
-        "id_lease_ttl",
-        "ID_LEASE_TTL",
-        _parse_int,
-        "Seconds a claimed peer id (or rooms room name) lives in the cluster registry unless "
-        "renewed.",
-        "signal-fire",
-    ),
-    FieldSpec("app_secret", "APP_SECRET", _secret, "HMAC key of the rooms tokens.", "rooms"),
-    FieldSpec("app_pass", "APP_PASS", _secret, "Password `POST /app` requires.", "rooms"),
-    FieldSpec(
-        "token_lifetime",
-        "TOKEN_LIFETIME",
-        _parse_int,
-        "Seconds a rooms session token is valid.",
-        "rooms",
-    ),
-    FieldSpec(
-        "max_payload_bytes",
-        "MAX_PAYLOAD_BYTES",
-        _parse_int,
-        "Largest `payload` of a rooms event, as JSON bytes.",
-        "rooms",
-    ),
-    FieldSpec(
-        "rooms_dev",
-        "ROOMS_DEV",
-        _parse_bool,
-        "Run the rooms protocol with printed development secrets when unset.",
-        "rooms",
-    ),
-)
-
+# --- docs/configuration.md ----------------------------------------------------------------------
 
 CONFIG_DOC_HEADER = """# Configuration
 
@@ -441,25 +551,32 @@ Every setting of polysignal, as an environment variable; each is also a flag of 
 environment. Invalid values stop the server at start with a message naming the variable.
 This page is generated by `polysignal config-table > docs/configuration.md`; a test keeps it in
 step with the code.
-
 """
 
 
+def shown_default(spec: FieldSpec, value: Any) -> str:
+    if spec.shown is not None:
+        return spec.shown
+    if isinstance(value, Secret) or value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
 def config_table() -> str:
-    """docs/configuration.md: the Markdown table of every setting with its default."""
-    defaults = Settings(node_id="<random UUID>")
-    lines = ["| variable | default | group | meaning |", "|---|---|---|---|"]
-    for spec in FIELDS:
-        value = getattr(defaults, spec.name)
-        if isinstance(value, Secret) or value is None:
-            shown = "(unset)"
-        elif isinstance(value, bool):
-            shown = "1" if value else "0"
-        else:
-            shown = str(value)
-        lines.append(f"| `{spec.env}` | `{shown}` | {spec.group} | {spec.doc} |")
-    lines.append(
-        "| `REDIS_URL` | (unset) | server | Redis URL; selects the Redis backend when "
-        "`BACKEND` is unset. |"
-    )
-    return CONFIG_DOC_HEADER + "\n".join(lines) + "\n"
+    """docs/configuration.md: one table per group, every setting with its default."""
+    defaults = Settings()
+    out = [CONFIG_DOC_HEADER]
+    for name, group in GROUPS:
+        out.append(f"\n## {name}\n\n{(group.__doc__ or '').strip()}\n\n")
+        out.append("| variable | default | meaning |\n|---|---|---|\n")
+        for spec in fields_of(group, name):
+            value = getattr(getattr(defaults, spec.group), spec.name)
+            out.append(f"| `{spec.env}` | `{shown_default(spec, value)}` | {spec.doc} |\n")
+        if name == "server":
+            out.append(
+                "| `REDIS_URL` | (unset) | Redis URL; selects the Redis backend when "
+                "`BACKEND` is unset. |\n"
+            )
+    return "".join(out)

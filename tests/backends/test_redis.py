@@ -64,10 +64,10 @@ def test_presence_keys_are_flow_likes():
 
 def test_backend_selected_by_url():
     url = "redis://127.0.0.1:1/0"
-    assert isinstance(create_backend(Settings(backend_url=url)), RedisBackend)
+    assert isinstance(create_backend(Settings.of(backend_url=url)), RedisBackend)
     from_env = Settings.from_env({"REDIS_URL": url})
     assert isinstance(create_backend(from_env), RedisBackend)
-    assert from_env.signal_channel == "signal:publish"
+    assert from_env.redis.signal_channel == "signal:publish"
 
 
 def test_refresh_kept_below_the_ttl(caplog: pytest.LogCaptureFixture):

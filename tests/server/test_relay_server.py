@@ -277,7 +277,7 @@ async def test_switching_encoding_mid_connection_is_refused(server):
 
 
 async def test_too_many_documents_and_too_long_ids_are_refused():
-    settings = node_settings(max_topics_per_connection=2, max_topic_length=8)
+    settings = node_settings(relay_max_documents=2, relay_max_id_length=8)
     async with running_server(settings) as srv:
         ws = await srv.ws("/introduction/x")
         await join_json(ws, "a", "b")

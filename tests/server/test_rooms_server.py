@@ -855,9 +855,7 @@ async def test_room_lease_is_renewed_while_the_room_lives():
 
 
 async def test_rooms_per_socket_are_limited():
-    async with running_server(
-        node_settings(**rooms_settings(), max_topics_per_connection=2)
-    ) as srv:
+    async with running_server(node_settings(**rooms_settings(), rooms_max_per_socket=2)) as srv:
         clients = [await RoomsClient().connect(srv.url) for _ in range(3)]
         a, b, c = clients
         try:

@@ -220,7 +220,7 @@ class Client:
 async def running_local(env: Mapping[str, str]) -> AsyncIterator[LocalServer]:
     """``serverless-local``'s app, configured from ``env``, on a free loopback port."""
     settings = ServerlessSettings.from_env(env)
-    app = create_local_app(settings, Settings(log_level="WARNING", shutdown_timeout=2))
+    app = create_local_app(settings, Settings.of(log_level="WARNING", shutdown_timeout=2))
     node_server = NodeServer(app)
     port = await node_server.start("127.0.0.1", 0)
     session = aiohttp.ClientSession()

@@ -10,9 +10,9 @@ __all__ = ["Backend", "BackendUnavailable", "Claim", "MemoryBackend", "MemoryBus
 
 
 def create_backend(settings: Settings) -> Backend:
-    """The backend ``settings.backend_url`` names."""
+    """The backend ``settings.server.backend_url`` names."""
     if settings.backend_scheme == "memory":
-        return MemoryBackend(settings.node_id)
+        return MemoryBackend(settings.server.node_id)
     from polysignal.backends.redis import RedisBackend
 
     return RedisBackend(settings)

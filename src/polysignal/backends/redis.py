@@ -196,12 +196,12 @@ class RedisBackend(Backend):
     """The cluster seam on Redis pub/sub and hashes; see the module docstring."""
 
     def __init__(self, settings: Settings, url: str | None = None) -> None:
-        super().__init__(settings.node_id)
-        self.url = url or settings.backend_url
+        super().__init__(settings.server.node_id)
+        self.url = url or settings.server.backend_url
         self.safe_url = redact_url(self.url)
-        self.prefix = settings.signal_channel
-        self.presence_ttl = max(1, settings.presence_ttl)
-        self.presence_refresh = max(0.05, settings.presence_refresh)
+        self.prefix = settings.redis.signal_channel
+        self.presence_ttl = max(1, settings.redis.presence_ttl)
+        self.presence_refresh = max(0.05, settings.redis.presence_refresh)
         if self.presence_refresh >= self.presence_ttl:
             # Presence would expire between two refreshes: refresh three times per TTL instead.
             presence_log.warning(
@@ -211,8 +211,8 @@ class RedisBackend(Backend):
                 self.presence_ttl / 3,
             )
             self.presence_refresh = self.presence_ttl / 3
-        self.cache_ttl = settings.presence_cache_ttl
-        self.backoff_max = max(BACKOFF_BASE, settings.redis_backoff_max)
+        self.cache_ttl = settings.redis.presence_cache_ttl
+        self.backoff_max = max(BACKOFF_BASE, settings.redis.redis_backoff_max)
         self._own = _head(self.node_id)
         self._presence_channel = f"{self.prefix}:presence".encode()
         self._direct_channel = self._direct_channel_of(self.node_id)

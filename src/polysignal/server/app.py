@@ -44,7 +44,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
     """Build one node: its protocols and the aiohttp app behind its front door. The backend
     starts and stops with the app (``server/runner.py`` serves it)."""
     node = Node(settings, backend if backend is not None else create_backend(settings))
-    app = http_app(node, max(settings.max_frame_bytes, 1 << 20))
+    app = http_app(node, max(settings.limits.max_frame_bytes, 1 << 20))
     signalfire = app[SIGNALFIRE_KEY] = SignalFireHub(node)
     relay = app[RELAY_KEY] = RelayHub(node)
     topics = app[TOPICS_KEY] = TopicsHub(node)
@@ -135,7 +135,7 @@ async def _start_backend(app: web.Application) -> None:
 async def _close_connections(app: web.Application) -> None:
     node = app[NODE_KEY]
     node.stopping = True
-    await node.close_connections(node.settings.shutdown_timeout)
+    await node.close_connections(node.settings.server.shutdown_timeout)
     for hook in node.shutdown_hooks:
         try:
             await hook()

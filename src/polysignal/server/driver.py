@@ -117,7 +117,7 @@ class Driver:
         self.handler = handler
         self.node = node
         self.protocol = handler.protocol
-        self.max_frame = max_frame or settings.max_frame_bytes
+        self.max_frame = max_frame or settings.limits.max_frame_bytes
         self.log = logging.getLogger(f"polysignal.{handler.protocol}")
         self.throttle = Throttle()
 
@@ -131,9 +131,9 @@ class Driver:
             transport,
             request.address,
             self.max_frame,
-            settings.send_buffer_bytes,
-            settings.rate_limit,
-            settings.rate_burst,
+            settings.limits.send_buffer_bytes,
+            settings.limits.rate_limit,
+            settings.limits.rate_burst,
             node.batch,
         )
         node.opened(conn)

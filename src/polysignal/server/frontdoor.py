@@ -53,9 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("polysignal.server")
 
-LINGER = 2.0
-"""Seconds a refused connection is read (and what it sends dropped) before it is cut."""
-
 _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
@@ -87,9 +84,10 @@ class FrontDoor:
         self.node = node
         # Makes aiohttp's protocol for one connection; set by the server once aiohttp is up.
         self.http: Callable[[], asyncio.Protocol] | None = None
-        self.max_head = settings.max_header_bytes
-        self.max_headers = settings.max_headers
-        self.timeout = settings.header_timeout
+        self.max_head = settings.limits.max_header_bytes
+        self.max_headers = settings.limits.max_headers
+        self.timeout = settings.server.header_timeout
+        self.linger = settings.server.linger
         # Connections whose request is still being read, or which linger after a refusal, with
         # the time by which they must be done.
         self.pending: dict[Intake, float] = {}
@@ -339,7 +337,7 @@ class Intake(asyncio.Protocol):
         transport.write_eof()
         transport.resume_reading()
         self.lingering = True
-        self.door.pending[self] = time.monotonic() + LINGER
+        self.door.pending[self] = time.monotonic() + self.door.linger
 
     def shut(self) -> None:
         """The server stops: answer 503 unless already answered, and close."""

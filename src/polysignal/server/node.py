@@ -31,9 +31,9 @@ class Node:
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
         self.backend = backend
-        self.node_id = settings.node_id
+        self.node_id = settings.server.node_id
         self.connections: set[Connection] = set()
-        self.addresses = AddressCounter(settings.max_connections_per_ip)
+        self.addresses = AddressCounter(settings.limits.max_connections_per_ip)
         self.batch = WriteBatch()
         # WebSocket routes, tried in order; ``fallback`` takes the rest (topics; see
         # docs/architecture.md, "Routing on one port").
@@ -82,12 +82,12 @@ class Node:
 
     # --- liveness ---
     def _start_ping_sweep(self) -> None:
-        if self.settings.ping_interval > 0 and not self.stopping:
+        if self.settings.limits.ping_interval > 0 and not self.stopping:
             self._ping_sweep = asyncio.get_running_loop().create_task(self._sweep_pings())
 
     async def _sweep_pings(self) -> None:
         """Every ``PING_INTERVAL``: close peers silent since the last sweep, ping the others."""
-        interval = self.settings.ping_interval
+        interval = self.settings.limits.ping_interval
         while True:
             await asyncio.sleep(interval)
             for conn in list(self.connections):

@@ -158,14 +158,14 @@ class RelayHub(Handler):
         settings = node.settings
         self.backend = node.backend
         self.limits = proto.RelayLimits(
-            settings.max_topic_length, settings.max_topics_per_connection
+            settings.relay.relay_max_id_length, settings.relay.relay_max_documents
         )
-        self.directory = Directory(settings.max_topics_per_connection)
+        self.directory = Directory(settings.relay.relay_max_documents)
         self.peers: dict[str, PeerSocket] = {}
         self.ends: dict[str, PipeEnd] = {}
         self.holding: dict[str, PipeEnd] = {}  # claim key -> the end held under it here
         self.matching: dict[str, asyncio.Future[bool]] = {}
-        self.lease = float(max(settings.id_lease_ttl, 3))
+        self.lease = float(max(settings.server.id_lease_ttl, 3))
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self.backend.on_topic_message(self._on_announce, proto.NAMESPACE)
@@ -197,7 +197,7 @@ class RelayHub(Handler):
             return self._introduction(conn, params)
         # Pipes carry document sync: larger frames, and no message rate limit; a writer waits
         # (``drained``) once half the reader's send buffer is unsent.
-        conn.max_frame = self.node.settings.relay_max_frame_bytes
+        conn.max_frame = self.node.settings.relay.relay_max_frame_bytes
         conn.set_rate_limit(0, 0)
         conn.transport.set_write_buffer_limits(high=conn.max_buffer // 2)
         return self._connection(conn, params)
@@ -222,7 +222,7 @@ class RelayHub(Handler):
         return proto.answer(error)
 
     def rate_limited(self, conn: Connection, data: bytes, binary: bool, report: bool) -> Answer:
-        rate = self.node.settings.rate_limit
+        rate = self.node.settings.limits.rate_limit
         return Close(CloseCode.POLICY_VIOLATION, f"rate limit exceeded ({rate:g} messages/s)")
 
     # --- /introduction/{peerId} ---
@@ -402,7 +402,12 @@ class RelayHub(Handler):
         for what, value in (("local id", a), ("remote id", b), ("document id", key)):
             proto.check_id(what, value, self.limits)
         end = PipeEnd(
-            secrets.token_hex(8), conn, a, b, key, HoldBuffer(self.node.settings.relay_buffer_bytes)
+            secrets.token_hex(8),
+            conn,
+            a,
+            b,
+            key,
+            HoldBuffer(self.node.settings.relay.relay_buffer_bytes),
         )
         conn.state = end
         self.ends[end.id] = end
@@ -477,7 +482,7 @@ class RelayHub(Handler):
 
     async def _watch(self, end: PipeEnd) -> None:
         """Close a held socket whose peer does not come in time; renew its claim meanwhile."""
-        wait = self.node.settings.relay_wait_timeout
+        wait = self.node.settings.relay.relay_wait_timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait if wait > 0 else None
         while end.state is PipeState.HOLDING:
@@ -597,7 +602,7 @@ class RelayHub(Handler):
         """
         assert end.remote is not None
         node_id, other = end.remote
-        limit = self.node.settings.relay_buffer_bytes
+        limit = self.node.settings.relay.relay_buffer_bytes
         window = self._window()
         try:
             if matched is not None:
@@ -666,7 +671,9 @@ class RelayHub(Handler):
         """Bytes a pump may have unacknowledged: well under the receiver's send buffer, so
         those bytes plus what its client has not read yet stay below ``send_buffer_bytes``."""
         settings = self.node.settings
-        bounds = [b for b in (settings.relay_buffer_bytes, settings.send_buffer_bytes) if b]
+        bounds = [
+            b for b in (settings.relay.relay_buffer_bytes, settings.limits.send_buffer_bytes) if b
+        ]
         return max(PIPE_BATCH_BYTES, min(bounds, default=4 << 20) // 4)
 
     def _on_frames(self, origin: str, payload: bytes) -> None:
@@ -725,7 +732,7 @@ class RelayHub(Handler):
                 return None
             case PipeState.PIPED if end.remote is not None:
                 self._queue(end, opcode, data)
-                limit = self.node.settings.relay_buffer_bytes
+                limit = self.node.settings.relay.relay_buffer_bytes
                 if limit and end.outbox_bytes > limit:
                     return self._wait_for_room(end)
                 return None

@@ -54,7 +54,7 @@ VENDOR_CLIENT = STATIC / "vendor" / "socket.io.min.js"
 DIRECT_KIND = "rooms"
 CLAIM_PREFIX = "rooms/room/"
 MAX_HOPS = 3
-MAX_PENDING_PER_ROOM = 1024
+
 # Development defaults for ROOMS_DEV=1 when APP_SECRET/APP_PASS are unset; printed at start.
 DEV_SECRET = "polysignal-dev-secret"
 DEV_PASS = "polysignal-dev-pass"
@@ -252,10 +252,10 @@ class RoomsHub:
         self.secret = secret.encode()
         self.password = password
         self.limits = proto.Limits(
-            max_payload_bytes=self.settings.max_payload_bytes,
-            max_room_length=self.settings.max_topic_length,
+            max_payload_bytes=self.settings.rooms.max_payload_bytes,
+            max_room_length=self.settings.rooms.rooms_max_name_length,
         )
-        self.lease = float(max(self.settings.id_lease_ttl, 1))
+        self.lease = float(max(self.settings.server.id_lease_ttl, 1))
         self.peers: dict[str, Peer] = {}
         self.views: dict[str, RoomView] = {}
         self.local: dict[str, set[str]] = {}  # room -> this node's member sids
@@ -263,8 +263,8 @@ class RoomsHub:
         manager: socketio.AsyncManager | None = None
         if self.settings.backend_scheme != "memory":
             manager = socketio.AsyncRedisManager(
-                self.settings.backend_url,
-                channel=f"{self.settings.signal_channel}:socketio",
+                self.settings.server.backend_url,
+                channel=f"{self.settings.redis.signal_channel}:socketio",
                 logger=_RedisManagerLog(log, {}),
             )
         self.sio = Server(
@@ -273,7 +273,7 @@ class RoomsHub:
             # Events of one socket are handled in order (SDP before its ICE candidates).
             async_handlers=False,
             cors_allowed_origins="*",
-            max_http_buffer_size=self.settings.max_frame_bytes,
+            max_http_buffer_size=self.settings.limits.max_frame_bytes,
             logger=False,
             engineio_logger=False,
         )
@@ -281,7 +281,7 @@ class RoomsHub:
         self.websockets = _OpenWebSockets()
         self.sio.eio.polysignal_websockets = self.websockets
         self.sio.websockets = self.websockets
-        self.sio.max_queued = max(64, self.settings.send_buffer_bytes // 1024)
+        self.sio.max_queued = max(64, self.settings.limits.send_buffer_bytes // 1024)
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)
         self.sio.on("*", self.on_event)
@@ -312,7 +312,7 @@ class RoomsHub:
         a load balancer. Their ``disconnect`` handlers (leaves, owner handovers) run while the
         backend is still up.
         """
-        grace = self.settings.shutdown_timeout
+        grace = self.settings.server.shutdown_timeout
         open_ws = list(self.websockets.sockets)
         await asyncio.gather(*(ws.close_going_away(grace) for ws in open_ws))
         for socket in list(self.sio.eio.sockets.values()):
@@ -375,7 +375,8 @@ class RoomsHub:
             raise socketio.exceptions.ConnectionRefusedError(
                 "too many connections from this address"
             )
-        bucket = TokenBucket(self.settings.rate_limit, self.settings.rate_burst, time.monotonic())
+        limits = self.settings.limits
+        bucket = TokenBucket(limits.rate_limit, limits.rate_burst, time.monotonic())
         self.peers[sid] = Peer(sid, address, bucket)
         log.debug("socket %s connected from %s", sid, address)
 
@@ -443,7 +444,7 @@ class RoomsHub:
                 peer.last_error = now
                 await self.error(
                     peer,
-                    f"rate limit exceeded ({self.settings.rate_limit:g} events/s); events dropped",
+                    f"rate limit exceeded ({peer.bucket.rate:g} events/s); events dropped",
                     name,
                     MISSING,
                 )
@@ -490,7 +491,7 @@ class RoomsHub:
             raise proto.BadEvent(proto.TOKEN_NOT_VALID, cmd.payload)
         if cmd.peerinfo is not MISSING:
             peer.data = {"peerinfo": cmd.peerinfo}
-        exp = int(time.time()) + self.settings.token_lifetime
+        exp = int(time.time()) + self.settings.rooms.token_lifetime
         token = proto.session_token(token_data["app"], peer.sid, exp, self.secret)
         await self.emit(
             ServerEvent.AUTH_ACCEPT, proto.body(payload=cmd.payload, token=token), peer.sid
@@ -517,7 +518,7 @@ class RoomsHub:
         )
 
     def _check_room_count(self, peer: Peer, payload: Any) -> None:
-        limit = self.settings.max_topics_per_connection
+        limit = self.settings.rooms.rooms_max_per_socket
         if len(peer.rooms) >= limit:
             raise proto.BadEvent(f"too many rooms for one socket (limit {limit})", payload)
 
@@ -540,7 +541,7 @@ class RoomsHub:
             payload=cmd.payload,
         )
         peer.requested[cmd.room] = None
-        if len(peer.requested) > self.settings.max_topics_per_connection:
+        if len(peer.requested) > self.settings.rooms.rooms_max_per_socket:
             del peer.requested[next(iter(peer.requested))]
         if not await self._to_owner(msg):
             peer.requested.pop(cmd.room, None)
@@ -670,7 +671,10 @@ class RoomsHub:
             return
         if msg.sid in view.members:
             return
-        if len(view.pending) >= MAX_PENDING_PER_ROOM and msg.sid not in view.pending:
+        if (
+            len(view.pending) >= self.settings.rooms.rooms_max_pending
+            and msg.sid not in view.pending
+        ):
             await self.emit(
                 ServerEvent.ROOM_JOIN_REJECT,
                 proto.body(
@@ -701,10 +705,10 @@ class RoomsHub:
         if snap is None:
             return
         peer = self.peers.get(msg.sid)
-        if peer is None or len(peer.rooms) >= self.settings.max_topics_per_connection:
+        if peer is None or len(peer.rooms) >= self.settings.rooms.rooms_max_per_socket:
             await self._to_node(msg.node, ClusterMessage(ClusterOp.LEAVE, msg.room, sid=msg.sid))
             if peer is not None:  # accepted into more rooms than it may hold, all at once
-                limit = self.settings.max_topics_per_connection
+                limit = self.settings.rooms.rooms_max_per_socket
                 await self.emit(
                     ServerEvent.ROOM_JOIN_REJECT,
                     proto.body(
@@ -844,7 +848,7 @@ class RoomsHub:
 
     async def demo_config(self, request: web.Request) -> web.Response:
         """The demo's ICE configuration, from ``ICE_SERVERS`` (none: host candidates only)."""
-        return web.json_response({"iceServers": list(self.settings.ice_servers or ())})
+        return web.json_response({"iceServers": list(self.settings.server.ice_servers or ())})
 
     async def vendor_client(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(VENDOR_CLIENT)
@@ -869,10 +873,10 @@ def _api_error(status: int, message: str) -> web.Response:
 def secrets_for(node: Node) -> tuple[str, str] | None:
     """APP_SECRET and APP_PASS, the printed development defaults under ROOMS_DEV, or None."""
     settings = node.settings
-    secret, password = settings.app_secret.reveal(), settings.app_pass.reveal()
+    secret, password = settings.rooms.app_secret.reveal(), settings.rooms.app_pass.reveal()
     if secret and password:
         return secret, password
-    if not settings.rooms_dev:
+    if not settings.rooms.rooms_dev:
         return None
     log.warning(
         "ROOMS_DEV=1: rooms protocol running with DEVELOPMENT secrets (APP_SECRET=%s, "

@@ -20,10 +20,6 @@ from polysignal.server.app import DOOR_KEY, NODE_KEY, create_app
 
 log = logging.getLogger("polysignal.server")
 
-BACKEND_WAIT = 10.0
-"""Seconds a worker of ``--workers`` waits for its backend before listening regardless."""
-BACKLOG = 2048
-
 
 class NodeServer:
     """One node listening: its front door on a socket, aiohttp behind it for plain HTTP."""
@@ -36,7 +32,7 @@ class NodeServer:
             app,
             handle_signals=False,
             access_log=None,
-            shutdown_timeout=self.node.settings.shutdown_timeout,
+            shutdown_timeout=self.node.settings.server.shutdown_timeout,
         )
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -52,7 +48,11 @@ class NodeServer:
         """Accept connections on ``host:port``; the bound port (for port 0)."""
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            self.door, host, port, reuse_port=reuse_port or None, backlog=BACKLOG
+            self.door,
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            backlog=self.node.settings.server.backlog,
         )
         self.port = port
         for sock in self.server.sockets:
@@ -84,13 +84,13 @@ async def serve(
     await server.setup()
     if reuse_port:
         await _await_backend(server, settings)
-    port = await server.listen(settings.host, settings.port, reuse_port=reuse_port)
+    port = await server.listen(settings.server.host, settings.server.port, reuse_port=reuse_port)
     log.info(
         "listening on http://%s:%d (node %s, backend %s)",
-        settings.host,
+        settings.server.host,
         port,
-        settings.node_id,
-        redact_url(settings.backend_url),
+        settings.server.node_id,
+        redact_url(settings.server.backend_url),
     )
     if on_listening is not None:
         on_listening(port)
@@ -103,15 +103,16 @@ async def _await_backend(server: NodeServer, settings: Settings) -> None:
     """A worker sharing the port waits (bounded) for its backend before it takes connections,
     so the kernel does not hand peers to a worker that cannot reach the other workers yet."""
     backend = server.node.backend
-    for _ in range(int(BACKEND_WAIT / 0.05)):
+    wait = settings.server.backend_wait
+    for _ in range(int(wait / 0.05)):
         if backend.ready:
             return
         await asyncio.sleep(0.05)
     if not backend.ready:
         log.warning(
             "backend %s not reachable after %gs; listening anyway (local delivery only)",
-            redact_url(settings.backend_url),
-            BACKEND_WAIT,
+            redact_url(settings.server.backend_url),
+            wait,
         )
 
 
@@ -155,10 +156,10 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def run(settings: Settings, *, reuse_port: bool = False) -> None:
     """Blocking entry point of ``polysignal serve`` for one process, on uvloop when present.
 
-    With ``settings.workers > 1`` it runs that many worker processes instead
+    With ``settings.server.workers > 1`` it runs that many worker processes instead
     (``server/workers.py``).
     """
-    if settings.workers > 1:
+    if settings.server.workers > 1:
         from polysignal.server.workers import run_workers
 
         status = run_workers(settings)

@@ -80,7 +80,7 @@ class SignalFireHub(Handler):
         self.backend = node.backend
         self.peers: dict[str, Peer] = {}
         self.pending: PendingSessions[asyncio.TimerHandle] = PendingSessions()
-        self.ttl = max(1, self.settings.id_lease_ttl)
+        self.ttl = max(1, self.settings.server.id_lease_ttl)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self.backend.on_direct(RELAY_KIND, self._on_relay)
@@ -111,7 +111,7 @@ class SignalFireHub(Handler):
         path = request.path
         if "%" in path:
             path = unquote(path)
-        if path == self.settings.signalfire_path:
+        if path == self.settings.signalfire.signalfire_path:
             return True
         return any(offered in proto.SUBPROTOCOLS for offered in request.offered)
 
@@ -125,7 +125,7 @@ class SignalFireHub(Handler):
             conn.close(CloseCode.TRY_AGAIN_LATER, "no free id")
             return
         conn.state = peer
-        conn.send_text(proto.encode_welcome(peer.id, self.settings.ice_servers))
+        conn.send_text(proto.encode_welcome(peer.id, self.settings.server.ice_servers))
 
     def on_message(self, conn: Connection, data: bytes, binary: bool) -> Result:
         # ws@7 hands Luce binary frames as Buffers, which JSON.parse reads as text: binary
@@ -340,7 +340,7 @@ class SignalFireHub(Handler):
 
     # --- session timer ---
     def _start_timer(self, initiator: str, target: str) -> None:
-        timeout = self.settings.session_timeout
+        timeout = self.settings.signalfire.session_timeout
         if timeout <= 0:
             return  # SESSION_TIMEOUT=0: no server-side timer, as in the original
         handle = asyncio.get_running_loop().call_later(timeout, self._timeout, initiator, target)

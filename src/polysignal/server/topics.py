@@ -29,11 +29,11 @@ class TopicsHub(Handler):
     def __init__(self, node: Node) -> None:
         self.node = node
         self.registry: TopicRegistry[Connection] = TopicRegistry(
-            node.settings.max_topics_per_connection
+            node.settings.topics.max_topics_per_connection
         )
-        self.limits = proto.TopicLimits(node.settings.max_topic_length)
-        self.echo = node.settings.echo
-        self.rate_error = proto.rate_limited_error(node.settings.rate_limit)
+        self.limits = proto.TopicLimits(node.settings.topics.max_topic_length)
+        self.echo = node.settings.topics.echo
+        self.rate_error = proto.rate_limited_error(node.settings.limits.rate_limit)
         node.backend.on_topic_message(self.deliver_remote)
 
     # --- the driver's callbacks ---

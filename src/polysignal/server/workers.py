@@ -39,19 +39,19 @@ POLL = 0.2
 
 def worker_settings(settings: Settings, index: int, port: int) -> Settings:
     """The settings of worker ``index`` (1-based): its own node id, the shared port."""
-    return settings.replace(node_id=f"{settings.node_id}-{index}", port=port, workers=1)
+    return settings.replace(node_id=f"{settings.server.node_id}-{index}", port=port, workers=1)
 
 
 def run_workers(settings: Settings) -> int:
-    """Run ``settings.workers`` worker processes until SIGTERM/SIGINT; the exit status."""
+    """Run ``settings.server.workers`` worker processes until SIGTERM/SIGINT; the exit status."""
     # Port 0 means "any free port": pick it here so every worker binds the same one. The
     # reserving socket stays open (bound, not listening) so no other program takes the port.
     reserve = None
-    port = settings.port
+    port = settings.server.port
     if port == 0:
-        reserve = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+        reserve = socket.socket(socket.AF_INET6 if ":" in settings.server.host else socket.AF_INET)
         reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        reserve.bind((settings.host, 0))
+        reserve.bind((settings.server.host, 0))
         port = reserve.getsockname()[1]
     context = multiprocessing.get_context("spawn")
     stopping = False
@@ -73,12 +73,12 @@ def run_workers(settings: Settings) -> int:
         )
         proc.start()
         workers[index] = proc
-        log.info("worker %d/%d started (pid %s)", index, settings.workers, proc.pid)
+        log.info("worker %d/%d started (pid %s)", index, settings.server.workers, proc.pid)
 
     try:
-        for index in range(1, settings.workers + 1):
+        for index in range(1, settings.server.workers + 1):
             spawn(index)
-        log.info("%d workers serving port %d", settings.workers, port)
+        log.info("%d workers serving port %d", settings.server.workers, port)
         while not stopping:
             time.sleep(POLL)
             for index, proc in list(workers.items()):
@@ -94,7 +94,7 @@ def run_workers(settings: Settings) -> int:
                     break
                 spawn(index)
         log.info("stopping %d workers", len(workers))
-        _stop_all(list(workers.values()), settings.shutdown_timeout + 5.0)
+        _stop_all(list(workers.values()), settings.server.shutdown_timeout + 5.0)
         if any(proc.exitcode not in (0, None) for proc in workers.values()):
             status = status or 1
     finally:
@@ -125,7 +125,7 @@ def _worker_main(settings: Settings, parent_pid: int) -> None:
     """Entry point of one worker process."""
     from polysignal.server.runner import loop_factory
 
-    logs.configure(settings.log_level)
+    logs.configure(settings.server.log_level)
     # A Ctrl-C in a terminal reaches the whole process group; the parent's SIGTERM follows it,
     # and serve() handles both the same way.
     with asyncio.Runner(loop_factory=loop_factory()) as runner:

@@ -130,7 +130,7 @@ class LocalGateway(Handler):
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="polysignal")
         self.sender: LocalSender | None = None
         self.handler: SignalingHandler | None = None
-        self.rate_error = proto.rate_limited_error(node.settings.rate_limit)
+        self.rate_error = proto.rate_limited_error(node.settings.limits.rate_limit)
 
     async def start(self, app: web.Application) -> None:
         self.sender = LocalSender(asyncio.get_running_loop())
@@ -194,7 +194,7 @@ def create_local_app(
     server_settings = (server_settings or Settings()).replace(
         max_frame_bytes=API_GATEWAY_MAX_MESSAGE
     )
-    node = Node(server_settings, MemoryBackend(server_settings.node_id))
+    node = Node(server_settings, MemoryBackend(server_settings.server.node_id))
     if store is None:
         store = SubscriptionStore(
             dynamodb_client(settings), settings.table_name, settings.subscription_ttl

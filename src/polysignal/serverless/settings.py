@@ -16,72 +16,10 @@ from polysignal.config import (
     FieldSpec,
     Secret,
     Settings,
-    _parse_int,
-    _upper,
-)
-
-
-def _text(_: str, raw: str) -> str:
-    return raw
-
-
-def _optional(_: str, raw: str) -> str | None:
-    return raw.strip() or None
-
-
-SERVERLESS_FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("table_name", "TABLE_NAME", _text, "DynamoDB table of subscriptions.", "serverless"),
-    FieldSpec(
-        "region",
-        "AWS_REGION",
-        _text,
-        "AWS region of the table and the WebSocket API.",
-        "serverless",
-    ),
-    FieldSpec(
-        "dynamodb_endpoint",
-        "AWS_DYNAMODB_ENDPOINT",
-        _optional,
-        "DynamoDB endpoint URL instead of AWS's (DynamoDB Local, moto, localstack).",
-        "serverless",
-    ),
-    FieldSpec(
-        "management_endpoint",
-        "AWS_APIGATEWAY_MANAGEMENT_ENDPOINT",
-        _optional,
-        "API Gateway Management API URL instead of `https://{apiId}.execute-api.{region}"
-        ".amazonaws.com/{stage}` (tests, proxies).",
-        "serverless",
-    ),
-    FieldSpec(
-        "subscription_ttl",
-        "SUBSCRIPTION_TTL",
-        _parse_int,
-        "Seconds a subscription lives after its connection's last activity (TTL attribute).",
-        "serverless",
-    ),
-    FieldSpec(
-        "subscription_refresh",
-        "SUBSCRIPTION_REFRESH",
-        _parse_int,
-        "Activity rewrites a connection's TTLs when they are this many seconds old.",
-        "serverless",
-    ),
-    FieldSpec(
-        "fanout_concurrency",
-        "FANOUT_CONCURRENCY",
-        _parse_int,
-        "Parallel `PostToConnection` calls of one publish.",
-        "serverless",
-    ),
-    FieldSpec(
-        "origin",
-        "NODE_ID",
-        _text,
-        "`_origin` of publishes (default: the function name).",
-        "serverless",
-    ),
-    FieldSpec("log_level", "LOG_LEVEL", _upper, "DEBUG, INFO, WARNING or ERROR.", "serverless"),
+    fields_of,
+    parse_optional,
+    parse_upper,
+    setting,
 )
 
 
@@ -89,15 +27,42 @@ SERVERLESS_FIELDS: tuple[FieldSpec, ...] = (
 class ServerlessSettings:
     """Everything the Lambda handler reads from its environment, parsed once per cold start."""
 
-    table_name: str = "Database"
-    region: str = "us-east-1"
-    dynamodb_endpoint: str | None = None
-    management_endpoint: str | None = None
-    subscription_ttl: int = 3600
-    subscription_refresh: int = 600
-    fanout_concurrency: int = 16
-    origin: str = "polysignal-serverless"
-    log_level: str = "INFO"
+    table_name: str = setting("Database", "TABLE_NAME", "DynamoDB table of subscriptions.")
+    region: str = setting(
+        "us-east-1", "AWS_REGION", "AWS region of the table and the WebSocket API."
+    )
+    dynamodb_endpoint: str | None = setting(
+        None,
+        "AWS_DYNAMODB_ENDPOINT",
+        "DynamoDB endpoint URL instead of AWS's (DynamoDB Local, moto, localstack).",
+        parse=parse_optional,
+    )
+    management_endpoint: str | None = setting(
+        None,
+        "AWS_APIGATEWAY_MANAGEMENT_ENDPOINT",
+        "API Gateway Management API URL instead of `https://{apiId}.execute-api.{region}"
+        ".amazonaws.com/{stage}` (tests, proxies).",
+        parse=parse_optional,
+    )
+    subscription_ttl: int = setting(
+        3600,
+        "SUBSCRIPTION_TTL",
+        "Seconds a subscription lives after its connection's last activity (TTL attribute).",
+    )
+    subscription_refresh: int = setting(
+        600,
+        "SUBSCRIPTION_REFRESH",
+        "Activity rewrites a connection's TTLs when they are this many seconds old.",
+    )
+    fanout_concurrency: int = setting(
+        16, "FANOUT_CONCURRENCY", "Parallel `PostToConnection` calls of one publish."
+    )
+    origin: str = setting(
+        "polysignal-serverless", "NODE_ID", "`_origin` of publishes (default: the function name)."
+    )
+    log_level: str = setting(
+        "INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", parse=parse_upper
+    )
     # Shared with the server (config.Settings): the same limits and publish semantics.
     echo: bool = False
     max_frame_bytes: int = 65536
@@ -111,14 +76,14 @@ class ServerlessSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerlessSettings:
-        """Read ``SERVERLESS_FIELDS`` and the server's shared limits; raise ConfigError."""
+        """Read the serverless settings and the server's shared limits; raise ConfigError."""
         env = os.environ if environ is None else environ
         shared = Settings.from_env({k: v for k, v in env.items() if k in _SHARED_ENV})
         values: dict[str, object] = {
-            "echo": shared.echo,
-            "max_frame_bytes": shared.max_frame_bytes,
-            "max_topics_per_connection": shared.max_topics_per_connection,
-            "max_topic_length": shared.max_topic_length,
+            "echo": shared.topics.echo,
+            "max_frame_bytes": shared.limits.max_frame_bytes,
+            "max_topics_per_connection": shared.topics.max_topics_per_connection,
+            "max_topic_length": shared.topics.max_topic_length,
         }
         function_name = env.get("AWS_LAMBDA_FUNCTION_NAME")
         if function_name:
@@ -154,3 +119,7 @@ class ServerlessSettings:
 _SHARED_ENV = frozenset(
     {"ECHO", "MAX_FRAME_BYTES", "MAX_TOPICS_PER_CONNECTION", "MAX_TOPIC_LENGTH"}
 )
+
+
+SERVERLESS_FIELDS: tuple[FieldSpec, ...] = fields_of(ServerlessSettings, "serverless")
+"""What only the AWS shape reads from its environment (docs/serverless.md)."""
