@@ -77,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logs.configure(settings.server.log_level)
     if args.command == "serve":
+        if settings.server.workers > 1:  # N processes sharing the port (server/workers.py)
+            from polysignal.server.workers import run_workers
+
+            return run_workers(settings)
         from polysignal.server.runner import run
 
         run(settings)

@@ -154,17 +154,7 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Blocking entry point of ``polysignal serve`` for one process, on uvloop when present.
-
-    With ``settings.server.workers > 1`` it runs that many worker processes instead
-    (``server/workers.py``).
-    """
-    if settings.server.workers > 1:
-        from polysignal.server.workers import run_workers
-
-        status = run_workers(settings)
-        if status:
-            raise SystemExit(status)
-        return
+    """Blocking entry point of one node's process, on uvloop when present (``polysignal serve``
+    with one worker; each worker of ``server/workers.py`` runs ``serve`` the same way)."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(serve(settings, reuse_port=reuse_port))

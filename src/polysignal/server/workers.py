@@ -26,6 +26,8 @@ from multiprocessing.process import BaseProcess
 
 from polysignal import logs
 from polysignal.config import Settings
+from polysignal.server.runner import loop_factory
+from polysignal.server.runner import serve as serve_node
 
 log = logging.getLogger("polysignal.workers")
 
@@ -123,8 +125,6 @@ def _stop_all(workers: list[BaseProcess], grace: float) -> None:
 
 def _worker_main(settings: Settings, parent_pid: int) -> None:
     """Entry point of one worker process."""
-    from polysignal.server.runner import loop_factory
-
     logs.configure(settings.server.log_level)
     # A Ctrl-C in a terminal reaches the whole process group; the parent's SIGTERM follows it,
     # and serve() handles both the same way.
@@ -133,8 +133,6 @@ def _worker_main(settings: Settings, parent_pid: int) -> None:
 
 
 async def _serve_until_orphaned(settings: Settings, parent_pid: int) -> None:
-    from polysignal.server.runner import serve as serve_node
-
     stop = asyncio.Event()
 
     async def watch_parent() -> None:
