@@ -36,8 +36,9 @@ from polysignal.server.runner import NodeServer
 ROOT = Path(__file__).resolve().parent.parent
 JS_DIR = ROOT / "tests" / "js"
 
-# One unit of waiting; every timeout in the tests is a multiple of it.
-UNIT = 1.0
+# One unit of waiting; every timeout in the tests is a multiple of it. A slow or busy machine
+# scales every wait at once: POLYSIGNAL_TEST_UNIT=2 doubles them.
+UNIT = float(os.environ.get("POLYSIGNAL_TEST_UNIT", "1"))
 
 
 def require(condition: bool, reason: str) -> None:

@@ -67,6 +67,7 @@ class Backend(ABC):
         self.node_id = node_id
         self._topic_handlers: dict[str, TopicHandler] = {}
         self._direct_handlers: dict[str, DirectHandler] = {}
+        self._ready_handlers: list[Callable[[], None]] = []
         self._throttle = Throttle()
 
     # --- lifecycle ---
@@ -82,6 +83,18 @@ class Backend(ABC):
     @abstractmethod
     def ready(self) -> bool:
         """True when cross-node operations currently work (``/readyz``)."""
+
+    def on_ready(self, handler: Callable[[], None]) -> None:
+        """Call ``handler`` each time the backend becomes usable: at start, and when it comes
+        back after an outage (this node's state is re-asserted by then; leases use it)."""
+        self._ready_handlers.append(handler)
+
+    def _became_ready(self) -> None:
+        for handler in self._ready_handlers:
+            try:
+                handler()
+            except Exception:
+                log.exception("a ready handler failed")
 
     async def sync(self) -> None:
         """Wait until every change this node made so far is visible to the other nodes, and

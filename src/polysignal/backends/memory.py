@@ -44,6 +44,7 @@ class MemoryBackend(Backend):
     async def start(self) -> None:
         self.bus.nodes[self.node_id] = self
         self._started = True
+        self._became_ready()
 
     async def close(self) -> None:
         self.bus.nodes.pop(self.node_id, None)

@@ -504,6 +504,7 @@ class RedisBackend(Backend):
                 await self._assert_all(writer, announce=True)
                 self._connected = True
                 self._drop_reported = False
+                self._became_ready()
                 log.info(
                     "connected to %s (node %s, %d topics re-subscribed)",
                     self.safe_url,
