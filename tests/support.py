@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,15 @@ async def until(condition: Callable[[], bool], timeout: float = 2 * UNIT) -> Non
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def until_true(check: Callable[[], Awaitable[bool]], timeout: float = 2 * UNIT) -> None:
+    """Wait (bounded) until the coroutine function ``check`` answers True; fail otherwise."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
 

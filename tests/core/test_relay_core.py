@@ -1,18 +1,56 @@
-"""Introduction rules and hold buffers of the relay, without I/O (docs/protocols/relay.md)."""
+"""The relay's rules without I/O (docs/protocols/relay.md): introductions, hold buffers, and
+the node's machine driven event by event, its rendezvous answered by a scripted cluster."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import orjson
 import pytest
 
-from polysignal.core.errors import LimitExceeded
+from polysignal.core.effects import Close, Presence, Publish, Send, ToNode
+from polysignal.core.errors import BackendUnavailable, CloseCode, LimitExceeded
 from polysignal.core.relay import (
+    REPLACED_PEER,
+    REPLACED_PIPE,
+    ApplyOp,
+    ClaimOp,
     Directory,
     DocumentLimitExceeded,
+    DropLease,
+    EncodingMismatch,
+    EndState,
     HoldBuffer,
     Introduction,
+    LookupOp,
+    MatchOp,
     PipeToken,
+    RelayNode,
+    ReleaseOp,
+    Rendezvous,
+    SettleOp,
+    StreamClose,
+    StreamOpen,
+    StreamSend,
+    TakeLease,
     peer_claim_key,
     pipe_claim_key,
+)
+from polysignal.protocols.relay import (
+    NAMESPACE,
+    Announce,
+    Direct,
+    Encoding,
+    EndRef,
+    Generation,
+    Introduce,
+    decode,
+    encode_announce,
+    encode_end,
+    encode_introduce,
+    encode_introduction,
 )
 
 
@@ -142,3 +180,419 @@ def test_pipe_token_round_trip_and_garbage():
     assert PipeToken.decode("not json") is None
     assert PipeToken.decode('["only one"]') is None
     assert PipeToken.decode("[1, 2]") is None
+
+
+# --- the machine: events in, effects out ---------------------------------------------------------
+
+JSON, MSGPACK = Encoding.JSON, Encoding.MSGPACK
+
+
+@dataclass(frozen=True)
+class Holder:
+    node_id: str
+    token: str
+
+
+class Cluster:
+    """Answers a rendezvous' questions as the cluster would: one claim per key."""
+
+    def __init__(self, node: str = "n1", match: bool = True) -> None:
+        self.node = node
+        self.claims: dict[str, Holder] = {}
+        self.match = match
+        self.ops: list[Any] = []
+        self.down = False
+
+    def answer(self, op: Any) -> Any:
+        self.ops.append(op)
+        if self.down and isinstance(op, (ClaimOp, LookupOp, ReleaseOp, MatchOp)):
+            raise BackendUnavailable("redis connection lost")
+        match op:
+            case ClaimOp(key, token):
+                if key in self.claims:
+                    return False
+                self.claims[key] = Holder(self.node, token)
+                return True
+            case LookupOp(key):
+                return self.claims.get(key)
+            case ReleaseOp(key, token):
+                if key in self.claims and self.claims[key].token == token:
+                    del self.claims[key]
+                    return True
+                return False
+            case MatchOp():
+                return self.match
+        return None  # SettleOp, ApplyOp
+
+    def run(self, rendezvous: Rendezvous) -> list[Any]:
+        """Drive ``rendezvous`` to its end; its effects."""
+        try:
+            op = next(rendezvous)
+            while True:
+                try:
+                    answer = self.answer(op)
+                except BackendUnavailable as exc:
+                    op = rendezvous.throw(exc)
+                else:
+                    op = rendezvous.send(answer)
+        except StopIteration as stop:
+            return list(stop.value)
+
+
+def joined(node: RelayNode, conn: str, peer: str, *docs: str, encoding: Encoding = JSON) -> Any:
+    sock, _ = node.peer_opened(conn, peer, f"t-{conn}")
+    frame: str | bytes
+    if encoding is MSGPACK:
+        frame = msgpack.packb({"type": "Join", "documentIds": list(docs)})
+    else:
+        frame = orjson.dumps({"type": "Join", "documentIds": list(docs)}).decode()
+    return sock, node.peer_message(sock, decode(frame, encoding), encoding)
+
+
+def test_a_peer_socket_takes_its_id_lease():
+    node = RelayNode("n1")
+    sock, effects = node.peer_opened("c1", "alice", "tok")
+    assert effects == [TakeLease(peer_claim_key("alice"), "tok", "alice")]
+    assert (sock.conn, sock.peer, sock.token) == ("c1", "alice", "tok")
+
+
+def test_join_introduces_in_each_recipients_generation_and_announces():
+    node = RelayNode("n1")
+    _, first = joined(node, "c1", "v2", "doc")
+    announce = encode_announce(Announce("n1", "v2", ("doc",), ("doc",)))
+    assert first == [Presence("doc", 1, NAMESPACE), Publish("doc", announce, NAMESPACE)]
+    _, second = joined(node, "c2", "v4", "doc", encoding=MSGPACK)
+    assert second == [
+        Presence("doc", 2, NAMESPACE),
+        Send("c2", encode_introduction(Generation.V4, "v2", ("doc",)), binary=True),
+        Send("c1", encode_introduction(Generation.V2, "v4", ("doc",)), binary=False),
+        Publish("doc", encode_announce(Announce("n1", "v4", ("doc",), ("doc",))), NAMESPACE),
+    ]
+
+
+def test_a_frame_in_the_other_encoding_is_refused():
+    node = RelayNode("n1")
+    sock, _ = joined(node, "c1", "a", "doc")
+    frame = decode(msgpack.packb({"type": "Join", "documentIds": ["x"]}), MSGPACK)
+    with pytest.raises(EncodingMismatch) as exc:
+        node.peer_message(sock, frame, MSGPACK)
+    assert exc.value.message == "this connection speaks JSON text frames"
+    assert exc.value.close_code == CloseCode.UNSUPPORTED_DATA
+    binary, _ = joined(node, "c2", "b", "doc", encoding=MSGPACK)
+    with pytest.raises(EncodingMismatch) as exc:
+        node.peer_message(binary, decode('{"type":"Join","documentIds":[]}', JSON), JSON)
+    assert exc.value.message == "this connection speaks msgpack binary frames"
+
+
+def test_leave_and_heartbeat():
+    node = RelayNode("n1")
+    sock, _ = joined(node, "c1", "a", "k1", "k2")
+    leave = decode('{"type":"Leave","documentIds":["k1"]}', JSON)
+    assert node.peer_message(sock, leave, JSON) == [Presence("k1", 0, NAMESPACE)]
+    assert node.peer_message(sock, decode('{"type":"Heartbeat"}', JSON), JSON) == []
+    assert node.directory.documents_of("a") == ("k2",)
+
+
+def test_a_newer_socket_replaces_the_older_here():
+    node = RelayNode("n1")
+    old, _ = joined(node, "c1", "a", "doc")
+    new, effects = node.peer_opened("c2", "a", "t-new")
+    assert effects == [
+        Presence("doc", 0, NAMESPACE),
+        Close("c1", 1000, REPLACED_PEER),
+        TakeLease(peer_claim_key("a"), "t-new", "a"),
+    ]
+    # The old socket's frames and close no longer touch the peer.
+    assert node.peer_message(old, decode('{"type":"Join","documentIds":["x"]}', JSON), JSON) == []
+    assert node.peer_closed(old) == [DropLease(peer_claim_key("a"), "t-c1")]
+    assert node.peers["a"] is new
+
+
+def test_closing_the_current_socket_drops_its_documents_and_lease():
+    node = RelayNode("n1")
+    sock, _ = joined(node, "c1", "a", "k1", "k2")
+    assert node.peer_closed(sock) == [
+        Presence("k1", 0, NAMESPACE),
+        Presence("k2", 0, NAMESPACE),
+        DropLease(peer_claim_key("a"), "t-c1"),
+    ]
+    assert "a" not in node.peers and "a" not in node.directory
+
+
+def test_eviction_closes_only_the_socket_holding_that_token():
+    node = RelayNode("n1")
+    joined(node, "c1", "a", "doc")
+    assert node.evicted("a", "another token") == []
+    assert node.evicted("nobody", "t-c1") == []
+    assert node.evicted("a", "t-c1") == [
+        Presence("doc", 0, NAMESPACE),
+        Close("c1", 1000, REPLACED_PEER),
+    ]
+    assert node.evicted("a", "t-c1") == []
+
+
+def test_an_announce_from_another_node_introduces_both_ways():
+    node = RelayNode("n1")
+    joined(node, "c1", "local", "k1", "k2", encoding=MSGPACK)
+    msg = Announce("n2", "remote", ("k2",), ("k2", "k1", "k9"))
+    # The common documents in the joiner's order, as for a local Join.
+    assert node.announced("k2", msg) == [
+        Send("c1", encode_introduction(Generation.V4, "remote", ("k2", "k1")), binary=True),
+        ToNode(
+            "n2",
+            Direct.INTRODUCE,
+            encode_introduce(Introduce("remote", "local", ("k2", "k1"))),
+        ),
+    ]
+    assert node.announced("k2", Announce("n1", "remote", ("k2",), ("k2",))) == []
+
+
+def test_an_introduction_from_another_node_uses_the_common_documents():
+    node = RelayNode("n1")
+    joined(node, "c1", "local", "k1", "k2")
+    assert node.introduced(Introduce("local", "remote", ("k2", "k3"))) == [
+        Send("c1", encode_introduction(Generation.V2, "remote", ("k2",)))
+    ]
+    assert node.introduced(Introduce("local", "remote", ("k3",))) == []
+    assert node.introduced(Introduce("gone", "remote", ("k1",))) == []
+
+
+def test_the_first_of_a_pair_holds_and_the_second_is_piped_with_the_held_frames():
+    node, cluster = RelayNode("n1", wait_timeout=5), Cluster()
+    first = node.end_opened("c1", "e1", "a", "b", "k")
+    assert cluster.run(node.rendezvous(first, now=100.0)) == []
+    assert first.state is EndState.HOLDING and first.deadline == 105.0
+    assert cluster.claims[first.claim_key] == Holder("n1", first.token)
+    assert node.end_frame(first, 1, b"one") == []
+    assert node.end_frame(first, 2, b"\x02") == []
+    second = node.end_opened("c2", "e2", "b", "a", "k")
+    effects = cluster.run(node.rendezvous(second, now=101.0))
+    assert effects == [
+        Send("c2", b"one", binary=False),
+        Send("c2", b"\x02", binary=True),
+        DropLease(first.claim_key, first.token),
+    ]
+    assert first.claim_key not in cluster.claims  # released by the second
+    assert first.partner is second and second.partner is first
+    assert node.next_deadline() is None
+    assert node.end_frame(second, 1, b"back") == [Send("c1", b"back", binary=False)]
+    assert node.end_frame(first, 2, b"fwd") == [Send("c2", b"fwd", binary=True)]
+    assert node.end_closed(first) == [Close("c2", 1000, "peer closed")]
+    assert node.end_closed(second) == []
+
+
+def test_a_duplicate_request_here_replaces_the_held_one():
+    node, cluster = RelayNode("n1"), Cluster()
+    old = node.end_opened("c1", "e1", "a", "b", "k")
+    cluster.run(node.rendezvous(old, 0.0))
+    new = node.end_opened("c2", "e2", "a", "b", "k")
+    assert cluster.run(node.rendezvous(new, 0.0)) == []
+    evict = (DropLease(old.claim_key, old.token, forget=True), Close("c1", 1000, REPLACED_PIPE))
+    assert ApplyOp(evict) in cluster.ops and SettleOp("e1") in cluster.ops
+    assert old.state is EndState.CLOSED and new.state is EndState.HOLDING
+    assert cluster.claims[new.claim_key].token == new.token
+
+
+def test_a_duplicate_request_elsewhere_evicts_through_the_holders_node():
+    node, cluster = RelayNode("n1"), Cluster()
+    token = PipeToken("a", "far").encode()
+    cluster.claims[pipe_claim_key("a", "b", "k")] = Holder("n2", token)
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    assert cluster.run(node.rendezvous(end, 0.0)) == []
+    ref = encode_end(EndRef("far", reason=REPLACED_PIPE))
+    assert ApplyOp((ToNode("n2", Direct.EVICT_PIPE, ref),)) in cluster.ops
+    assert end.state is EndState.HOLDING
+
+
+def test_a_reciprocal_held_elsewhere_is_matched_over_a_stream():
+    node, cluster = RelayNode("n1"), Cluster()
+    cluster.claims[pipe_claim_key("a", "b", "k")] = Holder("n2", PipeToken("b", "far").encode())
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    assert cluster.run(node.rendezvous(end, 0.0)) == []
+    assert MatchOp("n2", "far", "e1") in cluster.ops
+    assert end.state is EndState.PIPED and end.remote == ("n2", "far")
+    assert node.end_frame(end, 2, b"x") == [StreamSend("e1", 2, b"x")]
+    assert node.stream_ended("e1", "peer closed") == [Close("c1", 1000, "peer closed")]
+    assert node.end_closed(end) == []
+
+
+def test_a_refused_match_retries_and_gives_up_after_its_attempts():
+    node, cluster = RelayNode("n1", attempts=3), Cluster(match=False)
+    key = pipe_claim_key("a", "b", "k")
+
+    class Sticky(dict[str, Holder]):
+        """A holder on n2 that comes back as soon as it is released."""
+
+        def __delitem__(self, k: str) -> None:
+            pass
+
+    cluster.claims = Sticky({key: Holder("n2", PipeToken("b", "far").encode())})
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    assert cluster.run(node.rendezvous(end, 0.0)) == [
+        Close("c1", 1013, "could not pair this connection request")
+    ]
+    assert sum(isinstance(op, MatchOp) for op in cluster.ops) == 3
+
+
+def test_a_garbage_or_stale_holder_is_released_and_the_claim_retried():
+    node, cluster = RelayNode("n1"), Cluster()
+    key = pipe_claim_key("a", "b", "k")
+    cluster.claims[key] = Holder("n2", "not a token")
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    assert cluster.run(node.rendezvous(end, 0.0)) == []
+    assert ReleaseOp(key, "not a token") in cluster.ops
+    assert end.state is EndState.HOLDING
+    stale = node.end_opened("c2", "gone", "b", "a", "x")
+    node.end_closed(stale)
+    cluster.claims[pipe_claim_key("a", "b", "x")] = Holder("n1", PipeToken("b", "gone").encode())
+    other = node.end_opened("c3", "e3", "a", "b", "x")
+    assert cluster.run(node.rendezvous(other, 0.0)) == []
+    assert other.state is EndState.HOLDING
+
+
+def test_without_the_cluster_pairs_form_on_this_node():
+    node, cluster = RelayNode("n1"), Cluster()
+    cluster.down = True
+    first = node.end_opened("c1", "e1", "a", "b", "k")
+    assert cluster.run(node.rendezvous(first, 0.0)) == []
+    assert first.state is EndState.HOLDING
+    dup = node.end_opened("c2", "e2", "a", "b", "k")
+    assert cluster.run(node.rendezvous(dup, 0.0)) == [
+        DropLease(first.claim_key, first.token, forget=True),
+        Close("c1", 1000, REPLACED_PIPE),
+    ]
+    node.end_frame(dup, 1, b"held")
+    other = node.end_opened("c3", "e3", "b", "a", "k")
+    assert cluster.run(node.rendezvous(other, 0.0)) == [
+        Send("c3", b"held", binary=False),
+        DropLease(dup.claim_key, dup.token),
+    ]
+
+
+def test_an_end_closed_during_its_rendezvous_holds_nothing():
+    node, cluster = RelayNode("n1"), Cluster()
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    rendezvous = node.rendezvous(end, 0.0)
+    op = next(rendezvous)
+    assert isinstance(op, ClaimOp)
+    assert node.end_closed(end) == []
+    with pytest.raises(StopIteration) as stop:
+        rendezvous.send(cluster.answer(op))
+    assert stop.value.value == [DropLease(end.claim_key, end.token)]
+    assert node.next_deadline() is None
+
+
+def test_match_pipes_a_held_end_and_sends_its_frames_first():
+    node, cluster = RelayNode("n1"), Cluster()
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    cluster.run(node.rendezvous(end, 0.0))
+    node.end_frame(end, 1, b"first")
+    assert cluster.run(node.match("n2", "e1", "far")) == [
+        StreamOpen("e1", "n2", "far"),
+        ToNode("n2", Direct.MATCHED, encode_end(EndRef("far", "e1"))),
+        StreamSend("e1", 1, b"first"),
+        DropLease(end.claim_key, end.token),
+    ]
+    assert end.remote == ("n2", "far")
+    assert node.end_closed(end) == [StreamClose("e1")]
+    no = [ToNode("n2", Direct.NO_MATCH, encode_end(EndRef("far")))]
+    assert cluster.run(node.match("n2", "e1", "far")) == no
+    assert cluster.run(node.match("n2", "unknown", "far")) == no
+
+
+def test_the_hold_buffer_limit_closes_at_its_exact_boundary():
+    node, cluster = RelayNode("n1", buffer_bytes=10), Cluster()
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    cluster.run(node.rendezvous(end, 0.0))
+    assert node.end_frame(end, 2, b"x" * 10) == []
+    assert node.end_frame(end, 2, b"") == []
+    assert node.end_frame(end, 2, b"y") == [
+        Close("c1", 1008, "relay buffer full: more than 10 bytes sent before the peer connected")
+    ]
+
+
+def test_the_wait_timeout_fires_at_its_deadline_and_not_before():
+    node, cluster = RelayNode("n1", wait_timeout=0.5), Cluster()
+    assert node.next_deadline() is None
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    cluster.run(node.rendezvous(end, 10.0))
+    assert node.next_deadline() == 10.5
+    assert node.on_timer(10.499) == []
+    assert node.on_timer(10.5) == [Close("c1", 1013, "no peer connected within 0.5 s")]
+    assert node.on_timer(11.0) == []  # once
+    assert node.end_closed(end) == [DropLease(end.claim_key, end.token)]
+
+
+def test_no_wait_timeout_sets_no_deadline():
+    node, cluster = RelayNode("n1"), Cluster()
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    cluster.run(node.rendezvous(end, 10.0))
+    assert end.deadline is None and node.next_deadline() is None
+
+
+def test_a_stream_lost_to_its_node_going_away_closes_with_1013():
+    node = RelayNode("n1")
+    node.end_opened("c1", "e1", "a", "b", "k")
+    assert node.stream_ended("e1", "node gone") == [
+        Close("c1", 1013, "the peer's node is unreachable")
+    ]
+    assert node.stream_ended("unknown", "peer closed") == []
+
+
+def test_a_frame_on_a_closed_end_closes_it():
+    node = RelayNode("n1")
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    node.end_closed(end)
+    assert node.end_frame(end, 1, b"late") == [Close("c1", 1000)]
+    assert node.evict_end("e1", REPLACED_PIPE) == []
+
+
+def test_a_claim_released_between_claim_and_lookup_is_claimed_again():
+    node, cluster = RelayNode("n1"), Cluster()
+    key = pipe_claim_key("a", "b", "k")
+    cluster.claims[key] = Holder("n2", PipeToken("b", "far").encode())
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    rendezvous = node.rendezvous(end, 0.0)
+    assert next(rendezvous) == ClaimOp(key, end.token)
+    assert rendezvous.send(False) == LookupOp(key)
+    assert rendezvous.send(None) == ClaimOp(key, end.token)  # gone in between
+    with pytest.raises(StopIteration) as stop:
+        rendezvous.send(True)
+    assert stop.value.value == [] and end.state is EndState.HOLDING
+
+
+def test_an_end_closed_while_its_match_was_on_its_way_closes_its_stream():
+    node = RelayNode("n1")
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    rendezvous = node.rendezvous(end, 0.0)
+    next(rendezvous)
+    rendezvous.send(False)
+    assert rendezvous.send(Holder("n2", PipeToken("b", "far").encode())) == MatchOp(
+        "n2", "far", "e1"
+    )
+    node.end_closed(end)
+    with pytest.raises(StopIteration) as stop:
+        rendezvous.send(True)
+    assert stop.value.value == [StreamClose("e1")]  # the claim is n2's: nothing to release
+
+
+def test_an_end_closed_before_its_rendezvous_does_nothing():
+    node, cluster = RelayNode("n1"), Cluster()
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    node.end_closed(end)
+    assert cluster.run(node.rendezvous(end, 0.0)) == []
+    assert cluster.ops == [] and cluster.claims == {}
+    cluster.down = True
+    assert cluster.run(node.rendezvous(end, 0.0)) == []
+    assert node.holding == {}
+
+
+def test_a_match_for_an_end_still_in_its_rendezvous_waits_for_it_to_hold():
+    node, cluster = RelayNode("n1"), Cluster()
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    match = node.match("n2", "e1", "far")
+    assert next(match) == SettleOp("e1")
+    cluster.run(node.rendezvous(end, 0.0))  # it holds meanwhile
+    with pytest.raises(StopIteration) as stop:
+        match.send(None)
+    assert stop.value.value[0] == StreamOpen("e1", "n2", "far")

@@ -3,6 +3,11 @@
 Every generation (JSON ``join``/``keys``, JSON ``documentIds``, msgpack v4), the pipes, the
 limits and bad input (docs/protocols/relay.md); then two nodes sharing one ``MemoryBus``,
 which behave like two nodes sharing Redis.
+
+The tests see what clients see, and what another node sees through the cluster (presence of
+a document, the holder of a claim): never the hub's own state. A client knows the server has
+handled everything it sent once the server answers its WebSocket ping (``synced``): a socket
+is read again only when its earlier messages, and its rendezvous, are done.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ import pytest
 
 from polysignal.backends.base import Claim
 from polysignal.backends.memory import MemoryBackend, MemoryBus
+from polysignal.config import Settings
 from polysignal.core.errors import CloseCode
-from polysignal.core.relay import peer_claim_key
-from polysignal.server.app import RELAY_KEY
-from polysignal.server.relay import RelayHub
+from polysignal.core.relay import peer_claim_key, pipe_claim_key
+from polysignal.protocols.relay import NAMESPACE
 
 from support import (
     UNIT,
@@ -32,7 +37,7 @@ from support import (
     node_settings,
     receive_json,
     running_server,
-    until,
+    until_true,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -41,8 +46,52 @@ WS = aiohttp.ClientWebSocketResponse
 CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
 
 
-def hub(server: RunningServer) -> RelayHub:
-    return server.app[RELAY_KEY]
+class Watch:
+    """Another node on the same bus: what the cluster shows of the nodes under test."""
+
+    def __init__(self, bus: MemoryBus) -> None:
+        self.backend = MemoryBackend("watch", bus)
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def peers_in(self, document: str) -> int:
+        """Peers of the other nodes that joined ``document``."""
+        return await self.backend.topic_clients(document, 0, NAMESPACE)
+
+    async def holder(self, key: str) -> Claim | None:
+        return await self.backend.lookup(key)
+
+
+@contextlib.asynccontextmanager
+async def watched(settings: Settings | None = None) -> AsyncIterator[RunningServer]:
+    """One node on a bus of its own, and a ``watch`` on that bus."""
+    settings = settings or node_settings()
+    bus = MemoryBus()
+    watch = Watch(bus)
+    await watch.start()
+    backend = MemoryBackend(settings.server.node_id, bus)
+    async with running_server(settings, backend) as srv:
+        srv.watch = watch  # type: ignore[attr-defined]
+        yield srv
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RunningServer]:
+    async with watched() as srv:
+        yield srv
+
+
+async def client(server: RunningServer, path: str) -> WS:
+    """A WebSocket whose pongs the test reads itself (``synced``)."""
+    return await server.ws(path, autoping=False)
+
+
+async def synced(ws: WS, timeout: float = 2 * UNIT) -> None:
+    """The server has handled everything sent on ``ws`` so far (it answered a later ping)."""
+    await ws.ping(b"sync")
+    msg = await ws.receive(timeout=timeout)
+    assert msg.type is aiohttp.WSMsgType.PONG and msg.data == b"sync", msg
 
 
 async def join_json(ws: WS, *ids: str, field: str = "documentIds") -> None:
@@ -75,15 +124,23 @@ async def receive_frame(ws: WS, timeout: float = 2 * UNIT) -> tuple[aiohttp.WSMs
 TEXT, BINARY = aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY
 
 
+async def _none_in(server: RunningServer, document: str) -> bool:
+    return await server.watch.peers_in(document) == 0  # type: ignore[attr-defined, no-any-return]
+
+
+async def _free(server: RunningServer, key: str) -> bool:
+    return await server.watch.holder(key) is None  # type: ignore[attr-defined]
+
+
 # --- introductions ---------------------------------------------------------------------------
 
 
 async def test_v1_join_keys_introductions_both_ways(server):
     """cevitxe 0.4: Join with `join`, Introduction with `id`, `keys` (docs/protocols/relay.md)."""
-    a = await server.ws("/introduction/aaaa4242")
-    b = await server.ws("/introduction/qrst7890")
+    a = await client(server, "/introduction/aaaa4242")
+    b = await client(server, "/introduction/qrst7890")
     await join_json(a, "happy-raccoon", "hairy-thumb", field="join")
-    await until(lambda: "aaaa4242" in hub(server).directory)
+    await synced(a)
     await join_json(b, "happy-raccoon", field="join")
     assert await receive_json(b) == {
         "type": "Introduction",
@@ -100,10 +157,10 @@ async def test_v1_join_keys_introductions_both_ways(server):
 
 
 async def test_v2_document_ids_introductions_carry_user_name(server):
-    a = await server.ws("/introduction/alice")
-    b = await server.ws("/introduction/bob")
+    a = await client(server, "/introduction/alice")
+    b = await client(server, "/introduction/bob")
     await join_json(a, "d1", "d2")
-    await until(lambda: "alice" in hub(server).directory)
+    await synced(a)
     await join_json(b, "d2", "d1")
     # The full common list, in the joiner's order.
     assert await receive_json(b) == {
@@ -119,10 +176,10 @@ async def test_v2_document_ids_introductions_carry_user_name(server):
 
 
 async def test_v4_msgpack_introductions_are_binary_with_peer_id(server):
-    a = await server.ws("/introduction/alice")
-    b = await server.ws("/introduction/bob")
+    a = await client(server, "/introduction/alice")
+    b = await client(server, "/introduction/bob")
     await join_v4(a, "doc1")
-    await until(lambda: "alice" in hub(server).directory)
+    await synced(a)
     await join_v4(b, "doc1")
     intro = {"type": "Introduction", "peerId": "alice", "documentIds": ["doc1"]}
     assert await receive_msgpack(b) == intro
@@ -130,27 +187,35 @@ async def test_v4_msgpack_introductions_are_binary_with_peer_id(server):
 
 
 async def test_each_generation_is_answered_in_its_own_shape(server):
-    v1 = await server.ws("/introduction/v1")
-    v2 = await server.ws("/introduction/v2")
-    v4 = await server.ws("/introduction/v4")
+    v1 = await client(server, "/introduction/v1")
+    v2 = await client(server, "/introduction/v2")
+    v4 = await client(server, "/introduction/v4")
     await join_json(v1, "doc", field="join")
+    await synced(v1)
     await join_json(v2, "doc")
-    await until(lambda: "v1" in hub(server).directory and "v2" in hub(server).directory)
+    assert await receive_json(v1) == {"type": "Introduction", "id": "v2", "keys": ["doc"]}
+    assert await receive_json(v2) == {
+        "type": "Introduction",
+        "userName": "v1",
+        "documentIds": ["doc"],
+    }
     await join_v4(v4, "doc")
     got_v4 = [await receive_msgpack(v4), await receive_msgpack(v4)]
     assert sorted(m["peerId"] for m in got_v4) == ["v1", "v2"]
-    v1_msgs = [await receive_json(v1), await receive_json(v1)]
-    assert {"type": "Introduction", "id": "v4", "keys": ["doc"]} in v1_msgs
-    v2_msgs = [await receive_json(v2), await receive_json(v2)]
-    assert {"type": "Introduction", "userName": "v4", "documentIds": ["doc"]} in v2_msgs
+    assert await receive_json(v1) == {"type": "Introduction", "id": "v4", "keys": ["doc"]}
+    assert await receive_json(v2) == {
+        "type": "Introduction",
+        "userName": "v4",
+        "documentIds": ["doc"],
+    }
 
 
 async def test_repeated_joins_repeat_introductions(server):
     """The originals re-introduce on every Join; clients dedupe (docs/protocols/relay.md)."""
-    a = await server.ws("/introduction/a")
-    b = await server.ws("/introduction/b")
+    a = await client(server, "/introduction/a")
+    b = await client(server, "/introduction/b")
     await join_json(a, "k")
-    await until(lambda: "a" in hub(server).directory)
+    await synced(a)
     await join_json(b, "k")
     await receive_json(a)
     await receive_json(b)
@@ -161,14 +226,15 @@ async def test_repeated_joins_repeat_introductions(server):
 
 
 async def test_leave_sends_nothing_and_stops_introductions(server):
-    a = await server.ws("/introduction/a")
+    a = await client(server, "/introduction/a")
     await join_json(a, "k1", "k2")
     await a.send_str('{"type":"Leave","documentIds":["k1"]}')
-    await until(lambda: hub(server).directory.documents_of("a") == ("k2",))
+    await synced(a)
+    assert (await server.watch.peers_in("k1"), await server.watch.peers_in("k2")) == (0, 1)
     await assert_silent(a)
-    b = await server.ws("/introduction/b")
+    b = await client(server, "/introduction/b")
     await join_json(b, "k1")
-    await until(lambda: "b" in hub(server).directory)
+    await synced(b)
     await assert_silent(a)
     await assert_silent(b)
     await join_json(b, "k2")
@@ -176,17 +242,20 @@ async def test_leave_sends_nothing_and_stops_introductions(server):
 
 
 async def test_v1_leave_and_join_with_leave(server):
-    a = await server.ws("/introduction/a")
+    a = await client(server, "/introduction/a")
     await join_json(a, "k1", "k2", field="join")
     await a.send_str('{"type":"Leave","leave":["k1"]}')
-    await until(lambda: hub(server).directory.documents_of("a") == ("k2",))
+    await synced(a)
+    watch = server.watch
+    assert [await watch.peers_in(k) for k in ("k1", "k2", "k3")] == [0, 1, 0]
     await a.send_str('{"type":"Join","join":["k3"],"leave":["k2"]}')
-    await until(lambda: hub(server).directory.documents_of("a") == ("k3",))
+    await synced(a)
+    assert [await watch.peers_in(k) for k in ("k1", "k2", "k3")] == [0, 0, 1]
 
 
 async def test_heartbeats_are_accepted_silently(server):
-    j = await server.ws("/introduction/j")
-    m = await server.ws("/introduction/m")
+    j = await client(server, "/introduction/j")
+    m = await client(server, "/introduction/m")
     await j.send_str('{"type":"Heartbeat"}')
     await m.send_bytes(msgpack.packb({"type": "Heartbeat"}))
     await m.send_bytes(msgpack.packb({"type": "❤️"}))
@@ -198,37 +267,40 @@ async def test_heartbeats_are_accepted_silently(server):
 
 
 async def test_a_closed_peer_is_forgotten(server):
-    a = await server.ws("/introduction/a")
+    a = await client(server, "/introduction/a")
     await join_json(a, "k")
-    await until(lambda: "a" in hub(server).directory)
+    await synced(a)
+    assert await server.watch.peers_in("k") == 1
     await a.close()
-    await until(lambda: "a" not in hub(server).directory)
-    b = await server.ws("/introduction/b")
+    await until_true(lambda: _none_in(server, "k"))
+    b = await client(server, "/introduction/b")
     await join_json(b, "k")
     await assert_silent(b)
 
 
 async def test_abrupt_disconnect_is_forgotten(server):
-    a = await server.ws("/introduction/a")
+    a = await client(server, "/introduction/a")
     await join_json(a, "k")
-    await until(lambda: "a" in hub(server).directory)
+    await synced(a)
+    assert await server.watch.holder(peer_claim_key("a")) is not None
     transport = a._response.connection.transport  # cut the TCP connection without a close frame
     assert transport is not None
     transport.abort()
-    await until(lambda: "a" not in hub(server).directory and not hub(server).peers)
+    await until_true(lambda: _none_in(server, "k"))
+    await until_true(lambda: _free(server, peer_claim_key("a")))
 
 
 async def test_second_socket_with_the_same_id_replaces_the_first_cleanly(server):
     """The old socket is closed; its cleanup does not orphan the new one (the original's did)."""
-    old = await server.ws("/introduction/dup")
+    old = await client(server, "/introduction/dup")
     await join_json(old, "k")
-    await until(lambda: "dup" in hub(server).directory)
-    new = await server.ws("/introduction/dup")
+    await synced(old)
+    new = await client(server, "/introduction/dup")
     code, reason = await closed_with(old)
     assert code == CloseCode.NORMAL and "replaced" in reason
-    await until(lambda: "dup" not in hub(server).directory)  # the old socket's documents went
+    await until_true(lambda: _none_in(server, "k"))  # the old socket's documents went
     await join_json(new, "k")
-    other = await server.ws("/introduction/other")
+    other = await client(server, "/introduction/other")
     await join_json(other, "k")
     assert (await receive_json(new))["userName"] == "other"
     assert (await receive_json(other))["userName"] == "dup"
@@ -251,23 +323,23 @@ async def test_second_socket_with_the_same_id_replaces_the_first_cleanly(server)
 async def test_bad_frames_close_with_a_code_and_reason_and_others_keep_working(
     server, frame, code, reason
 ):
-    bad = await server.ws("/introduction/bad")
+    bad = await client(server, "/introduction/bad")
     if isinstance(frame, bytes):
         await bad.send_bytes(frame)
     else:
         await bad.send_str(frame)
     got_code, got_reason = await closed_with(bad)
     assert got_code == code and reason in got_reason
-    a = await server.ws("/introduction/a")
-    b = await server.ws("/introduction/b")
+    a = await client(server, "/introduction/a")
+    b = await client(server, "/introduction/b")
     await join_v4(a, "k")
-    await until(lambda: "a" in hub(server).directory)
+    await synced(a)
     await join_v4(b, "k")
     assert (await receive_msgpack(b))["peerId"] == "a"
 
 
 async def test_switching_encoding_mid_connection_is_refused(server):
-    ws = await server.ws("/introduction/x")
+    ws = await client(server, "/introduction/x")
     await join_v4(ws, "k")
     await ws.send_str('{"type":"Heartbeat"}')
     assert await closed_with(ws) == (
@@ -278,27 +350,27 @@ async def test_switching_encoding_mid_connection_is_refused(server):
 
 async def test_too_many_documents_and_too_long_ids_are_refused():
     settings = node_settings(relay_max_documents=2, relay_max_id_length=8)
-    async with running_server(settings) as srv:
-        ws = await srv.ws("/introduction/x")
+    async with watched(settings) as srv:
+        ws = await client(srv, "/introduction/x")
         await join_json(ws, "a", "b")
         await join_json(ws, "c")
         code, reason = await closed_with(ws)
         assert code == CloseCode.POLICY_VIOLATION and "at most 2 document ids" in reason
-        ws = await srv.ws("/introduction/y")
+        ws = await client(srv, "/introduction/y")
         await join_json(ws, "123456789")
         code, reason = await closed_with(ws)
         assert code == CloseCode.POLICY_VIOLATION and "longer than 8" in reason
-        ws = await srv.ws("/introduction/123456789")
+        ws = await client(srv, "/introduction/123456789")
         code, reason = await closed_with(ws)
         assert code == CloseCode.POLICY_VIOLATION and "peer id is longer than 8" in reason
-        ws = await srv.ws("/connection/a/b/123456789")
+        ws = await client(srv, "/connection/a/b/123456789")
         code, reason = await closed_with(ws)
         assert code == CloseCode.POLICY_VIOLATION and "document id is longer than 8" in reason
 
 
 async def test_flood_of_introduction_messages_closes_with_a_reason():
-    async with running_server(node_settings(rate_limit=1.0, rate_burst=3)) as srv:
-        ws = await srv.ws("/introduction/flood")
+    async with watched(node_settings(rate_limit=1.0, rate_burst=3)) as srv:
+        ws = await client(srv, "/introduction/flood")
         for _ in range(6):
             await ws.send_str('{"type":"Heartbeat"}')
         code, reason = await closed_with(ws)
@@ -306,16 +378,16 @@ async def test_flood_of_introduction_messages_closes_with_a_reason():
 
 
 async def test_oversize_frame_closes_with_1009():
-    async with running_server(node_settings(max_frame_bytes=1024)) as srv:
-        ws = await srv.ws("/introduction/big")
+    async with watched(node_settings(max_frame_bytes=1024)) as srv:
+        ws = await client(srv, "/introduction/big")
         await join_json(ws, "x" * 2000)
         assert (await closed_with(ws))[0] == CloseCode.MESSAGE_TOO_BIG
 
 
 async def test_paths_without_their_ids_are_refused_with_a_reason(server):
-    ws = await server.ws("/introduction/")
+    ws = await client(server, "/introduction/")
     assert await closed_with(ws) == (CloseCode.POLICY_VIOLATION, "expected /introduction/{peerId}")
-    ws = await server.ws("/connection/a/b")
+    ws = await client(server, "/connection/a/b")
     code, reason = await closed_with(ws)
     assert code == CloseCode.POLICY_VIOLATION and "/connection/{localId}" in reason
 
@@ -332,9 +404,9 @@ async def test_plain_get_on_relay_paths_is_a_health_answer(server):
 async def pipe_pair(
     server: RunningServer, a: str = "a", b: str = "b", key: str = "k"
 ) -> tuple[WS, WS]:
-    first = await server.ws(f"/connection/{a}/{b}/{key}")
-    await until(lambda: any(e.a == a for e in hub(server).ends.values()))
-    second = await server.ws(f"/connection/{b}/{a}/{key}")
+    first = await client(server, f"/connection/{a}/{b}/{key}")
+    await synced(first)  # held
+    second = await client(server, f"/connection/{b}/{a}/{key}")
     return first, second
 
 
@@ -352,7 +424,7 @@ async def test_pipe_forwards_text_and_binary_both_ways_byte_exact(server):
 
 async def test_pipes_carry_frames_larger_than_signalling_frames_up_to_their_own_limit():
     settings = node_settings(max_frame_bytes=4096, relay_max_frame_bytes=200_000)
-    async with running_server(settings) as srv:
+    async with watched(settings) as srv:
         first, second = await pipe_pair(srv)
         blob = bytes(range(256)) * 700  # 179,200 bytes: over MAX_FRAME_BYTES, under the pipe's
         await first.send_bytes(blob)
@@ -360,25 +432,21 @@ async def test_pipes_carry_frames_larger_than_signalling_frames_up_to_their_own_
         await second.send_bytes(b"x" * 200_001)
         assert (await closed_with(second))[0] == CloseCode.MESSAGE_TOO_BIG
         # The introduction channel keeps the signalling limit.
-        ws = await srv.ws("/introduction/big")
+        ws = await client(srv, "/introduction/big")
         await join_json(ws, "x" * 5000)
         assert (await closed_with(ws))[0] == CloseCode.MESSAGE_TOO_BIG
 
 
 async def test_frames_sent_while_held_are_flushed_in_order_first(server):
-    first = await server.ws("/connection/a/b/k")
+    first = await client(server, "/connection/a/b/k")
     for i in range(20):
         if i % 2:
             await first.send_bytes(bytes([i]))
         else:
             await first.send_str(f"held {i}")
-    await until(
-        lambda: (
-            sum(e.buffer.size for e in hub(server).ends.values()) > 0
-            and len(next(iter(hub(server).ends.values())).buffer.frames) == 20
-        )
-    )
-    second = await server.ws("/connection/b/a/k")
+    await synced(first)  # all 20 held
+    assert await server.watch.holder(pipe_claim_key("a", "b", "k")) is not None
+    second = await client(server, "/connection/b/a/k")
     await first.send_str("after")
     for i in range(20):
         expected = (BINARY, bytes([i])) if i % 2 else (TEXT, f"held {i}")
@@ -395,40 +463,43 @@ async def test_closing_either_side_closes_the_other(server):
     assert transport is not None
     transport.abort()
     assert (await closed_with(first))[0] == CloseCode.NORMAL
-    await until(lambda: not hub(server).ends)
+    # Nothing of either pair is left: the same requests pair afresh.
+    first, second = await pipe_pair(server, key="k2")
+    await first.send_str("again")
+    assert await receive_frame(second) == (TEXT, "again")
 
 
 async def test_hold_buffer_is_bounded_in_bytes():
-    async with running_server(node_settings(relay_buffer_bytes=100)) as srv:
-        ws = await srv.ws("/connection/a/b/k")
+    async with watched(node_settings(relay_buffer_bytes=100)) as srv:
+        ws = await client(srv, "/connection/a/b/k")
         await ws.send_bytes(b"x" * 60)
         await ws.send_bytes(b"x" * 60)
         code, reason = await closed_with(ws)
         assert code == CloseCode.POLICY_VIOLATION and "relay buffer full" in reason
         # The hold is gone: a new request is held afresh and pairs normally.
-        await until(lambda: not hub(srv).ends)
+        await until_true(lambda: _free(srv, pipe_claim_key("a", "b", "k")))
         first, second = await pipe_pair(srv)
         await first.send_str("ok")
         assert await receive_frame(second) == (TEXT, "ok")
 
 
 async def test_hold_waits_a_bounded_time():
-    async with running_server(node_settings(relay_wait_timeout=0.3)) as srv:
-        ws = await srv.ws("/connection/a/b/k")
+    async with watched(node_settings(relay_wait_timeout=0.3)) as srv:
+        ws = await client(srv, "/connection/a/b/k")
         code, reason = await closed_with(ws, timeout=5 * UNIT)
         assert code == CloseCode.TRY_AGAIN_LATER and "no peer connected within 0.3 s" in reason
 
 
 async def test_duplicate_request_replaces_the_held_socket(server):
-    old = await server.ws("/connection/a/b/k")
+    old = await client(server, "/connection/a/b/k")
     await old.send_str("from the old socket")
-    await until(lambda: len(hub(server).ends) == 1)
-    new = await server.ws("/connection/a/b/k")
+    await synced(old)
+    new = await client(server, "/connection/a/b/k")
     code, reason = await closed_with(old)
     assert code == CloseCode.NORMAL and "replaced" in reason
     await new.send_str("from the new socket")
-    await until(lambda: len(hub(server).ends) == 1)
-    peer = await server.ws("/connection/b/a/k")
+    await synced(new)
+    peer = await client(server, "/connection/b/a/k")
     assert await receive_frame(peer) == (TEXT, "from the new socket")
     await peer.send_str("back")
     assert await receive_frame(new) == (TEXT, "back")
@@ -444,12 +515,13 @@ async def test_a_third_request_after_pairing_is_held_again(server):
 
 
 async def test_abrupt_close_of_a_held_socket_frees_its_request(server):
-    ws = await server.ws("/connection/a/b/k")
-    await until(lambda: len(hub(server).ends) == 1)
+    ws = await client(server, "/connection/a/b/k")
+    await synced(ws)
+    assert await server.watch.holder(pipe_claim_key("a", "b", "k")) is not None
     transport = ws._response.connection.transport
     assert transport is not None
     transport.abort()
-    await until(lambda: not hub(server).ends)
+    await until_true(lambda: _free(server, pipe_claim_key("a", "b", "k")))
     first, second = await pipe_pair(server)
     await second.send_str("fine")
     assert await receive_frame(first) == (TEXT, "fine")
@@ -461,19 +533,22 @@ async def test_abrupt_close_of_a_held_socket_frees_its_request(server):
 @contextlib.asynccontextmanager
 async def two_nodes(**overrides: Any) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
     bus = MemoryBus()
+    watch = Watch(bus)
+    await watch.start()
     async with (
         running_server(node_settings(node_id="n1", **overrides), MemoryBackend("n1", bus)) as one,
         running_server(node_settings(node_id="n2", **overrides), MemoryBackend("n2", bus)) as two,
     ):
+        one.watch = two.watch = watch  # type: ignore[attr-defined]
         yield one, two
 
 
 async def test_introductions_cross_nodes_in_each_generation():
     async with two_nodes() as (one, two):
-        a = await one.ws("/introduction/alice")
-        b = await two.ws("/introduction/bob")
+        a = await client(one, "/introduction/alice")
+        b = await client(two, "/introduction/bob")
         await join_v4(a, "d0", "doc")
-        await until(lambda: "alice" in hub(one).directory)
+        await synced(a)
         await join_json(b, "doc", "other", field="join")
         assert await receive_json(b) == {"type": "Introduction", "id": "alice", "keys": ["doc"]}
         assert await receive_msgpack(a) == {
@@ -484,7 +559,7 @@ async def test_introductions_cross_nodes_in_each_generation():
         await assert_silent(a)
         await assert_silent(b)
         # A Join naming several shared documents still introduces each remote peer once.
-        c = await one.ws("/introduction/carol")
+        c = await client(one, "/introduction/carol")
         await join_json(c, "other", "doc")
         got = {
             (m["userName"], tuple(m["documentIds"])) for m in [await receive_json(c) for _ in "ab"]
@@ -502,11 +577,12 @@ async def test_introductions_cross_nodes_in_each_generation():
 
 async def test_a_left_document_gets_no_introductions_from_other_nodes():
     async with two_nodes() as (one, two):
-        a = await one.ws("/introduction/alice")
+        a = await client(one, "/introduction/alice")
         await join_json(a, "doc")
         await a.send_str('{"type":"Leave","documentIds":["doc"]}')
-        await until(lambda: "alice" not in hub(one).directory)
-        b = await two.ws("/introduction/bob")
+        await synced(a)
+        assert await one.watch.peers_in("doc") == 0
+        b = await client(two, "/introduction/bob")
         await join_json(b, "doc")
         await assert_silent(b)
         await assert_silent(a)
@@ -514,15 +590,11 @@ async def test_a_left_document_gets_no_introductions_from_other_nodes():
 
 async def test_pipe_across_nodes_keeps_order_and_frame_types():
     async with two_nodes() as (one, two):
-        first = await one.ws("/connection/a/b/k")
+        first = await client(one, "/connection/a/b/k")
         for i in range(5):
             await first.send_str(f"held {i}")
-        await until(
-            lambda: (
-                bool(hub(one).ends) and len(next(iter(hub(one).ends.values())).buffer.frames) == 5
-            )
-        )
-        second = await two.ws("/connection/b/a/k")
+        await synced(first)  # all 5 held
+        second = await client(two, "/connection/b/a/k")
         for i in range(5):
             assert await receive_frame(second) == (TEXT, f"held {i}")
         for i in range(100):
@@ -533,14 +605,19 @@ async def test_pipe_across_nodes_keeps_order_and_frame_types():
             assert await receive_frame(first) == (TEXT, f"back {i}")
         await second.close()
         assert (await closed_with(first))[0] == CloseCode.NORMAL
-        await until(lambda: not hub(one).ends and not hub(two).ends)
+        # Nothing of the pipe is left on either node: the same requests pair afresh.
+        first = await client(two, "/connection/a/b/k")
+        await synced(first)
+        second = await client(one, "/connection/b/a/k")
+        await second.send_str("again")
+        assert await receive_frame(first) == (TEXT, "again")
 
 
 async def test_large_pipe_frames_cross_nodes_whole():
     async with two_nodes() as (one, two):
-        first = await one.ws("/connection/a/b/k")
-        await until(lambda: bool(hub(one).ends))
-        second = await two.ws("/connection/b/a/k")
+        first = await client(one, "/connection/a/b/k")
+        await synced(first)
+        second = await client(two, "/connection/b/a/k")
         blobs = [bytes([i]) * 250_000 for i in range(3)]
         for blob in blobs:
             await first.send_bytes(blob)
@@ -552,16 +629,16 @@ async def test_large_pipe_frames_cross_nodes_whole():
 
 async def test_same_peer_id_on_another_node_replaces_the_first():
     async with two_nodes() as (one, two):
-        old = await one.ws("/introduction/dup")
+        old = await client(one, "/introduction/dup")
         await join_json(old, "k")
-        await until(lambda: "dup" in hub(one).directory)
-        new = await two.ws("/introduction/dup")
+        await synced(old)
+        new = await client(two, "/introduction/dup")
         code, reason = await closed_with(old)
         assert code == CloseCode.NORMAL and "replaced" in reason
-        await until(lambda: "dup" not in hub(one).directory)
-        other = await one.ws("/introduction/other")
+        await until_true(lambda: _none_in(one, "k"))
+        other = await client(one, "/introduction/other")
         await join_json(new, "k")
-        await until(lambda: "dup" in hub(two).directory)
+        await synced(new)
         await join_json(other, "k")
         assert (await receive_json(new))["userName"] == "other"
         assert (await receive_json(other))["userName"] == "dup"
@@ -569,13 +646,15 @@ async def test_same_peer_id_on_another_node_replaces_the_first():
 
 async def test_duplicate_pipe_request_on_another_node_replaces_the_held_one():
     async with two_nodes() as (one, two):
-        old = await one.ws("/connection/a/b/k")
-        await until(lambda: bool(hub(one).ends))
-        new = await two.ws("/connection/a/b/k")
+        old = await client(one, "/connection/a/b/k")
+        await synced(old)
+        new = await client(two, "/connection/a/b/k")
         code, reason = await closed_with(old)
         assert code == CloseCode.NORMAL and "replaced" in reason
-        await until(lambda: not hub(one).ends and bool(hub(two).ends))
-        peer = await one.ws("/connection/b/a/k")
+        await synced(new)
+        holder = await one.watch.holder(pipe_claim_key("a", "b", "k"))
+        assert holder is not None and holder.node_id == "n2"
+        peer = await client(one, "/connection/b/a/k")
         await peer.send_str("hi")
         assert await receive_frame(new) == (TEXT, "hi")
 
@@ -590,24 +669,24 @@ async def test_one_node_keeps_serving_while_redis_is_unreachable():
     )
     async with running_server(settings) as srv:
         assert not srv.node.backend.ready
-        a = await srv.ws("/introduction/a")
+        a = await client(srv, "/introduction/a")
         await join_v4(a, "k")
-        await until(lambda: "a" in hub(srv).directory)
-        b = await srv.ws("/introduction/b")
+        await synced(a)
+        b = await client(srv, "/introduction/b")
         await join_v4(b, "k")
         assert (await receive_msgpack(b))["peerId"] == "a"
         assert (await receive_msgpack(a))["peerId"] == "b"
-        again = await srv.ws("/introduction/a")
+        again = await client(srv, "/introduction/a")
         assert (await closed_with(a))[0] == CloseCode.NORMAL
         await join_v4(again, "k")
         assert (await receive_msgpack(again))["peerId"] == "b"
-        old = await srv.ws("/connection/a/b/k")
-        await until(lambda: bool(hub(srv).holding))
-        first = await srv.ws("/connection/a/b/k")
+        old = await client(srv, "/connection/a/b/k")
+        await synced(old)  # held here: the claim failed, Redis being away
+        first = await client(srv, "/connection/a/b/k")
         assert "replaced" in (await closed_with(old))[1]
         await first.send_str("held")
-        await until(lambda: len(hub(srv).ends) == 1)
-        second = await srv.ws("/connection/b/a/k")
+        await synced(first)
+        second = await client(srv, "/connection/b/a/k")
         assert await receive_frame(second) == (TEXT, "held")
         await second.send_bytes(b"\x01")
         assert await receive_frame(first) == (BINARY, b"\x01")
@@ -616,12 +695,14 @@ async def test_one_node_keeps_serving_while_redis_is_unreachable():
 async def test_peer_id_lease_is_renewed_and_a_lost_claim_closes_the_socket():
     """The claim outlives its TTL while the socket is open; taken over elsewhere (an eviction
     message that never arrived), the socket yields at the next renewal."""
-    async with running_server(node_settings(id_lease_ttl=3)) as srv:
-        ws = await srv.ws("/introduction/leased")
-        await until(lambda: "leased" in hub(srv).peers)
-        backend = srv.node.backend
+    async with watched(node_settings(id_lease_ttl=3)) as srv:
+        ws = await client(srv, "/introduction/leased")
+        await synced(ws)
+        backend = srv.watch.backend  # type: ignore[attr-defined]
         key = peer_claim_key("leased")
-        token = hub(srv).peers["leased"].token
+        claim = await backend.lookup(key)
+        assert claim is not None and claim.node_id == srv.node.node_id
+        token = claim.token
         await asyncio.sleep(3.5 * UNIT)  # longer than the lease
         assert await backend.lookup(key) == Claim(srv.node.node_id, token)
         assert await backend.release(key, token)
@@ -655,7 +736,7 @@ async def slow_reader_case(sender: WS, receiver: WS) -> None:
 
 
 async def test_a_slow_reader_slows_the_writer_instead_of_being_cut_off():
-    async with running_server(node_settings(send_buffer_bytes=256 * 1024)) as srv:
+    async with watched(node_settings(send_buffer_bytes=256 * 1024)) as srv:
         first, second = await pipe_pair(srv)
         await slow_reader_case(first, second)
 
@@ -663,7 +744,7 @@ async def test_a_slow_reader_slows_the_writer_instead_of_being_cut_off():
 async def test_a_slow_reader_on_another_node_slows_the_writer():
     """Flow control across nodes: the receiving node acknowledges what its client has read."""
     async with two_nodes(send_buffer_bytes=256 * 1024) as (one, two):
-        first = await one.ws("/connection/a/b/k")
-        await until(lambda: bool(hub(one).holding))
-        second = await two.ws("/connection/b/a/k")
+        first = await client(one, "/connection/a/b/k")
+        await synced(first)
+        second = await client(two, "/connection/b/a/k")
         await slow_reader_case(first, second)

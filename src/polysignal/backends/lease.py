@@ -73,14 +73,22 @@ class Leases:
 
     # --- claiming ---
     async def claim(
-        self, key: str, token: str | None = None, *, on_lost: LostHandler | None = None
+        self,
+        key: str,
+        token: str | None = None,
+        *,
+        on_lost: LostHandler | None = None,
+        keep_while_unavailable: bool = True,
     ) -> Lease | None:
         """Claim ``key``; None when another holder has it. While the backend is away the lease
-        is kept here and claimed once it returns (``held`` False until then)."""
+        is kept here and claimed once it returns (``held`` False until then); with
+        ``keep_while_unavailable`` False, BackendUnavailable is raised instead."""
         lease = Lease(key, token or secrets.token_urlsafe(12), on_lost)
         try:
             lease.held = await self.backend.claim(key, lease.token, self.ttl)
         except BackendUnavailable as exc:
+            if not keep_while_unavailable:
+                raise
             log.debug("lease %s kept here until the backend returns (%s)", key, exc)
         else:
             if not lease.held:

@@ -222,6 +222,12 @@ class Streams:
     def get(self, stream_id: str) -> Stream | None:
         return self._streams.get(stream_id)
 
+    def discard(self, stream: Stream) -> None:
+        """Drop a stream that never carried anything (the pipe it was opened for did not come
+        about), without telling either end."""
+        stream.ended = True
+        self._forget(stream)
+
     def _forget(self, stream: Stream) -> None:
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]

@@ -8,16 +8,40 @@
 * ``HoldBuffer``: the frames a ``/connection`` socket sends before its peer arrives, bounded in
   bytes (the originals buffer without limit).
 * Names and tokens of the cluster-wide claims of peer ids and pipe rendezvous.
+* ``RelayNode``: the rules of one node as a state machine (``core/effects.py``): events in
+  (a socket opened, a frame, another node's message, the time), effects out. A pipe's
+  rendezvous with its reciprocal request runs as a generator that yields what it needs of the
+  cluster (claim, lookup, release, match) and gets each answer sent back in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
 import orjson
 
-from polysignal.core.errors import LimitExceeded
+from polysignal.core.effects import Close, Conn, Presence, Publish, Send, ToNode
+from polysignal.core.errors import BackendUnavailable, ClientError, CloseCode, LimitExceeded
+from polysignal.protocols.relay import (
+    NAMESPACE,
+    Announce,
+    Decoded,
+    Direct,
+    Encoding,
+    EndRef,
+    Generation,
+    Introduce,
+    Join,
+    Leave,
+    encode_announce,
+    encode_end,
+    encode_introduce,
+    encode_introduction,
+)
+from polysignal.protocols.websocket import OP_BINARY
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,3 +242,492 @@ class PipeToken:
         if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
             return cls(value[0], value[1])
         return None
+
+
+# --- the machine ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TakeLease:
+    """Claim the id of ``peer`` (``key``) cluster-wide with ``token``, taking it from any other
+    holder, whose socket is then evicted (``evicted`` on its node); if the lease is ever lost to
+    another holder, ``evicted`` closes this socket."""
+
+    key: str
+    token: str
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class DropLease:
+    """Release the lease of ``key`` held with ``token`` (``forget``: stop renewing it without
+    releasing it: another socket holds the key on from here)."""
+
+    key: str
+    token: str
+    forget: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpen:
+    """Open this node's end ``end`` of a stream to the pipe end ``peer`` on ``node``."""
+
+    end: str
+    node: str
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSend:
+    """Send one frame of the pipe end ``end`` through its stream to the other node."""
+
+    end: str
+    opcode: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamClose:
+    """The pipe end ``end`` closed: send what its stream holds, then tell the other end."""
+
+    end: str
+
+
+Effect = (
+    Send
+    | Close
+    | ToNode
+    | Publish
+    | Presence
+    | TakeLease
+    | DropLease
+    | StreamOpen
+    | StreamSend
+    | StreamClose
+)
+
+
+# What a rendezvous asks of the hub while it runs (the answer is sent back into it):
+@dataclass(frozen=True, slots=True)
+class ClaimOp:
+    """Claim ``key`` with ``token`` if it is free; answered True or False. On success the hub
+    keeps the claim as a lease until ``DropLease``."""
+
+    key: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class LookupOp:
+    """Who holds ``key``; answered with a holder (node id, token) or None."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOp:
+    """Release ``key`` if ``token`` holds it; answered True or False."""
+
+    key: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class MatchOp:
+    """Ask ``node`` to pipe its held end ``holder`` to this node's ``end``; answered True once it
+    has (the hub opens ``end``'s stream to it first), False if it cannot, or after a while."""
+
+    node: str
+    holder: str
+    end: str
+
+
+@dataclass(frozen=True, slots=True)
+class SettleOp:
+    """Wait (bounded) until this node's end ``end`` has finished its own rendezvous."""
+
+    end: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyOp:
+    """Carry these effects out now, before the rendezvous goes on."""
+
+    effects: tuple[Effect, ...]
+
+
+Op = ClaimOp | LookupOp | ReleaseOp | MatchOp | SettleOp | ApplyOp
+Rendezvous = Generator[Op, Any, list[Effect]]
+"""A rendezvous in progress: it yields what it needs from the hub and gets each answer back
+(a failure of the cluster is thrown in as ``BackendUnavailable``); it returns the effects of its
+end, once held or piped."""
+
+
+class EndState(Enum):
+    RENDEZVOUS = "rendezvous"  # looking for the reciprocal request
+    HOLDING = "holding"  # first of the pair: buffering until the other arrives
+    PIPED = "piped"
+    CLOSED = "closed"
+
+
+@dataclass(eq=False)
+class PeerSocket:
+    """The ``/introduction/{peer}`` socket of a peer on this node."""
+
+    conn: Conn
+    peer: str
+    token: str
+    encoding: Encoding | None = None
+    generation: Generation | None = None
+
+
+@dataclass(eq=False)
+class PipeEnd:
+    """One ``/connection/{a}/{b}/{key}`` socket on this node."""
+
+    id: str
+    conn: Conn
+    a: str
+    b: str
+    key: str
+    buffer: HoldBuffer
+    state: EndState = EndState.RENDEZVOUS
+    partner: PipeEnd | None = None  # the other end, when it is on this node
+    remote: tuple[str, str] | None = None  # (node id, end id) when it is on another node
+    deadline: float | None = None  # while holding: when it gives up waiting for its peer
+    claim_key: str = field(init=False)
+    token: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.claim_key = pipe_claim_key(self.a, self.b, self.key)
+        self.token = PipeToken(self.a, self.id).encode()
+
+    def __repr__(self) -> str:
+        return f"<pipe {self.id} {self.state.value}>"
+
+
+REPLACED_PEER = "replaced by a newer connection with the same peer id"
+REPLACED_PIPE = "replaced by a newer connection request"
+
+
+class RelayNode:
+    """The relay's rules on one node: introductions, pipe rendezvous, holding and piping.
+
+    ``node_id`` names this node in the cluster; ``buffer_bytes`` and ``wait_timeout`` bound a
+    held socket (``RELAY_BUFFER_BYTES``, ``RELAY_WAIT_TIMEOUT``, 0 = no limit); ``attempts`` is
+    how many times a rendezvous races other nodes before it gives up.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        max_documents: int = 0,
+        buffer_bytes: int = 0,
+        wait_timeout: float = 0.0,
+        attempts: int = 4,
+    ) -> None:
+        self.node_id = node_id
+        self.buffer_bytes = buffer_bytes
+        self.wait_timeout = wait_timeout
+        self.attempts = attempts
+        self.directory = Directory(max_documents)
+        self.peers: dict[str, PeerSocket] = {}
+        self.ends: dict[str, PipeEnd] = {}
+        self.holding: dict[str, PipeEnd] = {}  # claim key -> the end held under it here
+
+    # --- introductions ---
+    def peer_opened(self, conn: Conn, peer: str, token: str) -> tuple[PeerSocket, list[Effect]]:
+        """``/introduction/{peer}`` opened: this socket is the peer's now, here and (once its
+        lease is taken) in the cluster; an older one here is closed."""
+        sock = PeerSocket(conn, peer, token)
+        effects: list[Effect] = []
+        old = self.peers.get(peer)
+        if old is not None:
+            effects += self.evicted(peer, old.token)
+        self.peers[peer] = sock
+        effects.append(TakeLease(peer_claim_key(peer), token, peer))
+        return sock, effects
+
+    def peer_message(self, sock: PeerSocket, decoded: Decoded, encoding: Encoding) -> list[Effect]:
+        """One decoded frame of ``sock``; raises ClientError (closing it) for a frame in the
+        other encoding than its first or over the document limit."""
+        if sock.encoding is None:
+            sock.encoding = encoding
+        elif encoding is not sock.encoding:
+            # A connection answers in the encoding it started with (docs/protocols/relay.md).
+            expected = "msgpack binary" if sock.encoding is Encoding.MSGPACK else "JSON text"
+            raise EncodingMismatch(f"this connection speaks {expected} frames")
+        if sock.generation is None:
+            sock.generation = decoded.generation
+        if self.peers.get(sock.peer) is not sock:
+            return []  # replaced by a newer socket (and closing): its frames no longer count
+        match decoded.command:
+            case Join() as join:
+                return self._join(sock, join)
+            case Leave() as leave:
+                return self._presence(self.directory.leave(sock.peer, leave.document_ids))
+        return []  # a heartbeat
+
+    def _join(self, sock: PeerSocket, join: Join) -> list[Effect]:
+        # DocumentLimitExceeded (a ClientError) leaves the peer's set unchanged and closes it.
+        added, removed, intros = self.directory.join(sock.peer, join.document_ids, join.leave)
+        effects = self._presence(added + removed)
+        for intro in intros:
+            effects += self._introduce(intro)
+        documents = self.directory.documents_of(sock.peer)
+        joined = tuple(doc for doc in join.document_ids if doc in documents)
+        if joined:
+            announce = encode_announce(Announce(self.node_id, sock.peer, joined, documents))
+            effects += [Publish(doc, announce, NAMESPACE) for doc in joined]
+        return effects
+
+    def _introduce(self, intro: Introduction) -> list[Effect]:
+        """``intro`` for its local recipient, in that recipient's generation."""
+        sock = self.peers.get(intro.to)
+        if sock is None or sock.generation is None:
+            return []
+        frame = encode_introduction(sock.generation, intro.peer, intro.documents)
+        return [Send(sock.conn, frame, binary=sock.generation is Generation.V4)]
+
+    def _presence(self, documents: list[str]) -> list[Effect]:
+        count = self.directory.count
+        return [Presence(doc, count(doc), NAMESPACE) for doc in documents]
+
+    def peer_closed(self, sock: PeerSocket) -> list[Effect]:
+        effects: list[Effect] = []
+        if self.peers.get(sock.peer) is sock:
+            del self.peers[sock.peer]
+            effects += self._presence(self.directory.remove(sock.peer))
+        # else: replaced; the newer socket's state is not ours to remove. Releasing our own
+        # token is always safe: it frees the claim only if we still hold it.
+        effects.append(DropLease(peer_claim_key(sock.peer), sock.token))
+        return effects
+
+    def evicted(self, peer: str, token: str) -> list[Effect]:
+        """A newer socket took ``peer`` over (here, or on another node: its eviction message,
+        or the peer's lease found taken): the socket holding ``token`` is closed."""
+        old = self.peers.get(peer)
+        if old is None or old.token != token:
+            return []
+        del self.peers[peer]
+        effects = self._presence(self.directory.remove(peer))
+        effects.append(Close(old.conn, 1000, REPLACED_PEER))
+        return effects
+
+    def announced(self, topic: str, msg: Announce) -> list[Effect]:
+        """A Join on another node reached this node through ``topic``'s document."""
+        if msg.node == self.node_id:
+            return []
+        effects: list[Effect] = []
+        for intro in self.directory.remote_introductions(
+            msg.peer, msg.joined, msg.documents, topic
+        ):
+            effects += self._introduce(intro)
+            reply = encode_introduce(Introduce(msg.peer, intro.to, intro.documents))
+            effects.append(ToNode(msg.node, Direct.INTRODUCE, reply))
+        return effects
+
+    def introduced(self, msg: Introduce) -> list[Effect]:
+        """Another node introduces its peer to ``msg.to`` here."""
+        if msg.to not in self.peers:
+            return []
+        common = self.directory.common(msg.to, msg.documents)
+        return self._introduce(Introduction(msg.to, msg.peer, common)) if common else []
+
+    # --- pipes ---
+    def end_opened(self, conn: Conn, end_id: str, a: str, b: str, key: str) -> PipeEnd:
+        """``/connection/{a}/{b}/{key}`` opened; its ``rendezvous`` comes next."""
+        end = PipeEnd(end_id, conn, a, b, key, HoldBuffer(self.buffer_bytes))
+        self.ends[end.id] = end
+        return end
+
+    def rendezvous(self, end: PipeEnd, now: float) -> Rendezvous:
+        """Hold ``end`` or pipe it to its held reciprocal, wherever that is. Through the cluster
+        first; while the cluster is unreachable, on this node only."""
+        try:
+            return (yield from self._rendezvous_cluster(end, now))
+        except BackendUnavailable:
+            return self._rendezvous_locally(end, now)
+
+    def _rendezvous_cluster(self, end: PipeEnd, now: float) -> Rendezvous:
+        for _ in range(self.attempts):
+            if _closed(end):
+                return []
+            if (yield ClaimOp(end.claim_key, end.token)):
+                return self._hold(end, now)
+            holder = yield LookupOp(end.claim_key)
+            if holder is None:
+                continue  # released in between: try to claim again
+            token = PipeToken.decode(holder.token)
+            if token is None:
+                yield ReleaseOp(end.claim_key, holder.token)
+                continue
+            if token.seeker == end.a and end.a != end.b:
+                # The same request again: the newer socket replaces the held one.
+                yield ReleaseOp(end.claim_key, holder.token)
+                if holder.node_id == self.node_id:
+                    yield SettleOp(token.end)
+                    yield ApplyOp(tuple(self.evict_end(token.end, REPLACED_PIPE)))
+                else:
+                    ref = encode_end(EndRef(token.end, reason=REPLACED_PIPE))
+                    yield ApplyOp((ToNode(holder.node_id, Direct.EVICT_PIPE, ref),))
+                continue
+            if holder.node_id == self.node_id:
+                other = self.ends.get(token.end)
+                if other is not None:
+                    # Its claim may have succeeded a moment before it learnt so (the reply
+                    # comes on another Redis connection than ours): let it start holding.
+                    yield SettleOp(other.id)
+                if other is not None and other.state is EndState.HOLDING:
+                    effects = self._pipe_locally(other, end)
+                    yield ReleaseOp(end.claim_key, holder.token)
+                    return effects
+                yield ReleaseOp(end.claim_key, holder.token)  # a stale hold
+                continue
+            if (yield MatchOp(holder.node_id, token.end, end.id)):
+                if _closed(end):  # closed while the match was on its way
+                    return [StreamClose(end.id)]
+                end.remote = (holder.node_id, token.end)
+                end.state = EndState.PIPED
+                return []
+            yield ReleaseOp(end.claim_key, holder.token)
+        return [Close(end.conn, 1013, "could not pair this connection request")]
+
+    def _rendezvous_locally(self, end: PipeEnd, now: float) -> list[Effect]:
+        if end.state is EndState.CLOSED:
+            return []
+        held = self.holding.get(end.claim_key)
+        if held is None or held.state is not EndState.HOLDING:
+            return self._hold(end, now)
+        if held.a == end.a and end.a != end.b:
+            return self.evict_end(held.id, REPLACED_PIPE) + self._hold(end, now)
+        return self._pipe_locally(held, end)
+
+    def _hold(self, end: PipeEnd, now: float) -> list[Effect]:
+        if end.state is EndState.CLOSED:  # closed while its claim was on its way
+            return [DropLease(end.claim_key, end.token)]
+        end.state = EndState.HOLDING
+        self.holding[end.claim_key] = end
+        if self.wait_timeout > 0:
+            end.deadline = now + self.wait_timeout
+        return []
+
+    def _stop_holding(self, end: PipeEnd) -> None:
+        if self.holding.get(end.claim_key) is end:
+            del self.holding[end.claim_key]
+        end.deadline = None
+
+    def _pipe_locally(self, held: PipeEnd, arrived: PipeEnd) -> list[Effect]:
+        """Flush what ``held`` buffered to ``arrived``, in order, then pipe them."""
+        self._stop_holding(held)
+        effects: list[Effect] = [
+            Send(arrived.conn, data, binary=opcode == OP_BINARY)
+            for opcode, data in held.buffer.take()
+        ]
+        held.partner, arrived.partner = arrived, held
+        held.state = arrived.state = EndState.PIPED
+        effects.append(DropLease(held.claim_key, held.token))
+        return effects
+
+    def evict_end(self, end_id: str, reason: str) -> list[Effect]:
+        """A newer duplicate request replaces the held end ``end_id`` (whose claim the newer one
+        released already)."""
+        end = self.ends.get(end_id)
+        if end is None or end.state is not EndState.HOLDING:
+            return []
+        self._stop_holding(end)
+        end.state = EndState.CLOSED
+        return [DropLease(end.claim_key, end.token, forget=True), Close(end.conn, 1000, reason)]
+
+    def match(self, origin: str, holder_id: str, seeker: str) -> Generator[Op, Any, list[Effect]]:
+        """Node ``origin``'s end ``seeker`` asks to be piped to this node's held ``holder_id``."""
+        end = self.ends.get(holder_id)
+        if end is not None and end.state is EndState.RENDEZVOUS:
+            # The matcher saw this end's claim before this node saw its reply: the end is about
+            # to hold. Answer once it does, instead of refusing a valid match.
+            yield SettleOp(end.id)
+            end = self.ends.get(holder_id)
+        if end is None or end.state is not EndState.HOLDING:
+            return [ToNode(origin, Direct.NO_MATCH, encode_end(EndRef(seeker)))]
+        self._stop_holding(end)
+        end.state = EndState.PIPED
+        end.remote = (origin, seeker)
+        effects: list[Effect] = [
+            StreamOpen(end.id, origin, seeker),
+            ToNode(origin, Direct.MATCHED, encode_end(EndRef(seeker, end.id))),
+        ]
+        # The held frames go first, in order.
+        effects += [StreamSend(end.id, opcode, data) for opcode, data in end.buffer.take()]
+        effects.append(DropLease(end.claim_key, end.token))
+        return effects
+
+    def end_frame(self, end: PipeEnd, opcode: int, data: bytes) -> list[Effect]:
+        """Forward (or hold) one frame from ``end``'s client."""
+        match end.state:
+            case EndState.HOLDING:
+                try:
+                    end.buffer.add(opcode, data)
+                except LimitExceeded as exc:
+                    return [Close(end.conn, 1008, exc.message)]
+                return []
+            case EndState.PIPED if end.partner is not None:
+                return [Send(end.partner.conn, data, binary=opcode == OP_BINARY)]
+            case EndState.PIPED if end.remote is not None:
+                return [StreamSend(end.id, opcode, data)]
+        return [Close(end.conn, 1000)]
+
+    def end_closed(self, end: PipeEnd) -> list[Effect]:
+        """``end``'s socket is gone: its claim, its partner, its stream."""
+        was = end.state
+        end.state = EndState.CLOSED
+        self.ends.pop(end.id, None)
+        self._stop_holding(end)
+        effects: list[Effect] = []
+        if was is EndState.HOLDING:
+            effects.append(DropLease(end.claim_key, end.token))
+        partner = end.partner
+        if partner is not None:
+            partner.partner = None
+            effects.append(Close(partner.conn, 1000, "peer closed"))
+        if end.remote is not None:
+            end.remote = None
+            effects.append(StreamClose(end.id))
+        return effects
+
+    def stream_ended(self, end_id: str, reason: str) -> list[Effect]:
+        """The stream of ``end_id`` is over: the other end closed, or its node is gone."""
+        end = self.ends.get(end_id)
+        if end is None:
+            return []
+        end.remote = None  # nothing to tell the other end any more
+        if reason == "peer closed":
+            return [Close(end.conn, 1000, "peer closed")]
+        return [Close(end.conn, 1013, "the peer's node is unreachable")]
+
+    # --- time ---
+    def next_deadline(self) -> float | None:
+        """When ``on_timer`` is due next (a held end's wait ends), or None."""
+        deadlines = [end.deadline for end in self.holding.values() if end.deadline is not None]
+        return min(deadlines, default=None)
+
+    def on_timer(self, now: float) -> list[Effect]:
+        """Close the held ends whose peer did not come in time."""
+        effects: list[Effect] = []
+        for end in list(self.holding.values()):
+            if end.deadline is not None and end.deadline <= now:
+                end.deadline = None
+                reason = f"no peer connected within {self.wait_timeout:g} s"
+                effects.append(Close(end.conn, 1013, reason))
+        return effects
+
+
+def _closed(end: PipeEnd) -> bool:
+    """Whether ``end`` closed (a rendezvous asks again after each of its waits)."""
+    return end.state is EndState.CLOSED
+
+
+class EncodingMismatch(ClientError):
+    """A frame in the other encoding than the connection's first (closes with 1003)."""
+
+    close_code = CloseCode.UNSUPPORTED_DATA

@@ -237,9 +237,6 @@ class Direct(StrEnum):
     MATCHED = "relay.matched"  # the held socket is now piped to yours
     NO_MATCH = "relay.no-match"  # the held socket is gone; try again
     EVICT_PIPE = "relay.evict-pipe"  # a newer duplicate /connection request replaces yours
-    FRAMES = "relay.frames"  # piped frames, in order, for a socket on your node
-    ACK = "relay.ack"  # that many bytes of your frames reached my socket's client (flow control)
-    CLOSE = "relay.close"  # the other end of a pipe closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,15 +266,6 @@ class EndRef:
     end: str
     other: str = ""
     reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class PipedFrames:
-    """Frames piped from the end ``sender`` to the end ``end``, in order, with their opcodes."""
-
-    end: str
-    sender: str
-    frames: tuple[tuple[int, bytes], ...]
 
 
 def pack(value: list[Any]) -> bytes:
@@ -310,39 +298,6 @@ def encode_end(msg: EndRef) -> bytes:
 def decode_end(payload: bytes) -> EndRef:
     end, other, reason = _unpack(payload, 3)
     return EndRef(_str(end), _str(other), _str(reason))
-
-
-def encode_frames(msg: PipedFrames) -> bytes:
-    return pack([msg.end, msg.sender, [item for frame in msg.frames for item in frame]])
-
-
-def decode_frames(payload: bytes) -> PipedFrames:
-    end, sender, flat = _unpack(payload, 3)
-    if not isinstance(flat, list) or len(flat) % 2:
-        raise MalformedFrame("invalid cluster message")
-    frames = tuple(zip(flat[::2], flat[1::2], strict=True))
-    if not all(isinstance(op, int) and isinstance(data, bytes) for op, data in frames):
-        raise MalformedFrame("invalid cluster message")
-    return PipedFrames(_str(end), _str(sender), frames)
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    """``size`` bytes of frames piped to ``end``'s partner were written to its client."""
-
-    end: str
-    size: int
-
-
-def encode_ack(msg: Ack) -> bytes:
-    return pack([msg.end, msg.size])
-
-
-def decode_ack(payload: bytes) -> Ack:
-    end, size = _unpack(payload, 2)
-    if not isinstance(size, int) or size < 0:
-        raise MalformedFrame("invalid cluster message")
-    return Ack(_str(end), size)
 
 
 def _unpack(payload: bytes, size: int) -> list[Any]:

@@ -46,7 +46,13 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
     node = Node(settings, backend if backend is not None else create_backend(settings))
     app = http_app(node, max(settings.limits.max_frame_bytes, 1 << 20))
     signalfire = app[SIGNALFIRE_KEY] = SignalFireHub(node)
-    relay = app[RELAY_KEY] = RelayHub(node)
+    relay = app[RELAY_KEY] = RelayHub(
+        settings.relay,
+        node.backend,
+        node.node_id,
+        lease_ttl=settings.server.id_lease_ttl,
+        send_buffer_bytes=settings.limits.send_buffer_bytes,
+    )
     topics = app[TOPICS_KEY] = TopicsHub(node)
     node.add_route(signalfire.matches, Driver(signalfire, node))
     node.add_route(relay.matches, Driver(relay, node))
