@@ -151,6 +151,20 @@ async def until_true(check: Callable[[], Awaitable[bool]], timeout: float = 2 * 
         await asyncio.sleep(0.01)
 
 
+async def topic_subscribers(server: RunningServer, topic: str) -> int:
+    """How many clients a topics publish to ``topic`` reaches now, other than a probe of ours
+    (the ``clients`` count every subscriber sees on a publish)."""
+    url = f"ws://127.0.0.1:{server.port}/"
+    async with server.session.ws_connect(url) as probe, server.session.ws_connect(url) as sender:
+        await probe.send_str(orjson.dumps({"type": "subscribe", "topics": [topic]}).decode())
+        await probe.send_str('{"type":"ping"}')
+        assert await receive_json(probe) == {"type": "pong"}
+        await sender.send_str(orjson.dumps({"type": "publish", "topic": topic}).decode())
+        message = await receive_json(probe)
+        assert message["type"] == "publish", message
+        return int(message["clients"]) - 1
+
+
 async def assert_silent(ws: aiohttp.ClientWebSocketResponse, timeout: float = 0.3 * UNIT) -> None:
     """Nothing arrives on ``ws`` within ``timeout``."""
     with contextlib.suppress(asyncio.TimeoutError, TimeoutError):

@@ -53,7 +53,8 @@ def test_configuration_error_exits_2_naming_the_variable():
 
 
 async def test_peer_that_does_not_answer_pings_is_closed():
-    async with running_server(node_settings(ping_interval=0.3)) as srv:
+    interval = 0.3 * UNIT
+    async with running_server(node_settings(ping_interval=interval)) as srv:
         silent = await srv.session.ws_connect(srv.ws_url + "/", autoping=False)
         srv.clients.append(silent)
         live = await srv.ws()
@@ -74,8 +75,8 @@ async def test_peer_that_does_not_answer_pings_is_closed():
                 break
             assert msg.type is aiohttp.WSMsgType.PING  # pings arrive, we never answer
         assert closed
-        # A peer that answers pings stays connected.
-        await asyncio.sleep(0.6)
+        # A peer that answers pings stays connected, past the time a silent one is closed in.
+        await asyncio.sleep(2 * interval)
         await live.send_str('{"type":"ping"}')
         assert await asyncio.wait_for(texts.get(), 3 * UNIT) == '{"type":"pong"}'
         await live.close()
