@@ -1,17 +1,20 @@
 """The rooms protocol across separate node processes sharing one real Redis.
 
-Rooms are claimed cluster-wide through the backend; room state lives on the owner's node and
-travels by the backend's direct delivery; events to sockets cross nodes through python-socketio's
-AsyncRedisManager on the same Redis.
+Rooms are claimed cluster-wide through the backend; room state lives on the owner's node; every
+event for a socket on another node travels by the backend's direct delivery, straight to that
+node (docs/protocols/rooms.md, "Many nodes").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+from redis.asyncio import Redis
 
 from polysignal.protocols import rooms as proto
 from rooms_client import (
@@ -38,8 +41,8 @@ def rooms_env(redis_url: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def nodes(redis_url: str) -> Iterator[list[NodeProcess]]:
-    """Two node processes on one Redis with the rooms protocol enabled."""
-    with node_processes(2, rooms_env(redis_url)) as started:
+    """Three node processes on one Redis with the rooms protocol enabled."""
+    with node_processes(3, rooms_env(redis_url)) as started:
         yield started
 
 
@@ -61,7 +64,7 @@ async def connect() -> AsyncIterator[Connect]:
 
 async def test_owner_and_joiner_on_two_nodes(nodes, connect):
     """Create on node 1; the name is taken on node 2; join, accept, relays and leave cross."""
-    n1, n2 = nodes
+    n1, n2, _ = nodes
     owner = await connect(n1, "owner")
     joiner = await connect(n2, "joiner")
     third = await connect(n2, "third")
@@ -109,8 +112,93 @@ async def test_owner_and_joiner_on_two_nodes(nodes, connect):
     assert leave == {"room": "mn-room", "peer_id": joiner.sid, "peerinfo": {"name": "joiner"}}
 
 
+class BusTap:
+    """Every message published on the test's Redis while it listens (``PSUBSCRIBE *``), counted
+    per channel: what any node can receive is among these."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis = Redis.from_url(redis_url)
+        self.pubsub = self.redis.pubsub()
+        self.counts: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> BusTap:
+        await self.pubsub.psubscribe("*")
+        confirmed = await self.pubsub.get_message(timeout=5 * UNIT)
+        assert confirmed is not None and confirmed["type"] == "psubscribe", confirmed
+        self._task = asyncio.get_running_loop().create_task(self._listen())
+        return self
+
+    async def _listen(self) -> None:
+        async for message in self.pubsub.listen():
+            if message["type"] == "pmessage":
+                channel = message["channel"].decode()
+                self.counts[channel] += 1
+                self.bytes[channel] += len(message["data"])
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self.pubsub.aclose()
+        await self.redis.aclose()
+
+    def of(self, node: NodeProcess) -> int:
+        """Messages on the channels named for ``node`` (its direct-delivery channel)."""
+        return sum(n for channel, n in self.counts.items() if node.node_id in channel)
+
+
+async def test_an_event_between_two_nodes_reaches_no_third(nodes, connect, redis_url):
+    """Members of one room on nodes A and B: their whole session (create, join, accept, relays
+    both ways, leave) puts messages only on A's and B's own channels, one per event for the
+    other node; node C, which every node used to hear through socket.io's Redis manager,
+    receives nothing (docs/protocols/rooms.md, "Many nodes")."""
+    a, b, c = nodes
+    owner = await connect(a, "owner")
+    joiner = await connect(b, "joiner")
+    await connect(c, "bystander")  # a socket on C, in no room with them
+    relays = 20
+    async with BusTap(redis_url) as tap:
+        await create_room(owner, "no-third")
+        await join_room(owner, joiner, "no-third")
+        await owner.expect("room-user-join")
+        setup = tap.counts.copy()
+        await joiner.send(
+            "relay-session-description",
+            to=owner.sid,
+            room="no-third",
+            session_description={"type": "offer", "sdp": "v=0"},
+        )
+        await owner.expect("session-description")
+        for i in range(relays):
+            await owner.send(
+                "relay-ice-candidate", to=joiner.sid, room="no-third", ice_candidate={"i": i}
+            )
+            await joiner.send(
+                "relay-ice-candidate", to=owner.sid, room="no-third", ice_candidate={"i": i}
+            )
+        for client in (owner, joiner):
+            for _ in range(relays):
+                await client.expect("ice-candidate")
+        relayed = tap.counts - setup
+        await joiner.close()
+        await owner.expect("room-user-leave")
+        await asyncio.sleep(0.2 * UNIT)  # anything still on its way is counted too
+    total = sum(tap.counts.values())
+    figures = {"total": total, "A": tap.of(a), "B": tap.of(b), "C": tap.of(c)}
+    print(f"\nbus messages of one two-node room session: {figures}, by channel: {dict(tap.counts)}")
+    assert tap.of(c) == 0, tap.counts
+    assert figures["A"] + figures["B"] == total, tap.counts  # nothing anywhere else
+    assert not [ch for ch in tap.counts if "socketio" in ch], tap.counts
+    # each relay is exactly one message, to the other node's channel
+    assert sum(relayed.values()) == 2 * relays + 1, relayed
+    assert sorted(relayed.values()) == [relays, relays + 1], relayed
+
+
 async def test_ownership_passes_to_a_member_on_the_other_node(nodes, connect):
-    n1, n2 = nodes
+    n1, n2, _ = nodes
     owner = await connect(n1, "owner")
     second = await connect(n2, "second")
     third = await connect(n1, "third")
@@ -136,7 +224,7 @@ async def test_ownership_passes_to_a_member_on_the_other_node(nodes, connect):
 
 
 async def test_room_name_is_free_again_after_everyone_left(nodes, connect):
-    n1, n2 = nodes
+    n1, n2, _ = nodes
     first = await connect(n1, "first")
     await create_room(first, "reuse")
     await first.close()
@@ -165,12 +253,12 @@ async def _first_of(client: RoomsClient, *events: str) -> str:
 async def test_published_socketio_client_across_nodes(nodes):
     """socket.io-client 4.x: the owner on node 1, the joiner on node 2."""
     node_ready()
-    n1, n2 = nodes
+    n1, n2, _ = nodes
     check_flow(await run_node("rooms_socketio.mjs", n1.url, n2.url, PASSWORD, timeout=40))
 
 
 async def test_aiortc_peers_across_nodes(nodes, connect):
-    n1, n2 = nodes
+    n1, n2, _ = nodes
     owner = await connect(n1, "owner")
     joiner = await connect(n2, "joiner")
     with loopback_only():
@@ -180,7 +268,7 @@ async def test_aiortc_peers_across_nodes(nodes, connect):
 async def test_demo_pages_on_two_nodes(nodes):
     """The owner's page on node 1, the joiner's on node 2: the data channel opens."""
     chromium_ready()
-    n1, n2 = nodes
+    n1, n2, _ = nodes
     result = await run_node("rooms_demo_browser.mjs", n1.url, n2.url, PASSWORD, timeout=75)
     assert result.get("ok") is True, result
     assert result["ownerReceived"] == ["hello from the joiner"]

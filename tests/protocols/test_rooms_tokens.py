@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hmac
 
+import orjson
 import pytest
 
 from polysignal.core.errors import MalformedFrame
@@ -257,8 +258,38 @@ def test_cluster_messages_round_trip():
             proto.ClusterOp.JOIN_REQUEST, "r", sid="s", node="n", data={"peerinfo": None}
         ),
         proto.ClusterMessage(proto.ClusterOp.ADMIT, "r", sid="s", payload=None, hops=2),
+        proto.ClusterMessage(
+            proto.ClusterOp.LEAVE, "r", sid="s", token="t", data={"peerinfo": 1}, to=("a", "b")
+        ),
+        proto.ClusterMessage(proto.ClusterOp.WITHDRAW, "r", sid="s", token="t"),
+        proto.ClusterMessage(
+            proto.ClusterOp.EMIT,
+            "r",
+            event=proto.ServerEvent.ICE_CANDIDATE,
+            body={"peer_id": "a", "ice_candidate": {"c": 1}},
+            to=("b",),
+        ),
     ]:
         assert proto.decode_cluster(proto.encode_cluster(msg)) == msg
-    for bad in (b'{"op":"nope","room":"r"}', b"not json", b"[]", b'{"op":"leave"}'):
+    # an EMIT carries only the fields it uses
+    emit = proto.ClusterMessage(
+        proto.ClusterOp.EMIT, "r", event=proto.ServerEvent.ERROR, body={"m": 1}, to=("b",)
+    )
+    assert orjson.loads(proto.encode_cluster(emit)) == {
+        "op": "emit",
+        "room": "r",
+        "event": "error",
+        "body": {"m": 1},
+        "to": ["b"],
+    }
+    for bad in (
+        b'{"op":"nope","room":"r"}',
+        b"not json",
+        b"[]",
+        b'{"op":"leave"}',
+        b'{"op":"emit","room":"r","event":"no-such-event"}',
+        b'{"op":"emit","room":"r","to":"b"}',
+        b'{"op":"emit","room":"r","to":[1]}',
+    ):
         with pytest.raises(MalformedFrame, match="invalid cluster message"):
             proto.decode_cluster(bad)

@@ -15,8 +15,9 @@ import orjson
 import pytest
 import socketio
 
+from polysignal.backends.base import Claim
 from polysignal.protocols import rooms as proto
-from polysignal.server.rooms import ROOMS_KEY
+from polysignal.server.rooms import CLAIM_PREFIX
 from rooms_client import (
     PASSWORD,
     SECRET,
@@ -714,8 +715,11 @@ async def test_abrupt_disconnect_is_a_leave(rooms, connect):
     leave = {"room": "r", "peer_id": raw_sid, "peerinfo": "raw"}
     assert await owner.expect("room-user-leave") == leave
     assert await other.expect("room-user-leave") == leave
-    hub = rooms.app[ROOMS_KEY]
-    assert raw_sid not in hub.peers and list(hub.views["r"].members) == [owner.sid, other.sid]
+    # gone from the room: a newcomer's peers are the two left, and nothing relays to it
+    newcomer = await connect()
+    assert (await join_room(owner, newcomer, "r"))["peers"] == [owner.sid, other.sid]
+    await owner.send("relay-ice-candidate", to=raw_sid, room="r", ice_candidate={"c": 1})
+    assert (await owner.expect("error"))["message"] == proto.NOT_SHARING_ROOM
 
 
 async def test_per_address_connection_limit():
@@ -766,7 +770,6 @@ async def test_client_that_stops_reading_is_cut_off():
             await owner.login()
             await create_room(owner, "r")
             raw = await raw_member(srv.port, owner, "r", rcvbuf=4096)  # and never reads again
-            hub = srv.app[ROOMS_KEY]
             blob = "z" * 15000
             for i in range(2000):
                 await owner.send(
@@ -778,10 +781,13 @@ async def test_client_that_stops_reading_is_cut_off():
                 )
                 if i % 50 == 0:
                     await asyncio.sleep(0)
-                    if raw.sid not in hub.peers:
+                    if owner.queues["room-user-leave"].qsize():
                         break
             assert (await owner.expect("room-user-leave", timeout=5 * UNIT))["peer_id"] == raw.sid
-            assert raw.sid not in hub.peers
+            # cut off: out of the room, so nothing more is relayed to it
+            owner.queues["error"] = asyncio.Queue()
+            await owner.send("relay-ice-candidate", to=raw.sid, room="r", ice_candidate={})
+            assert (await owner.expect("error"))["message"] == proto.NOT_SHARING_ROOM
             await create_room(owner, "owner-still-fine")
             raw.cut()
         finally:
@@ -852,6 +858,43 @@ async def test_room_lease_is_renewed_while_the_room_lives():
         finally:
             await owner.close()
             await other.close()
+
+
+async def test_a_room_name_taken_over_at_renewal_is_not_overwritten(caplog):
+    """Another holder has the room's name when its lease is renewed (as after Redis restarted
+    empty): the name stays theirs, the owner is told, pending requests are refused, the members
+    keep their room, and it is logged once (docs/protocols/rooms.md, "Many nodes")."""
+    caplog.set_level("WARNING")
+    async with running_server(node_settings(**rooms_settings(), id_lease_ttl=1)) as srv:
+        owner, member, asker = [await RoomsClient().connect(srv.url) for _ in range(3)]
+        try:
+            for client in (owner, member, asker):
+                await client.login()
+            await create_room(owner, "stolen")
+            await join_room(owner, member, "stolen")
+            await asker.send("room-join-request", room="stolen", payload=1)
+            await owner.expect("room-join-request")
+            backend, key = srv.node.backend, CLAIM_PREFIX + "stolen"
+            claim = await backend.lookup(key)
+            assert claim is not None
+            assert await backend.release(key, claim.token)
+            assert await backend.claim(key, "another-room", 60)
+            error = await owner.expect("error", timeout=3 * UNIT)
+            assert error == {"message": proto.NAME_LOST.format(room="stolen")}
+            assert await asker.expect("room-join-reject") == {
+                "message": proto.ROOM_NOT_FOUND,
+                "payload": 1,
+            }
+            assert (await backend.lookup(key)) == Claim(srv.node.node_id, "another-room")
+            await member.send("relay-ice-candidate", to=owner.sid, room="stolen", ice_candidate={})
+            assert (await owner.expect("ice-candidate"))["peer_id"] == member.sid
+            await asyncio.sleep(1 * UNIT)  # more renewal rounds: nothing more is said
+            await owner.assert_silent("error")
+        finally:
+            for client in (owner, member, asker):
+                await client.close()
+    lost = [r for r in caplog.records if "stolen" in r.getMessage()]
+    assert len(lost) == 1 and lost[0].levelname == "WARNING", [r.getMessage() for r in lost]
 
 
 async def test_rooms_per_socket_are_limited():

@@ -381,15 +381,24 @@ def error_body(message: str, event: str | None = None, payload: Maybe = MISSING)
     return body(message=message, event=event if event is not None else MISSING, payload=payload)
 
 
-# --- messages between nodes (server/rooms.py sends them through the backend) -------------------
+# --- messages between nodes (core/rooms.py makes them, the backend's direct delivery carries them)
 
 
 class ClusterOp(StrEnum):
     JOIN_REQUEST = "join-request"  # requester's node -> owner's node
     ADMIT = "admit"  # owner's node -> joiner's node
-    LEAVE = "leave"  # member's (or requester's) node -> owner's node
-    SNAPSHOT = "snapshot"  # owner's node -> every node with members
+    LEAVE = "leave"  # member's node -> owner's node: it left, ``to`` were told already
+    WITHDRAW = "withdraw"  # requester's (or refused joiner's) node -> owner's node, untold
+    SNAPSHOT = "snapshot"  # owner's node -> every other node with members
     HANDOVER = "handover"  # old owner's node -> new owner's node
+    EMIT = "emit"  # any node -> the node of sockets ``to``: emit ``event`` with ``body``
+
+
+# Polysignal's own message to an owner whose room lost its name (docs/protocols/rooms.md).
+NAME_LOST: Final = (
+    "Another room took the name of room {room!r} while the cluster's shared state was "
+    "unreachable; this room takes no more join requests"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,6 +428,9 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class ClusterMessage:
+    """One message between nodes. ``token`` names the room's instance (its claim's owner
+    token): a message for a room of the same name but another token is not for this room."""
+
     op: ClusterOp
     room: str
     sid: str = ""
@@ -427,6 +439,10 @@ class ClusterMessage:
     payload: Maybe = MISSING
     snapshot: Snapshot | None = None
     hops: int = 0
+    token: str = ""
+    event: ServerEvent | None = None
+    body: dict[str, Any] = field(default_factory=dict)
+    to: tuple[str, ...] = ()
 
 
 def _maybe_out(value: Maybe) -> list[Any]:
@@ -449,18 +465,29 @@ def encode_cluster(msg: ClusterMessage) -> bytes:
             "members": [[sid, m.node, m.data] for sid, m in snap.members],
             "pending": [[sid, p.node, p.data, _maybe_out(p.payload)] for sid, p in snap.pending],
         }
-    return orjson.dumps(
-        {
-            "op": msg.op.value,
-            "room": msg.room,
-            "sid": msg.sid,
-            "node": msg.node,
-            "data": msg.data,
-            "payload": _maybe_out(msg.payload),
-            "snapshot": snapshot,
-            "hops": msg.hops,
-        }
-    )
+    obj: dict[str, Any] = {"op": msg.op.value, "room": msg.room}
+    # Only the fields a message uses: an EMIT is on the hot path of every relay.
+    if msg.sid:
+        obj["sid"] = msg.sid
+    if msg.node:
+        obj["node"] = msg.node
+    if msg.data:
+        obj["data"] = msg.data
+    if msg.payload is not MISSING:
+        obj["payload"] = [msg.payload]
+    if snapshot is not None:
+        obj["snapshot"] = snapshot
+    if msg.hops:
+        obj["hops"] = msg.hops
+    if msg.token:
+        obj["token"] = msg.token
+    if msg.event is not None:
+        obj["event"] = msg.event.value
+    if msg.body:
+        obj["body"] = msg.body
+    if msg.to:
+        obj["to"] = list(msg.to)
+    return orjson.dumps(obj)
 
 
 def decode_cluster(raw: bytes) -> ClusterMessage:
@@ -469,6 +496,12 @@ def decode_cluster(raw: bytes) -> ClusterMessage:
         return _decode_cluster(raw)
     except (ValueError, KeyError, TypeError, AttributeError, IndexError):
         raise MalformedFrame("invalid cluster message") from None
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError("expected a list of strings")
+    return tuple(value)
 
 
 def _decode_cluster(raw: bytes) -> ClusterMessage:
@@ -486,6 +519,7 @@ def _decode_cluster(raw: bytes) -> ClusterMessage:
                 (str(s), Pending(str(n), dict(d), _maybe_in(p))) for s, n, d, p in snap["pending"]
             ),
         )
+    event = obj.get("event")
     return ClusterMessage(
         op=ClusterOp(obj["op"]),
         room=str(obj["room"]),
@@ -495,4 +529,8 @@ def _decode_cluster(raw: bytes) -> ClusterMessage:
         payload=_maybe_in(obj.get("payload")),
         snapshot=snapshot,
         hops=int(obj.get("hops", 0)),
+        token=str(obj.get("token", "")),
+        event=None if event is None else ServerEvent(event),
+        body=dict(obj.get("body") or {}),
+        to=_strings(obj.get("to", [])),
     )

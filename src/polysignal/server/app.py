@@ -60,7 +60,20 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
     node.shutdown_hooks.append(signalfire.stop)
     node.shutdown_hooks.append(relay.stop)
     app.router.add_get(CLIENT_SCRIPT_PATH, _client_script)
-    rooms.setup(app, node)
+    rooms.setup(
+        app,
+        node,
+        settings.rooms,
+        rooms.Shared(
+            lease_ttl=settings.server.id_lease_ttl,
+            max_frame_bytes=settings.limits.max_frame_bytes,
+            send_buffer_bytes=settings.limits.send_buffer_bytes,
+            rate_limit=settings.limits.rate_limit,
+            rate_burst=settings.limits.rate_burst,
+            shutdown_timeout=settings.server.shutdown_timeout,
+            ice_servers=settings.server.ice_servers or (),
+        ),
+    )
     add_health_routes(app)
 
     async def start_hubs(_: web.Application) -> None:
