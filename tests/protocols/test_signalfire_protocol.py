@@ -8,7 +8,6 @@ import orjson
 import pytest
 
 from polysignal.core.errors import CloseCode, MalformedFrame
-from polysignal.core.signalfire import PendingSessions
 from polysignal.protocols import signalfire as proto
 from polysignal.protocols.signalfire import (
     CloseReason,
@@ -56,7 +55,20 @@ def test_ids_are_nanoids_and_distinct():
     assert set("".join(ids)) == set(proto.ID_ALPHABET)
 
 
-@pytest.mark.parametrize("value", [None, 5, "", "short", "A" * 22, "A" * 20 + "!", ["A" * 21]])
+def test_each_random_byte_picks_the_character_of_its_low_six_bits(monkeypatch):
+    """nanoid's mapping: byte b is ID_ALPHABET[b & 63]."""
+    draws = iter([bytes(range(21)), bytes(range(64, 85)), bytes([255] * 21), bytes(range(43, 64))])
+    monkeypatch.setattr(proto.secrets, "token_bytes", lambda n: next(draws)[:n])
+    assert proto.new_id() == proto.ID_ALPHABET[:21]
+    assert proto.new_id() == proto.ID_ALPHABET[:21]
+    assert proto.new_id() == proto.ID_ALPHABET[63] * 21
+    assert proto.new_id() == proto.ID_ALPHABET[43:]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, 5, "", "short", "A" * 22, "A" * 20 + "!", "A" * 20 + "\n", "é" * 21, ["A" * 21]],
+)
 def test_is_id_rejects_other_shapes(value):
     assert not proto.is_id(value)
 
@@ -184,7 +196,9 @@ def test_numeric_ids_are_echoed_as_given():
     assert orjson.loads(proto.encode_ack(req.id)) == {"id": 42, "ok": True}
 
 
-@pytest.mark.parametrize("cmd", ["dance", "session-timeout", "welcome", None, 7, ["offer"]])
+@pytest.mark.parametrize(
+    "cmd", ["dance", "session-timeout", "welcome", None, 7, ["offer"], {"cmd": "offer"}, "OFFER"]
+)
 def test_unknown_or_missing_cmd_is_ignored(cmd):
     fields = {"id": "x", "target": PEER}
     if cmd is not None:
@@ -228,20 +242,6 @@ def test_welcome_with_and_without_configuration():
 def test_notice_is_a_server_message_about_a_peer():
     out = proto.notice(Cmd.SESSION_TIMEOUT, PEER)
     assert out["cmd"] == "session-timeout" and out["origin"] == PEER and NANOID.match(out["id"])
-
-
-def test_pending_sessions_rules():
-    table: PendingSessions[str] = PendingSessions()
-    assert table.start("a", "b", "h1") is None
-    assert table.start("a", "b", "h2") == "h1"  # restart replaces the old timer
-    assert table.start("a", "c", "h3") is None
-    assert table.start("x", "b", "h4") is None
-    assert len(table) == 3 and ("a", "b") in table
-    assert table.settle("a", "b") == "h2"
-    assert table.settle("a", "b") is None
-    assert table.drop_initiator("a") == [("c", "h3")]
-    assert table.drop_initiator("a") == []
-    assert table.clear() == ["h4"] and len(table) == 0
 
 
 def test_cluster_relays_round_trip():

@@ -1,4 +1,8 @@
-"""Signal-Fire (docs/protocols/signal-fire.md) on a real server on a free port, raw clients."""
+"""Signal-Fire (docs/protocols/signal-fire.md) on a real server on a free port, raw clients.
+
+Only what crosses a socket (or the cluster's claims) is asserted here; every rule of the state
+machine is tested without sockets in tests/core/test_signalfire_core.py.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,9 @@ import pytest
 
 from polysignal.backends import MemoryBackend, MemoryBus
 from polysignal.client.signalfire import Outcome, SignalFireError, connect
-from polysignal.server.app import SIGNALFIRE_KEY as HUB_KEY
-from polysignal.server.signalfire import CLAIM_PREFIX
+from polysignal.core.signalfire import CLAIM_PREFIX
 
+from rawws import frame, upgraded
 from support import UNIT, RunningServer, assert_silent, node_settings, receive_json, running_server
 
 pytestmark = pytest.mark.timeout(30)
@@ -76,18 +80,9 @@ async def join(srv: RunningServer, path: str = "/signal-fire", **kwargs: Any) ->
     return Peer(ws, welcome)
 
 
-async def wait_for(condition: Any, what: str) -> None:
-    for _ in range(100):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def released(srv: RunningServer, peer_id: str) -> None:
-    """Wait until the node has forgotten ``peer_id`` and released its claim."""
-    hub = srv.app[HUB_KEY]
-    await wait_for(lambda: peer_id not in hub.peers, f"{peer_id} to be unregistered")
+    """Wait until the node has released the cluster's claim of ``peer_id`` (it forgets the peer
+    before it releases the claim)."""
     backend = srv.node.backend
     for _ in range(100):
         if await backend.lookup(CLAIM_PREFIX + peer_id) is None:
@@ -270,24 +265,36 @@ async def test_every_error_string(server):
 
 
 async def test_peer_offline_while_its_socket_closes(server):
-    """A registered id whose socket is closing is "Peer Offline" (the original's offline status)."""
-    a, b = await join(server), await join(server)
-    server.app[HUB_KEY].peers[b.id].conn.closing = True
-    await a.expect_error("session-start", b.id, None, "Peer Offline")
+    """A registered id whose socket is closing is "Peer Offline" (the original's offline status):
+    here the server closed b (4400) and b, a raw client, never answers the close."""
+    a = await join(server)
+    b = await upgraded(server.port, "/signal-fire")
+    opcode, welcome = await b.frame()
+    assert opcode == 0x1
+    b_id = orjson.loads(welcome)["data"]["id"]
+    b.send(frame(b"not json"))
+    assert await b.close_frame() == (4400, "Bad Request")
+    await a.expect_error("session-start", b_id, None, "Peer Offline")
+    await a.expect_error("offer", b_id, None, "Peer Offline")  # before the payload's check
+    await b.aclose()
+    await released(server, b_id)
+    await a.expect_error("session-start", b_id, None, "Peer Not Found")
 
 
 async def test_ghost_claim_gets_ack_then_peer_offline():
     """An id claimed by a node that no longer listens: ok:true, then a second reply Peer Offline,
     as the original's registry errors arrive after the ack."""
     bus = MemoryBus()
-    async with running_server(backend=MemoryBackend("live", bus)) as srv:
+    settings = node_settings(session_timeout=0.3 * UNIT)
+    async with running_server(settings, MemoryBackend("live", bus)) as srv:
         ghost = MemoryBackend("ghost", bus)  # never started: nothing receives its deliveries
         assert await ghost.claim(CLAIM_PREFIX + UNKNOWN_ID, "token", 60)
         a = await join(srv)
         rid = await a.send("session-start", UNKNOWN_ID)
         assert await a.next() == {"id": rid, "ok": True}
         assert await a.next() == {"id": rid, "ok": False, "data": {"message": "Peer Offline"}}
-        assert not srv.app[HUB_KEY].pending  # no timer for a session that never arrived
+        # No timer for a session that never arrived: no session-timeout follows.
+        await assert_silent(a.ws, timeout=0.6 * UNIT)
 
 
 async def test_unknown_commands_get_no_reply(server):
@@ -393,14 +400,16 @@ async def test_abrupt_disconnect_releases_id(server):
     await a.expect_error("session-start", ghost_id, None, "Peer Not Found")
 
 
-async def test_initiator_leaving_cancels_its_pending_sessions(server):
-    a, b = await join(server), await join(server)
-    assert (await a.request("session-start", b.id))["ok"] is True
-    await b.next()
-    await a.ws.close()
-    cancel = await b.next()
-    assert cancel["cmd"] == "session-cancel" and cancel["origin"] == a.id
-    assert not server.app[HUB_KEY].pending
+async def test_initiator_leaving_cancels_its_pending_sessions():
+    async with running_server(node_settings(session_timeout=0.5 * UNIT)) as srv:
+        a, b = await join(srv), await join(srv)
+        assert (await a.request("session-start", b.id))["ok"] is True
+        await b.next()
+        await a.ws.close()
+        cancel = await b.next()
+        assert cancel["cmd"] == "session-cancel" and cancel["origin"] == a.id
+        # The session is gone with its initiator: no session-timeout follows.
+        await assert_silent(b.ws, timeout=0.8 * UNIT)
 
 
 async def test_unanswered_session_times_out_on_both_sides():
@@ -412,7 +421,9 @@ async def test_unanswered_session_times_out_on_both_sides():
         assert to_a["cmd"] == to_b["cmd"] == "session-timeout"
         assert to_a["origin"] == b.id and to_b["origin"] == a.id
         assert NANOID.match(to_a["id"]) and to_a["id"] != to_b["id"]
-        assert not srv.app[HUB_KEY].pending
+        assert set(to_a) == set(to_b) == {"id", "cmd", "origin"}
+        await assert_silent(a.ws, timeout=0.6 * UNIT)  # once only
+        await assert_silent(b.ws, timeout=0.1 * UNIT)
 
 
 @pytest.mark.parametrize("answer", ["session-accept", "session-reject"])
@@ -423,7 +434,6 @@ async def test_answered_session_does_not_time_out(answer):
         await b.next()
         assert (await b.request(answer, a.id))["ok"] is True
         assert (await a.next())["cmd"] == answer
-        assert not srv.app[HUB_KEY].pending
         await assert_silent(a.ws, timeout=0.6 * UNIT)
         await assert_silent(b.ws, timeout=0.1 * UNIT)
 
@@ -456,18 +466,20 @@ async def two_nodes(**overrides: Any):
 
 
 async def test_relays_cross_nodes_in_order():
-    async with two_nodes() as (n1, n2):
+    async with two_nodes(session_timeout=0.5 * UNIT) as (n1, n2):
         a, b = await join(n1), await join(n2)
         assert (await a.request("session-start", b.id))["ok"] is True
         assert (await b.next()) | {"id": "-"} == {"id": "-", "cmd": "session-start", "origin": a.id}
         assert (await b.request("session-accept", a.id))["ok"] is True
         assert (await a.next())["cmd"] == "session-accept"
-        assert not n1.app[HUB_KEY].pending  # the initiator's node saw the answer
         for i in range(20):
             assert (await a.request("ice", b.id, {"candidate": {"n": i}}))["ok"] is True
         for i in range(20):
             got = await b.next()
             assert got["data"] == {"candidate": {"n": i}} and got["origin"] == a.id
+        # The initiator's node saw the answer: the session never times out.
+        await assert_silent(a.ws, timeout=0.8 * UNIT)
+        await assert_silent(b.ws, timeout=0.1 * UNIT)
 
 
 async def test_timeout_and_cancel_cross_nodes():
@@ -486,16 +498,32 @@ async def test_timeout_and_cancel_cross_nodes():
 
 
 async def test_cross_node_target_gone_after_lookup_gets_second_reply():
-    """The target's node holds the claim but the socket is gone: ack, then Peer Offline."""
-    async with two_nodes() as (n1, n2):
+    """The target's node holds the claim but has no socket for it (as when it closed just now):
+    ack, then Peer Offline; and no timer for the session that never arrived."""
+    async with two_nodes(session_timeout=0.3 * UNIT) as (n1, n2):
         a, b = await join(n1), await join(n2)
-        # Keep b's claim but drop its socket from node-2's table, as if it closed just now.
-        n2.app[HUB_KEY].peers.pop(b.id)
-        rid = await a.send("session-start", b.id)
+        # A claim node-2 holds with no peer behind it there.
+        assert await n2.node.backend.claim(CLAIM_PREFIX + UNKNOWN_ID, "token", 60)
+        rid = await a.send("session-start", UNKNOWN_ID)
         assert await a.next() == {"id": rid, "ok": True}
         assert await a.next() == {"id": rid, "ok": False, "data": {"message": "Peer Offline"}}
-        assert not n1.app[HUB_KEY].pending
-        await assert_silent(b.ws)
+        await assert_silent(a.ws, timeout=0.6 * UNIT)
+        await assert_silent(b.ws, timeout=0.1 * UNIT)
+
+
+async def test_cross_node_target_closing_gets_ack_then_peer_offline():
+    """b's socket on node-2 is closing (the server closed it, b never answers), its claim still
+    stands: a's request on node-1 is acked, then answered Peer Offline from node-2."""
+    async with two_nodes(session_timeout=0.3 * UNIT) as (n1, n2):
+        a = await join(n1)
+        b = await upgraded(n2.port, "/signal-fire")
+        b_id = orjson.loads((await b.frame())[1])["data"]["id"]
+        b.send(frame(b"not json"))
+        assert await b.close_frame() == (4400, "Bad Request")
+        rid = await a.send("offer", b_id, {"offer": OFFER})
+        assert await a.next() == {"id": rid, "ok": True}
+        assert await a.next() == {"id": rid, "ok": False, "data": {"message": "Peer Offline"}}
+        await b.aclose()
 
 
 async def test_cross_node_not_found_after_close():
@@ -504,6 +532,25 @@ async def test_cross_node_not_found_after_close():
         await b.ws.close()
         await released(n2, b.id)
         await a.expect_error("session-start", b.id, None, "Peer Not Found")
+
+
+async def test_an_id_taken_over_by_another_holder_closes_1013():
+    """The lease renewal finds the id held by another holder: its socket closes, 1013."""
+    bus = MemoryBus()
+    async with running_server(node_settings(id_lease_ttl=1), MemoryBackend("node-1", bus)) as srv:
+        a, b = await join(srv), await join(srv)
+        thief = MemoryBackend("node-2", bus)
+        key = CLAIM_PREFIX + a.id
+        holder = await thief.lookup(key)
+        assert holder is not None and holder.node_id == "node-1"
+        assert await thief.release(key, holder.token)
+        assert await thief.claim(key, "thief", 60)
+        msg = await a.ws.receive(timeout=3 * UNIT)  # leases are renewed every third of a second
+        assert msg.type is aiohttp.WSMsgType.CLOSE, msg
+        assert (msg.data, msg.extra) == (1013, "id taken over")
+        await assert_silent(b.ws)  # the other peer keeps its id and its socket
+        claim = await thief.lookup(key)  # once a's socket is gone: left to its new holder
+        assert claim is not None and claim.token == "thief"
 
 
 async def test_shutdown_releases_every_id():

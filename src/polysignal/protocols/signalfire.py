@@ -18,6 +18,7 @@ unknown commands) or a ``CloseRequest`` exception (close 4400).
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from enum import Enum, StrEnum
@@ -64,6 +65,7 @@ REQUESTS = frozenset(
 )
 """Commands a client may send. ``session-timeout`` is not one: the server never answers it
 (nor did the original); polysignal sends it itself when a session start goes unanswered."""
+_REQUEST_CMDS = {cmd.value: cmd for cmd in REQUESTS}
 
 
 class ErrorText(StrEnum):
@@ -131,22 +133,25 @@ class Ignored:
     cmd: Any
 
 
+_ID_BYTES = bytes(ord(ID_ALPHABET[b & 63]) for b in range(256))
+"""Random byte -> its character: the low 6 bits pick one of the 64 (a table for ``translate``)."""
+_ID_SHAPE = re.compile(f"[{re.escape(ID_ALPHABET)}]{{{ID_LENGTH}}}")
+
+
 def new_id() -> str:
     """A nanoid: 21 characters of the URL-safe alphabet from the system's CSPRNG."""
-    return "".join(ID_ALPHABET[b & 63] for b in secrets.token_bytes(ID_LENGTH))
+    return secrets.token_bytes(ID_LENGTH).translate(_ID_BYTES).decode("ascii")
 
 
 def is_id(value: Any) -> bool:
     """True when ``value`` could be an id this server assigned (used to skip hopeless lookups)."""
-    return (
-        isinstance(value, str)
-        and len(value) == ID_LENGTH
-        and all(ch in ID_ALPHABET for ch in value)
-    )
+    return isinstance(value, str) and _ID_SHAPE.fullmatch(value) is not None
 
 
 def _truthy(value: Any) -> bool:
     """JavaScript truthiness of a JSON value: the original tests fields with ``!value``."""
+    if type(value) is str:
+        return value != ""
     return value not in (None, False, 0, "") and not (isinstance(value, float) and value != value)
 
 
@@ -167,15 +172,14 @@ def decode(frame: str | bytes) -> Request | Ignored:
     msg_id = message.get("id")
     if not _truthy(msg_id):
         raise CloseRequest(CloseReason.MISSING_ID)
-    if isinstance(msg_id, bool) or not isinstance(msg_id, str | int | float):
+    if type(msg_id) is not str and (
+        isinstance(msg_id, bool) or not isinstance(msg_id, int | float)
+    ):
         raise CloseRequest(CloseReason.BAD_REQUEST)
     request_id: MessageId = msg_id
     raw_cmd = message.get("cmd")
-    try:
-        cmd = Cmd(raw_cmd) if isinstance(raw_cmd, str) else None
-    except ValueError:
-        cmd = None
-    if cmd is None or cmd not in REQUESTS:
+    cmd = _REQUEST_CMDS.get(raw_cmd) if isinstance(raw_cmd, str) else None
+    if cmd is None:
         return Ignored(request_id, raw_cmd)
     return Request(request_id, cmd, message.get("target"), message.get("data"))
 

@@ -45,7 +45,13 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
     starts and stops with the app (``server/runner.py`` serves it)."""
     node = Node(settings, backend if backend is not None else create_backend(settings))
     app = http_app(node, max(settings.limits.max_frame_bytes, 1 << 20))
-    signalfire = app[SIGNALFIRE_KEY] = SignalFireHub(node)
+    signalfire = app[SIGNALFIRE_KEY] = SignalFireHub(
+        settings.signalfire,
+        node.backend,
+        node.node_id,
+        id_lease_ttl=settings.server.id_lease_ttl,
+        ice_servers=settings.server.ice_servers,
+    )
     relay = app[RELAY_KEY] = RelayHub(
         settings.relay,
         node.backend,
