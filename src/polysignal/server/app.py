@@ -81,11 +81,6 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
         ),
     )
     add_health_routes(app)
-
-    async def start_hubs(_: web.Application) -> None:
-        await signalfire.start()
-
-    app.on_startup.append(start_hubs)
     return app
 
 

@@ -58,6 +58,7 @@ from polysignal.protocols.relay import Direct, Encoding
 from polysignal.protocols.websocket import OP_BINARY, OP_TEXT
 from polysignal.server.connection import Connection
 from polysignal.server.driver import Handler, Handshake, Result
+from polysignal.server.executor import Background, DeadlineTimer
 
 log = logging.getLogger("polysignal.relay")
 
@@ -118,8 +119,8 @@ class RelayHub(Handler):
         )
         self._settled: dict[str, asyncio.Event] = {}  # end id -> its rendezvous finished
         self._matching: dict[str, asyncio.Future[bool]] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.background = Background(log)
+        self.timer = DeadlineTimer(self.machine.next_deadline, self._on_timer, self.background)
         backend.on_topic_message(self._on_announce, proto.NAMESPACE)
         for kind, handler in {
             Direct.INTRODUCE: self._on_introduce,
@@ -196,8 +197,12 @@ class RelayHub(Handler):
             waiting = self._now(effect)
             if waiting is not None:
                 return self._finish(waiting, effects[index + 1 :])
-        self._arm_timer()
+        self.timer.arm()
         return None
+
+    def _detach(self, effects: list[Effect]) -> None:
+        """Carry out effects no connection waits for (another node's message, the timer's)."""
+        self.background.run(self._run(effects))
 
     async def _finish(self, waiting: Awaitable[None], rest: list[Effect]) -> None:
         await waiting
@@ -208,14 +213,7 @@ class RelayHub(Handler):
             waiting = self._now(effect)
             if waiting is not None:
                 await waiting
-        self._arm_timer()
-
-    def _spawn(self, work: Awaitable[Any] | None) -> None:
-        if work is None:
-            return
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.timer.arm()
 
     def _now(self, effect: Effect) -> Awaitable[None] | None:
         """Carry out one effect; what to wait for before the next, if anything."""
@@ -276,7 +274,7 @@ class RelayHub(Handler):
                 await self._to_node(holder.node_id, Direct.EVICT_PEER, ref)
 
         def lost(holder: Claim | None) -> None:
-            self._spawn(self._run(self.machine.evicted(peer, token)))
+            self._detach(self.machine.evicted(peer, token))
 
         lease = await self.leases.take(key, evict, token, on_lost=lost)
         if lease.released:
@@ -302,9 +300,8 @@ class RelayHub(Handler):
 
     # --- rendezvous ---
     async def _rendezvous(self, end: PipeEnd) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            effects = await self._drive(self.machine.rendezvous(end, loop.time()))
+            effects = await self._drive(self.machine.rendezvous(end, self.timer.now()))
         finally:
             settled = self._settled.get(end.id)
             if settled is not None:
@@ -378,18 +375,18 @@ class RelayHub(Handler):
 
     # --- from other nodes (a malformed message is dropped with a warning by the backend) ---
     def _on_announce(self, topic: str, payload: bytes) -> None:
-        self._spawn(self._run(self.machine.announced(topic, proto.decode_announce(payload))))
+        self._detach(self.machine.announced(topic, proto.decode_announce(payload)))
 
     def _on_introduce(self, origin: str, payload: bytes) -> None:
-        self._spawn(self._run(self.machine.introduced(proto.decode_introduce(payload))))
+        self._detach(self.machine.introduced(proto.decode_introduce(payload)))
 
     def _on_evict_peer(self, origin: str, payload: bytes) -> None:
         ref = proto.decode_end(payload)
-        self._spawn(self._run(self.machine.evicted(ref.end, ref.other)))
+        self._detach(self.machine.evicted(ref.end, ref.other))
 
     def _on_match(self, origin: str, payload: bytes) -> None:
         ref = proto.decode_end(payload)
-        self._spawn(self._answer_match(origin, ref))
+        self.background.run(self._answer_match(origin, ref))
 
     async def _answer_match(self, origin: str, ref: proto.EndRef) -> None:
         await self._apply(await self._drive(self.machine.match(origin, ref.end, ref.other)))
@@ -407,7 +404,7 @@ class RelayHub(Handler):
 
     def _on_evict_pipe(self, origin: str, payload: bytes) -> None:
         ref = proto.decode_end(payload)
-        self._spawn(self._evict_when_settled(ref.end, ref.reason))
+        self.background.run(self._evict_when_settled(ref.end, ref.reason))
 
     async def _evict_when_settled(self, end_id: str, reason: str) -> None:
         """Evict a held end, letting one that is about to hold (its claim's reply has not reached
@@ -415,37 +412,15 @@ class RelayHub(Handler):
         await self._settle(end_id)
         await self._apply(self.machine.evict_end(end_id, reason))
 
-    # --- time ---
-    def _arm_timer(self) -> None:
-        deadline = self.machine.next_deadline()
-        timer = self._timer
-        if timer is not None:
-            if deadline is not None and timer.when() <= deadline:
-                return  # due soon enough: it re-arms itself
-            timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        now = asyncio.get_running_loop().time()
-        self._spawn(self._run(self.machine.on_timer(now)))
-        self._arm_timer()
+    def _on_timer(self, now: float) -> Result:
+        return self._run(self.machine.on_timer(now))
 
     async def stop(self) -> None:
         """Shutdown hook: stop the leases' renewal, the streams and the pending sends."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.timer.cancel()
         await self.leases.close()
         await self.streams.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await self.background.stop()
 
 
 class _EndSink:
@@ -470,4 +445,4 @@ class _EndSink:
         return conn.drained() if conn.writing_paused else None
 
     def ended(self, reason: str) -> None:
-        self.hub._spawn(self.hub._run(self.hub.machine.stream_ended(self.end_id, reason)))
+        self.hub._detach(self.hub.machine.stream_ended(self.end_id, reason))

@@ -16,7 +16,6 @@ room names (``backends/lease.py``).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hmac
 import logging
@@ -41,6 +40,7 @@ from polysignal.logs import Throttle, elide, more
 from polysignal.protocols import rooms as proto
 from polysignal.protocols.rooms import ClientEvent, ClusterMessage, ServerEvent
 from polysignal.server import socketio_compat as compat
+from polysignal.server.executor import Background
 from polysignal.server.node import Node
 
 log = logging.getLogger("polysignal.rooms")
@@ -115,7 +115,7 @@ class RoomsHub:
         )
         self.leases = Leases(backend, max(float(shared.lease_ttl), MIN_TTL))
         self.conns: dict[str, _Conn] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.background = Background(log)
         self._throttle = Throttle()
         self.sio = compat.BoundedServer(
             max_queued=max(64, shared.send_buffer_bytes // 1024),
@@ -142,8 +142,7 @@ class RoomsHub:
         """
         grace = self.shared.shutdown_timeout
         await compat.close_websockets(self.sio, grace)
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace)
+        await self.background.settle(grace)
         await self.leases.close()
         await self.sio.shutdown()
 
@@ -220,9 +219,7 @@ class RoomsHub:
         has logged it): the machine tells the room's owner."""
         effects = self.machine.handle(core.NameLost(room, token))
         if effects:
-            task = asyncio.get_running_loop().create_task(self.run(effects))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.background.run(self.run(effects))
 
     def _unreachable(self, why: object) -> None:
         held = self._throttle.allow("unreachable")

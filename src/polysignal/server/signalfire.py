@@ -10,16 +10,16 @@ callbacks, direct messages from other nodes and its timer, and carries out the e
 returns, in order. Writes and closes happen at once, so a request to a local peer needs no task;
 the first effect that must wait (a claim, a lookup, a send to another node, a release) turns the
 rest into a coroutine, which the driver runs while it holds the connection's later messages.
+Work no connection waits for runs in ``Background`` (``server/executor.py``).
 What carrying an effect out tells (a claim's answer, a lookup's, a write or send that failed)
 goes back to the machine as an event. Ids are claimed with this hub's ``Leases`` under
 ``signalfire:<id>``: renewed while the socket is open, released when it closes; a lease another
-holder took over closes its socket with 1013 ``id taken over``. One event-loop timer stands for
+holder took over closes its socket with 1013 ``id taken over``. One ``DeadlineTimer`` stands for
 the machine's ``next_deadline()``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable
@@ -49,6 +49,7 @@ from polysignal.logs import Throttle, more
 from polysignal.protocols import signalfire as proto
 from polysignal.server.connection import Connection
 from polysignal.server.driver import Handler, Handshake, Result
+from polysignal.server.executor import Background, DeadlineTimer
 
 log = logging.getLogger("polysignal.signalfire")
 
@@ -81,29 +82,18 @@ class SignalFireHub(Handler):
             is_closing=attrgetter("closing"),
         )
         self.leases = Leases(backend, id_lease_ttl)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-        self._tasks: set[asyncio.Future[None]] = set()
+        self.background = Background(log)
+        self.timer = DeadlineTimer(self.machine.next_deadline, self._fire, self.background)
         self._throttle = Throttle()
         backend.on_direct(RELAY_KIND, self._on_relay)
         backend.on_direct(UNDELIVERABLE_KIND, self._on_undeliverable)
 
     # --- lifecycle ---
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-
     async def stop(self) -> None:
         """Stop the timer, the work still running and the lease renewals (the backend then drops
         this node's claims)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        self.timer.cancel()
+        await self.background.stop()
         await self.leases.close()
         self.machine.clear()
 
@@ -125,8 +115,7 @@ class SignalFireHub(Handler):
     def on_message(self, conn: Connection, data: bytes, binary: bool) -> Result:
         # ws@7 hands Luce binary frames as Buffers, which JSON.parse reads as text: binary
         # frames are read as JSON too.
-        loop = self._loop or self._running_loop()
-        return self._feed(self.machine.on_message(conn, data, loop.time()))
+        return self._feed(self.machine.on_message(conn, data, self.timer.now()))
 
     def on_close(self, conn: Connection) -> Result:
         return self._feed(self.machine.on_close(conn))
@@ -135,7 +124,7 @@ class SignalFireHub(Handler):
         return proto.answer(error, self.machine.request_of(conn))
 
     def rate_limited(self, conn: Connection, data: bytes, binary: bool, report: bool) -> Answer:
-        self._detach(self._feed(self.machine.on_rate_limited(conn, data)))
+        self.background.run(self._feed(self.machine.on_rate_limited(conn, data)))
         return None
 
     # --- from other nodes, and from the timer and the leases ---
@@ -148,20 +137,19 @@ class SignalFireHub(Handler):
         """Our peer's relay reached a node where the target had no open socket any more."""
         return self._feed(self.machine.on_undeliverable(payload))
 
-    def _fire(self) -> None:
-        self._timer = None
-        self._detach(self._feed(self.machine.on_timer(self._now())))
+    def _fire(self, now: float) -> Result:
+        return self._feed(self.machine.on_timer(now))
 
     def _lost(self, peer_id: str, holder: Claim | None) -> None:
         """Another holder took the lease of ``peer_id`` over (``Leases`` renewal)."""
-        self._detach(self._feed(self.machine.on_id_lost(peer_id)))
+        self.background.run(self._feed(self.machine.on_id_lost(peer_id)))
 
     # --- carrying effects out ---
     def _feed(self, effects: Effects) -> Result:
         """Carry ``effects`` out: at once up to the first that must wait, the rest in the
         coroutine returned. Then make the timer stand for the machine's next deadline."""
         result = self._apply(effects) if effects else None
-        self._arm()
+        self.timer.arm()
         return result
 
     def _apply(self, effects: Effects) -> Result:
@@ -209,7 +197,7 @@ class SignalFireHub(Handler):
                 follow = self._at_once(effect)
             if follow:
                 queue.extendleft(reversed(follow))
-            self._arm()
+            self.timer.arm()
 
     async def _claim(self, effect: ClaimId) -> Effects:
         lease = await self.leases.claim(effect.key, on_lost=partial(self._lost, effect.peer_id))
@@ -232,7 +220,9 @@ class SignalFireHub(Handler):
         except Exception as exc:
             self._cluster_fault("lookup", f"cannot look up {effect.target}", exc)
             return self.machine.on_lookup_failed(effect)
-        return self.machine.on_lookup(effect, None if claim is None else claim.node_id, self._now())
+        return self.machine.on_lookup(
+            effect, None if claim is None else claim.node_id, self.timer.now()
+        )
 
     async def _to_node(self, effect: ToNode) -> Effects:
         try:
@@ -252,38 +242,3 @@ class SignalFireHub(Handler):
             log.warning("%s (%s)%s", what, exc, more(held))
         else:
             log.error("%s%s", what, more(held), exc_info=exc)
-
-    def _detach(self, result: Result) -> None:
-        """Run what no connection waits for (the timer's and the leases' work) on its own."""
-        if result is None:
-            return
-        task = asyncio.ensure_future(result)
-        self._tasks.add(task)
-        task.add_done_callback(self._detached_done)
-
-    def _detached_done(self, task: asyncio.Future[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("Signal-Fire work failed", exc_info=task.exception())
-
-    # --- the timer ---
-    def _now(self) -> float:
-        return (self._loop or self._running_loop()).time()
-
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        self._loop = asyncio.get_running_loop()
-        return self._loop
-
-    def _arm(self) -> None:
-        """One loop timer at the machine's next deadline (a timer that would fire early is left
-        alone: ``on_timer`` finds nothing due then, and the timer is set again)."""
-        deadline = self.machine.next_deadline()
-        if deadline is None:
-            return
-        timer = self._timer
-        if timer is not None:
-            if self._timer_at <= deadline:
-                return
-            timer.cancel()
-        self._timer_at = deadline
-        self._timer = (self._loop or self._running_loop()).call_at(deadline, self._fire)
