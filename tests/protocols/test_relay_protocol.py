@@ -6,7 +6,13 @@ import msgpack
 import orjson
 import pytest
 
-from polysignal.core.errors import CloseCode, LimitExceeded, MalformedFrame, UnknownCommand
+from polysignal.core.errors import (
+    ClientError,
+    CloseCode,
+    LimitExceeded,
+    MalformedFrame,
+    UnknownCommand,
+)
 from polysignal.protocols import relay as proto
 from polysignal.protocols.relay import Encoding, Generation
 
@@ -182,3 +188,55 @@ def test_malformed_cluster_messages_raise(payload):
         proto.decode_introduce(payload)
     with pytest.raises(MalformedFrame):
         proto.decode_end(payload)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/introduction/alice", proto.IntroductionPath("alice")),
+        ("/introduction/alice/", proto.IntroductionPath("alice")),
+        ("/introduction/a%2Fb", proto.IntroductionPath("a/b")),  # split, then decoded
+        ("/connection/a/b/doc", proto.ConnectionPath("a", "b", "doc")),
+        ("/connection/a/b/d%20c/", proto.ConnectionPath("a", "b", "d c")),
+        ("/introductions/alice", None),
+        ("/connectionx/a/b/c", None),
+        ("/", None),
+        ("/other/introduction/a", None),
+    ],
+)
+def test_endpoints(path, expected):
+    assert proto.parse_endpoint(path) == expected
+    assert proto.is_relay_path(path) is (expected is not None)
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "message"),
+    [
+        ("/introduction", ClientError, "expected /introduction/{peerId}"),
+        ("/introduction/a/b", ClientError, "expected /introduction/{peerId}"),
+        ("/introduction//", MalformedFrame, "peer id is empty"),
+        ("/connection/a/b", ClientError, "expected /connection/{localId}/{remoteId}/{documentId}"),
+        (
+            "/connection/a/b/c/d",
+            ClientError,
+            "expected /connection/{localId}/{remoteId}/{documentId}",
+        ),
+        ("/connection//b/c", MalformedFrame, "local id is empty"),
+        ("/connection/a//c", MalformedFrame, "remote id is empty"),
+        ("/connection/a/b/" + "x" * 5, LimitExceeded, "document id is longer than 4 characters"),
+        ("/introduction/" + "x" * 5, LimitExceeded, "peer id is longer than 4 characters"),
+    ],
+)
+def test_endpoint_refusals(path, error, message):
+    assert proto.is_relay_path(path)
+    with pytest.raises(error) as exc:
+        proto.parse_endpoint(path, proto.RelayLimits(max_id_length=4))
+    assert type(exc.value) is error and exc.value.message == message
+
+
+def test_ids_at_the_length_limit_are_accepted():
+    limits = proto.RelayLimits(max_id_length=4)
+    assert proto.parse_endpoint("/introduction/abcd", limits) == proto.IntroductionPath("abcd")
+    assert proto.parse_endpoint("/connection/abcd/efgh/ijkl", limits) == proto.ConnectionPath(
+        "abcd", "efgh", "ijkl"
+    )

@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
+from urllib.parse import unquote
 
 import msgpack
 import orjson
@@ -223,6 +224,68 @@ def answer(error: Exception) -> Answer:
     if isinstance(error, BackendUnavailable):
         return Close(CloseCode.TRY_AGAIN_LATER, "the cluster is unavailable; try again")
     return Close(CloseCode.INTERNAL_ERROR, "internal error")
+
+
+# --- the endpoints -----------------------------------------------------------------------------
+
+INTRODUCTION = "introduction"
+CONNECTION = "connection"
+_PREFIXES = ("/" + INTRODUCTION, "/" + CONNECTION)
+
+
+@dataclass(frozen=True, slots=True)
+class IntroductionPath:
+    """``/introduction/{peer}``: a peer's introductions socket."""
+
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPath:
+    """``/connection/{local}/{remote}/{document}``: one end of a pipe."""
+
+    local: str
+    remote: str
+    document: str
+
+
+def _split(raw_path: str) -> tuple[str, list[str]] | None:
+    if not raw_path.startswith(_PREFIXES):
+        return None
+    parts = raw_path.split("/")
+    if parts[1] not in (INTRODUCTION, CONNECTION):
+        return None  # "/introductions", say
+    rest = parts[2:]
+    if rest and rest[-1] == "":
+        rest = rest[:-1]  # Express matches a trailing slash
+    # Segments are split before percent-decoding, as Express does for route parameters.
+    return parts[1], [unquote(p) for p in rest]
+
+
+def is_relay_path(raw_path: str) -> bool:
+    """Whether a WebSocket on ``raw_path`` is the relay's (its endpoints, valid or not)."""
+    return _split(raw_path) is not None
+
+
+def parse_endpoint(
+    raw_path: str, limits: RelayLimits = RelayLimits()
+) -> IntroductionPath | ConnectionPath | None:
+    """The endpoint ``raw_path`` names; None if it is not the relay's. Raises ClientError for
+    a relay path with the wrong number of ids or an id over the limits."""
+    split = _split(raw_path)
+    if split is None:
+        return None
+    endpoint, params = split
+    if endpoint == INTRODUCTION:
+        if len(params) != 1:
+            raise ClientError("expected /introduction/{peerId}")
+        check_id("peer id", params[0], limits)
+        return IntroductionPath(params[0])
+    if len(params) != 3:
+        raise ClientError("expected /connection/{localId}/{remoteId}/{documentId}")
+    for what, value in zip(("local id", "remote id", "document id"), params, strict=True):
+        check_id(what, value, limits)
+    return ConnectionPath(*params)
 
 
 # --- the cluster format -------------------------------------------------------------------------

@@ -25,14 +25,13 @@ import logging
 import secrets
 from collections.abc import Awaitable, Generator
 from typing import Any
-from urllib.parse import unquote
 
 from polysignal.backends.base import Backend, Claim
 from polysignal.backends.lease import Lease, Leases
 from polysignal.backends.stream import Streams
 from polysignal.config import RelaySettings
 from polysignal.core.effects import Close, Presence, Publish, Send, ToNode
-from polysignal.core.errors import Answer, BackendUnavailable, ClientError, CloseCode
+from polysignal.core.errors import Answer, BackendUnavailable, CloseCode
 from polysignal.core.errors import Close as CloseAnswer
 from polysignal.core.relay import (
     ApplyOp,
@@ -61,27 +60,6 @@ from polysignal.server.driver import Handler, Handshake, Result
 from polysignal.server.executor import Background, DeadlineTimer
 
 log = logging.getLogger("polysignal.relay")
-
-INTRODUCTION = "introduction"
-CONNECTION = "connection"
-_PREFIXES = ("/" + INTRODUCTION, "/" + CONNECTION)
-
-
-def parse_path(raw_path: str) -> tuple[str, list[str]] | None:
-    """``/introduction/x`` -> ("introduction", ["x"]); None if the path is not the relay's.
-
-    Segments are split before percent-decoding, as Express does for route parameters.
-    """
-    if not raw_path.startswith(_PREFIXES):
-        return None
-    parts = raw_path.split("/")
-    if len(parts) < 2 or parts[0] != "" or parts[1] not in (INTRODUCTION, CONNECTION):
-        return None
-    rest = parts[2:]
-    if rest and rest[-1] == "":
-        rest = rest[:-1]  # Express matches a trailing slash
-    return parts[1], [unquote(p) for p in rest]
-
 
 class RelayHub(Handler):
     """This node's relay sockets: the driver's callbacks, executing ``RelayNode``'s effects."""
@@ -134,25 +112,18 @@ class RelayHub(Handler):
 
     # --- routing ---
     def matches(self, request: Handshake) -> bool:
-        return parse_path(request.path) is not None
+        return proto.is_relay_path(request.path)
 
     # --- the driver's callbacks ---
     def on_open(self, conn: Connection, request: Handshake) -> Result:
-        parsed = parse_path(request.path)
-        assert parsed is not None  # the matcher said so
-        endpoint, params = parsed
-        if endpoint == INTRODUCTION:
-            if len(params) != 1:
-                raise ClientError("expected /introduction/{peerId}")
-            proto.check_id("peer id", params[0], self.limits)
-            sock, effects = self.machine.peer_opened(conn, params[0], secrets.token_hex(8))
+        endpoint = proto.parse_endpoint(request.path, self.limits)
+        if isinstance(endpoint, proto.IntroductionPath):
+            token = secrets.token_hex(8)
+            sock, effects = self.machine.peer_opened(conn, endpoint.peer, token)
             conn.state = sock
             return self._run(effects)
-        if len(params) != 3:
-            raise ClientError("expected /connection/{localId}/{remoteId}/{documentId}")
-        a, b, key = params
-        for what, value in (("local id", a), ("remote id", b), ("document id", key)):
-            proto.check_id(what, value, self.limits)
+        assert endpoint is not None  # the matcher said so
+        a, b, key = endpoint.local, endpoint.remote, endpoint.document
         # Pipes carry document sync: larger frames, and no message rate limit; a writer waits
         # (``drained``) once half the reader's send buffer is unsent.
         conn.max_frame = self.settings.relay_max_frame_bytes
