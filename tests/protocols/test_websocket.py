@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from polysignal.core.errors import CloseCode
+from polysignal.protocols import websocket as ws
 from polysignal.protocols.websocket import (
     OP_BINARY,
     OP_CLOSE,
@@ -472,3 +473,49 @@ def test_switching_protocols_with_a_subprotocol_is_the_whole_response():
         b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
         b"Sec-WebSocket-Protocol: Signal-Fire@3\r\n\r\n"
     )
+
+
+def test_scan_upgrade_reads_single_headers():
+    headers = [
+        (b"host", b"x"),
+        (b"upgrade", b"WebSocket"),
+        (b"connection", b"keep-alive, Upgrade"),
+        (b"sec-websocket-key", b"k=="),
+        (b"sec-websocket-version", b"13"),
+        (b"sec-websocket-protocol", b"a, b"),
+    ]
+    assert ws.scan_upgrade(headers) == (True, "13", "k==", ["a", "b"])
+
+
+def test_scan_upgrade_joins_repeated_headers():
+    headers = [
+        (b"connection", b"keep-alive"),
+        (b"connection", b"upgrade"),
+        (b"upgrade", b"websocket"),
+        (b"sec-websocket-protocol", b"a"),
+        (b"sec-websocket-protocol", b"b, c"),
+    ]
+    assert ws.scan_upgrade(headers) == (True, None, None, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"upgrade", b"websocket")],
+        [(b"connection", b"upgrade")],
+        [(b"upgrade", b"h2c"), (b"connection", b"upgrade")],
+        [],
+    ],
+)
+def test_scan_upgrade_without_both_headers_is_plain_http(headers):
+    assert ws.scan_upgrade(headers) == (False, None, None, [])
+
+
+def test_http_error_is_a_whole_closing_response():
+    assert ws.http_error(429, "too many", (("Retry-After", "1"),)) == (
+        b"HTTP/1.1 429 Too Many Requests\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 9\r\nConnection: close\r\n"
+        b"Retry-After: 1\r\n\r\ntoo many\n"
+    )
+    assert ws.http_error(418, "x").startswith(b"HTTP/1.1 418 Error\r\n")

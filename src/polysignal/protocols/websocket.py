@@ -333,3 +333,52 @@ def switching_protocols(key: str, subprotocol: str | None = None) -> bytes:
     if subprotocol is not None:
         response += b"\r\nSec-WebSocket-Protocol: " + subprotocol.encode("latin-1")
     return response + b"\r\n\r\n"
+
+
+def scan_upgrade(
+    headers: list[tuple[bytes, bytes]],
+) -> tuple[bool, str | None, str | None, list[str]]:
+    """Whether a request (its headers, names in lower case) asks for a WebSocket
+    (``Upgrade: websocket`` and ``Connection: upgrade``), its ``Sec-WebSocket-Version`` and
+    ``-Key``, and the subprotocols it offers (from every ``Sec-WebSocket-Protocol`` header)."""
+    single = dict(headers)
+    if len(single) == len(headers):  # no header repeated: the usual case, looked up in C
+        upgrade = single.get(b"upgrade", b"")
+        connection = single.get(b"connection", b"")
+        protocol = single.get(b"sec-websocket-protocol")
+        protocols = [] if protocol is None else [protocol]
+    else:
+        upgrade = b",".join(v for k, v in headers if k == b"upgrade")
+        connection = b",".join(v for k, v in headers if k == b"connection")
+        protocols = [v for k, v in headers if k == b"sec-websocket-protocol"]
+    key = single.get(b"sec-websocket-key")
+    version = single.get(b"sec-websocket-version")
+    return (
+        b"websocket" in upgrade.lower() and b"upgrade" in connection.lower(),
+        None if version is None else version.decode("latin-1"),
+        None if key is None else key.decode("latin-1"),
+        offered_subprotocols(p.decode("latin-1") for p in protocols) if protocols else [],
+    )
+
+
+_REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    408: "Request Timeout",
+    426: "Upgrade Required",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def http_error(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """A complete plain-text HTTP/1.1 error response that closes the connection."""
+    body = (message + "\n").encode()
+    head = f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+    head += "Content-Type: text/plain; charset=utf-8\r\n"
+    head += f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+    for name, value in headers:
+        head += f"{name}: {value}\r\n"
+    return head.encode("latin-1") + b"\r\n" + body
