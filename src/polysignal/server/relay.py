@@ -61,6 +61,7 @@ from polysignal.server.executor import Background, DeadlineTimer
 
 log = logging.getLogger("polysignal.relay")
 
+
 class RelayHub(Handler):
     """This node's relay sockets: the driver's callbacks, executing ``RelayNode``'s effects."""
 
