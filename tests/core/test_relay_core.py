@@ -489,8 +489,8 @@ def test_match_pipes_a_held_end_and_sends_its_frames_first():
     node.end_frame(end, 1, b"first")
     assert cluster.run(node.match("n2", "e1", "far")) == [
         StreamOpen("e1", "n2", "far"),
-        ToNode("n2", Direct.MATCHED, encode_end(EndRef("far", "e1"))),
         StreamSend("e1", 1, b"first"),
+        ToNode("n2", Direct.MATCHED, encode_end(EndRef("far", "e1"))),
         DropLease(end.claim_key, end.token),
     ]
     assert end.remote == ("n2", "far")

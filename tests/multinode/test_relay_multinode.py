@@ -159,6 +159,35 @@ async def test_pipe_across_nodes_keeps_order_and_types(nodes, session):
     assert (await closed_with(second))[0] == CloseCode.NORMAL
 
 
+async def test_frames_sent_while_the_pipe_forms_follow_the_held_ones(nodes, session):
+    """The held side keeps sending while the other side's node matches it: the held frames and
+    those sent meanwhile arrive in the order they were sent."""
+    one, two = nodes
+    key = f"doc-{uid()}"
+    first = await session.ws_connect(f"{one.ws_url}/connection/a/b/{key}")
+    count = 400
+    sent = asyncio.Event()
+
+    async def send_all() -> None:
+        for i in range(count):
+            await first.send_bytes(i.to_bytes(2, "big") * 64)
+            if i == 20:
+                sent.set()  # some are held: now the other side may come
+            await asyncio.sleep(0)
+
+    sending = asyncio.create_task(send_all())
+    try:
+        await sent.wait()
+        second = await session.ws_connect(f"{two.ws_url}/connection/b/a/{key}")
+        for i in range(count):
+            assert await receive_frame(second) == (BINARY, i.to_bytes(2, "big") * 64), i
+        await sending
+    finally:
+        sending.cancel()
+    await first.close()
+    assert (await closed_with(second))[0] == CloseCode.NORMAL
+
+
 async def test_slow_reader_on_the_other_node_slows_the_writer(nodes, session):
     """8 MiB across nodes to a reader that pauses: all of it arrives in order, nobody is cut."""
     one, two = nodes

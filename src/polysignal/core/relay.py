@@ -653,12 +653,11 @@ class RelayNode:
         self._stop_holding(end)
         end.state = EndState.PIPED
         end.remote = (origin, seeker)
-        effects: list[Effect] = [
-            StreamOpen(end.id, origin, seeker),
-            ToNode(origin, Direct.MATCHED, encode_end(EndRef(seeker, end.id))),
-        ]
-        # The held frames go first, in order.
+        # The held frames go first, in order: queued on the stream before anything can wait
+        # (the reply below does), so no frame of the now piped socket can overtake them.
+        effects: list[Effect] = [StreamOpen(end.id, origin, seeker)]
         effects += [StreamSend(end.id, opcode, data) for opcode, data in end.buffer.take()]
+        effects.append(ToNode(origin, Direct.MATCHED, encode_end(EndRef(seeker, end.id))))
         effects.append(DropLease(end.claim_key, end.token))
         return effects
 
