@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from backends.cluster import Cluster, Inbox, eventually
-from polysignal.backends import Claim
+from polysignal.backends import Claim, MemoryBackend, MemoryBus
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -131,6 +131,26 @@ async def test_failing_handler_does_not_stop_delivery(cluster: Cluster):
     await a.publish(topic, b"boom")
     await a.publish(topic, b"after")
     assert await inbox.next() == (topic, b"after")
+
+
+async def test_a_direct_message_sent_after_a_publish_arrives_after_it(cluster: Cluster):
+    """One node's publishes and direct messages to another keep the order they were sent in."""
+    a, b = await cluster.node("a"), await cluster.node("b")
+    got: list[bytes] = []
+    b.on_topic_message(lambda topic, frame: got.append(frame))
+    b.on_direct("k", lambda origin, payload: got.append(payload))
+    topic = cluster.topic()
+    b.local_count_changed(topic, 1)
+    await cluster.settle()
+    for i in range(50):
+        await a.publish(topic, b"p%d" % i)
+        assert await a.send_direct(b.node_id, "k", b"d%d" % i)
+
+    async def all_arrived() -> bool:
+        return len(got) == 100
+
+    await eventually(all_arrived, "100 messages at b")
+    assert got == [m % i for i in range(50) for m in (b"p%d", b"d%d")]
 
 
 # --- presence ---
@@ -301,3 +321,40 @@ async def test_close_releases_own_claims_only(cluster: Cluster):
     await a.close()
     assert await b.lookup(mine) is None
     assert await b.lookup(moved) == Claim(b.node_id, "t2")
+
+
+# --- the in-process implementation ---
+
+
+async def test_a_memory_node_is_ready_when_start_returns():
+    """In-process, connecting cannot fail or wait: no caller has to poll ``ready``."""
+    node = MemoryBackend("solo")
+    await node.start()
+    assert node.ready
+    await node.close()
+    assert not node.ready
+
+
+async def test_a_memory_publish_nobody_else_can_receive_is_not_queued():
+    """The hot path of a node alone on a topic: counted from the cache, then dropped at once,
+    without an outbox entry or a writer turn."""
+    net = MemoryBus()
+    a, b = MemoryBackend("a", net), MemoryBackend("b", net)
+    await a.start()
+    await b.start()
+    try:
+        a.local_count_changed("room", 3)
+        await a.sync()
+        assert await a.topic_clients("room", 3) == 3
+        assert a.topic_clients_nowait("room", 3) == 3
+        assert a.publish_nowait("room", b"frame")
+        assert not a._outbox
+        b.local_count_changed("room", 1)
+        await b.sync()
+        await a.sync()
+        assert a.topic_clients_nowait("room", 3) == 4
+        assert a.publish_nowait("room", b"frame")
+        assert len(a._outbox) == 1, "another node listens now: the frame goes out"
+    finally:
+        await a.close()
+        await b.close()

@@ -70,6 +70,7 @@ async def test_a_malformed_publish_is_a_warning_and_the_next_one_arrives(caplog)
 
     one.on_topic_message(handler, "relay")
     one.local_count_changed("doc", 1, "relay")
+    await one.sync()  # the subscription is visible to the other node
     await two.publish("doc", b"bad", "relay")
     await two.publish("doc", b"good", "relay")
     await until(lambda: got == [b"good"])

@@ -11,13 +11,9 @@ import redis.asyncio as aioredis
 
 from backends.cluster import Cluster, Inbox, eventually
 from polysignal.backends import BackendUnavailable, create_backend
-from polysignal.backends.redis import (
-    OUTBOX_MAX_ITEMS,
-    RedisBackend,
-    escape,
-    presence_key,
-    redis_name,
-)
+from polysignal.backends.cluster import OUTBOX_MAX_ITEMS
+from polysignal.backends.names import escape, presence_key, redis_name
+from polysignal.backends.redis import RedisBackend
 from polysignal.config import Settings
 
 from support import UNIT, RedisServer, node_settings
@@ -228,6 +224,70 @@ async def test_outbox_is_bounded_while_redis_stalls(redis_cluster: Cluster, r: a
 
     await eventually(all_received, f"{total} frames at b", timeout=20 * UNIT)
     assert a.ready and a.dropped_publishes == 0
+
+
+async def test_outbox_bound_in_bytes_is_the_setting(redis_cluster: Cluster, r: aioredis.Redis):
+    """``REDIS_OUTBOX_BYTES``: with Redis not answering, ``publish_nowait`` accepts exactly that
+    many bytes, then the publisher has to wait; everything arrives once Redis answers."""
+    a = await redis_cluster.node("a", redis_outbox_bytes=64 * 1024)
+    b = await redis_cluster.node("b")
+    inbox = Inbox()
+    b.on_topic_message(inbox)
+    topic = redis_cluster.topic()
+    b.local_count_changed(topic, 1)
+    await redis_cluster.settle()
+    assert await a.topic_clients(topic, 0) == 1
+    frame = b"x" * 1024
+    await r.execute_command("CLIENT", "PAUSE", str(int(1000 * UNIT)), "WRITE")
+    accepted = 0
+    while a.publish_nowait(topic, frame):
+        accepted += 1
+        assert accepted <= 64
+    assert accepted == 64
+    await asyncio.wait_for(a.publish(topic, frame), 10 * UNIT)
+    for _ in range(65):
+        assert await inbox.next(timeout=10 * UNIT) == (topic, frame)
+    assert a.ready and a.dropped_publishes == 0
+
+
+async def test_a_batch_not_answered_in_the_command_timeout_is_a_lost_connection(
+    redis_cluster: Cluster, r: aioredis.Redis
+):
+    """``REDIS_COMMAND_TIMEOUT``: a stalled batch drops the connection; it comes back."""
+    a = await redis_cluster.node("a", redis_command_timeout=0.3)
+    b = await redis_cluster.node("b")
+    topic = redis_cluster.topic()
+    b.local_count_changed(topic, 1)
+    await redis_cluster.settle()
+    assert await a.topic_clients(topic, 0) == 1
+    await r.execute_command("CLIENT", "PAUSE", str(int(1500 * UNIT)), "WRITE")
+    await a.publish(topic, b"stalled")
+
+    async def lost() -> bool:
+        return not a.ready
+
+    async def back() -> bool:
+        return a.ready
+
+    await eventually(lost, "the stalled batch counted as a lost connection")
+    await eventually(back, "reconnected once Redis answers", timeout=10 * UNIT)
+
+
+async def test_a_silent_subscriber_connection_is_a_lost_connection(
+    redis_cluster: Cluster, r: aioredis.Redis
+):
+    """``REDIS_KEEPALIVE``: no reply to its PINGs for three times that drops the connection."""
+    a = await redis_cluster.node("a", redis_keepalive=0.2)
+    await r.execute_command("CLIENT", "PAUSE", str(int(1500 * UNIT)), "ALL")
+
+    async def lost() -> bool:
+        return not a.ready
+
+    async def back() -> bool:
+        return a.ready
+
+    await eventually(lost, "the silent connection dropped")
+    await eventually(back, "reconnected once Redis answers", timeout=10 * UNIT)
 
 
 # --- faults ---

@@ -23,8 +23,11 @@ effect on other nodes a moment later. ``sync`` waits until everything this node 
 is visible to the others; once a node's presence for a topic is visible, it receives every
 later publish to that topic.
 
-Implementations: ``memory`` (one process; several in-process nodes may share a ``MemoryBus``,
-which is how the contract tests exercise multi-node semantics without Redis) and ``redis``.
+One class implements all of it: ``Cluster`` (cluster.py), over the two small interfaces an
+implementation provides (interfaces.py): a ``Bus`` that moves bytes on channels and a
+``LeaseStore`` that keeps keys with owner tokens and TTLs. ``memory.py`` provides them in-process
+(one process; several in-process nodes may share a ``MemoryBus``, which is how the contract tests
+exercise multi-node semantics without Redis) and ``redis.py`` on Redis.
 See docs/architecture.md, "The cluster seam".
 """
 
@@ -96,13 +99,13 @@ class Backend(ABC):
             except Exception:
                 log.exception("a ready handler failed")
 
+    @abstractmethod
     async def sync(self) -> None:
         """Wait until every change this node made so far is visible to the other nodes, and
         this node has applied every presence change the others had made visible before.
 
         Raises ``BackendUnavailable`` when the backing service is unreachable.
         """
-        return None  # in-process backends apply every change at once
 
     # --- topic fan-out and presence ---
     def on_topic_message(self, handler: TopicHandler, namespace: str = TOPICS) -> None:

@@ -1,28 +1,35 @@
 """In-process backend: the default for one node, and the test double for several.
 
-Nodes created with the same ``MemoryBus`` behave like nodes sharing one Redis: fan-out reaches
-only the other nodes with subscribers for a topic, presence sums every node's count, claims and
-direct delivery are cluster-wide. Deliveries are scheduled with ``call_soon``, never run inside
-the sender's call, so ordering and re-entrancy match a real bus.
+A ``MemoryBus`` is one in-process "net": channels and keys. Nodes created on the same net behave
+like nodes sharing one Redis, because they are the same ``Cluster`` (cluster.py) over an
+in-process ``Bus`` and ``LeaseStore`` (``MemoryLink``): fan-out reaches only the other nodes with
+subscribers for a topic, presence sums every node's count, claims and direct delivery are
+cluster-wide. Deliveries are scheduled with ``call_soon``, never run inside the sender's call,
+so ordering and re-entrancy match a real bus.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 
-from polysignal.backends.base import TOPICS, Backend, Claim
+from polysignal.backends.base import BackendUnavailable, Claim
+from polysignal.backends.cluster import Cluster
+from polysignal.backends.interfaces import Bus, LeaseStore, Listener
+from polysignal.config import RedisSettings
 
 
-@dataclass
 class MemoryBus:
-    """State shared by the in-process nodes of one "cluster"."""
+    """One in-process net, shared by the in-process nodes of one "cluster"."""
 
-    nodes: dict[str, MemoryBackend] = field(default_factory=dict)
-    # (namespace, topic) -> node id -> that node's local subscriber count
-    presence: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
-    claims: dict[str, tuple[Claim, float]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        # channel -> the links subscribed to it (a dict: ordered, no duplicates)
+        self.subscribers: dict[bytes, dict[MemoryLink, None]] = {}
+        self.claims: dict[str, tuple[Claim, float]] = {}  # key -> holder, expiry
+        self.counts: dict[str, dict[str, int]] = {}  # key -> node id -> count
+        self.counts_expire: dict[str, float] = {}  # key -> expiry
+        self.alive: dict[str, float] = {}  # node id -> expiry
 
     def holder(self, key: str) -> Claim | None:
         entry = self.claims.get(key)
@@ -34,96 +41,188 @@ class MemoryBus:
             return None
         return claim
 
-
-class MemoryBackend(Backend):
-    def __init__(self, node_id: str, bus: MemoryBus | None = None) -> None:
-        super().__init__(node_id)
-        self.bus = bus if bus is not None else MemoryBus()
-        self._started = False
-
-    async def start(self) -> None:
-        self.bus.nodes[self.node_id] = self
-        self._started = True
-        self._became_ready()
-
-    async def close(self) -> None:
-        self.bus.nodes.pop(self.node_id, None)
-        for topic in list(self.bus.presence):
-            counts = self.bus.presence[topic]
-            counts.pop(self.node_id, None)
-            if not counts:
-                del self.bus.presence[topic]
-        for key, (claim, _) in list(self.bus.claims.items()):
-            if claim.node_id == self.node_id:
-                del self.bus.claims[key]
-        self._started = False
-
-    @property
-    def ready(self) -> bool:
-        return self._started
-
-    def local_count_changed(self, topic: str, count: int, namespace: str = TOPICS) -> None:
-        key = (namespace, topic)
-        if count > 0:
-            self.bus.presence.setdefault(key, {})[self.node_id] = count
-            return
-        counts = self.bus.presence.get(key)
-        if counts is not None:
-            counts.pop(self.node_id, None)
-            if not counts:
-                del self.bus.presence[key]
-
-    async def topic_clients(self, topic: str, local_count: int, namespace: str = TOPICS) -> int:
-        return self.topic_clients_nowait(topic, local_count, namespace)
-
-    def topic_clients_nowait(self, topic: str, local_count: int, namespace: str = TOPICS) -> int:
-        counts = self.bus.presence.get((namespace, topic))
+    def live_counts(self, key: str) -> dict[str, int] | None:
+        """The counts of ``key``, with expired keys and dead nodes' counts deleted."""
+        counts = self.counts.get(key)
+        if counts is None:
+            return None
+        now = time.monotonic()
+        if self.counts_expire.get(key, 0.0) <= now:
+            self.drop(key)
+            return None
+        for node in [n for n in counts if self.alive.get(n, 0.0) <= now]:
+            del counts[node]
         if not counts:
-            return local_count
-        return sum(counts.values()) - counts.get(self.node_id, 0) + local_count
+            self.drop(key)
+            return None
+        return counts
 
-    async def publish(self, topic: str, frame: bytes, namespace: str = TOPICS) -> None:
-        self.publish_nowait(topic, frame, namespace)
+    def drop(self, key: str) -> None:
+        self.counts.pop(key, None)
+        self.counts_expire.pop(key, None)
 
-    def publish_nowait(self, topic: str, frame: bytes, namespace: str = TOPICS) -> bool:
-        counts = self.bus.presence.get((namespace, topic))
-        if not counts:
-            return True
-        loop = asyncio.get_running_loop()
-        for node_id in counts:
-            if node_id != self.node_id:
-                node = self.bus.nodes.get(node_id)
-                if node is not None:
-                    loop.call_soon(node._deliver_topic, namespace, topic, frame)
-        return True
 
-    async def send_direct(self, node_id: str, kind: str, payload: bytes) -> bool:
-        node = self.bus.nodes.get(node_id)
-        if node is None:
-            return False
-        asyncio.get_running_loop().create_task(node._deliver_direct(self.node_id, kind, payload))
-        return True
+class MemoryLink(Bus, LeaseStore):
+    """One node's Bus and LeaseStore on a ``MemoryBus``."""
 
-    async def claim(self, key: str, token: str, ttl: float) -> bool:
-        holder = self.bus.holder(key)
+    name = "memory"
+    where = "memory://"
+    in_process = True
+
+    def __init__(self, net: MemoryBus) -> None:
+        self.net = net
+        self._listener: Listener | None = None
+        self._channels: set[bytes] = set()
+        self._connected = False
+        self._pending = 0  # batches scheduled for this link, not yet handed to the listener
+
+    # --- Bus ---
+    def listen(self, listener: Listener) -> None:
+        self._listener = listener
+
+    async def connect(self) -> None:
+        self._connected = True
+
+    async def serve(self) -> None:
+        await asyncio.get_running_loop().create_future()  # never lost
+
+    async def disconnect(self) -> None:
+        self._connected = False
+        for channel in self._channels:
+            self._leave(channel)
+        self._channels.clear()
+
+    async def subscribe(self, channels: Sequence[bytes]) -> None:
+        self._require()
+        for channel in channels:
+            self.net.subscribers.setdefault(channel, {})[self] = None
+            self._channels.add(channel)
+
+    async def unsubscribe(self, channels: Sequence[bytes]) -> None:
+        self._require()
+        for channel in channels:
+            if channel in self._channels:
+                self._channels.discard(channel)
+                self._leave(channel)
+
+    async def publish(self, channels: Sequence[bytes], payloads: Sequence[bytes]) -> list[int]:
+        self._require()
+        subscribers = self.net.subscribers
+        received = []
+        # One scheduled delivery per receiving link and batch, in the batch's order.
+        batches: dict[MemoryLink, list[tuple[bytes, bytes]]] = {}
+        for channel, data in zip(channels, payloads, strict=True):
+            links = subscribers.get(channel)
+            if not links:
+                received.append(0)
+                continue
+            for link in links:
+                batch = batches.get(link)
+                if batch is None:
+                    batches[link] = [(channel, data)]
+                else:
+                    batch.append((channel, data))
+            received.append(len(links))
+        if batches:
+            call_soon = asyncio.get_running_loop().call_soon
+            for link, batch in batches.items():
+                link._pending += 1
+                call_soon(link._receive, batch)
+        return received
+
+    def settled(self) -> bool:
+        return self._pending == 0
+
+    def _receive(self, batch: list[tuple[bytes, bytes]]) -> None:
+        self._pending -= 1
+        listener = self._listener
+        for channel, data in batch:
+            if not self._connected or listener is None:
+                return
+            listener(channel, data)
+
+    def _leave(self, channel: bytes) -> None:
+        links = self.net.subscribers.get(channel)
+        if links is not None:
+            links.pop(self, None)
+            if not links:
+                del self.net.subscribers[channel]
+
+    def _require(self) -> None:
+        if not self._connected:
+            raise BackendUnavailable("the in-process bus is not connected")
+
+    # --- LeaseStore ---
+    async def claim(self, key: str, token: str, node_id: str, ttl: float) -> bool:
+        holder = self.net.holder(key)
         if holder is not None and holder.token != token:
             return False
-        self.bus.claims[key] = (Claim(self.node_id, token), time.monotonic() + ttl)
+        self.net.claims[key] = (Claim(node_id, token), time.monotonic() + ttl)
         return True
 
     async def renew(self, key: str, token: str, ttl: float) -> bool:
-        holder = self.bus.holder(key)
+        holder = self.net.holder(key)
         if holder is None or holder.token != token:
             return False
-        self.bus.claims[key] = (holder, time.monotonic() + ttl)
+        self.net.claims[key] = (holder, time.monotonic() + ttl)
         return True
 
-    async def release(self, key: str, token: str) -> bool:
-        holder = self.bus.holder(key)
+    async def release(self, key: str, token: str, node_id: str | None = None) -> bool:
+        holder = self.net.holder(key)
         if holder is None or holder.token != token:
             return False
-        del self.bus.claims[key]
+        if node_id is not None and holder.node_id != node_id:
+            return False
+        del self.net.claims[key]
         return True
 
     async def lookup(self, key: str) -> Claim | None:
-        return self.bus.holder(key)
+        return self.net.holder(key)
+
+    async def set_counts(self, node_id: str, counts: Mapping[str, int], ttl: float) -> None:
+        net = self.net
+        expires = time.monotonic() + ttl
+        net.alive[node_id] = expires
+        for key, count in counts.items():
+            if count > 0:
+                net.live_counts(key)  # an expired key starts over, as in Redis
+                net.counts.setdefault(key, {})[node_id] = count
+                net.counts_expire[key] = expires
+            else:
+                held = net.counts.get(key)
+                if held is not None:
+                    held.pop(node_id, None)
+                    if not held:
+                        net.drop(key)
+
+    async def read_counts(self, keys: Sequence[str]) -> list[dict[str, int]]:
+        return [dict(self.net.live_counts(key) or {}) for key in keys]
+
+    async def remove_node(
+        self, node_id: str, keys: Iterable[str], claims: Mapping[str, str]
+    ) -> None:
+        net = self.net
+        for key in keys:
+            held = net.counts.get(key)
+            if held is not None:
+                held.pop(node_id, None)
+                if not held:
+                    net.drop(key)
+        net.alive.pop(node_id, None)
+        for key, token in claims.items():
+            await self.release(key, token, node_id)
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryBackend(Cluster):
+    """A node on an in-process ``MemoryBus`` (its own unless ``bus`` is given: several nodes on
+    one ``bus`` form one cluster, as nodes sharing one Redis do)."""
+
+    def __init__(
+        self, node_id: str, bus: MemoryBus | None = None, settings: RedisSettings | None = None
+    ) -> None:
+        self.net = bus if bus is not None else MemoryBus()
+        link = MemoryLink(self.net)
+        super().__init__(node_id, link, link, settings if settings is not None else RedisSettings())
