@@ -50,3 +50,46 @@ def test_fallback_never_emits_invalid_utf8_or_nan():
     with pytest.raises(ValueError):
         jsonwire._std_dumps(float("nan"))
     assert json.loads(jsonwire._std_dumps({"k": "v"})) == {"k": "v"}
+
+
+def nested(levels: int, inner: str = "1") -> str:
+    """``levels`` arrays and objects, alternating, around ``inner``."""
+    text = inner
+    for level in range(levels):
+        text = f"[{text}]" if level % 2 else f'{{"k":{text}}}'
+    return text
+
+
+@pytest.mark.parametrize("loads", [jsonwire.loads, jsonwire._std_loads])
+def test_nesting_is_bounded_at_its_exact_limit(loads):
+    assert jsonwire.too_deep(loads(nested(jsonwire.MAX_DEPTH)), jsonwire.MAX_DEPTH - 1)
+    for levels in (jsonwire.MAX_DEPTH + 1, 300, 5000):
+        with pytest.raises(jsonwire.TooDeep) as exc:
+            loads(nested(levels))
+        assert str(exc.value) == "nested deeper than 64 levels"
+
+
+@pytest.mark.parametrize("loads", [jsonwire.loads, jsonwire._std_loads])
+def test_brackets_inside_strings_are_not_nesting(loads):
+    inner = '"' + "[{" * 200 + '\\"]"'
+    assert loads(nested(3, inner)) == {"k": [{"k": "[{" * 200 + '"]'}]}
+
+
+def test_what_decodes_encodes_again():
+    value = jsonwire.loads(nested(jsonwire.MAX_DEPTH))
+    assert jsonwire.loads(jsonwire.dumps(value)) == value
+    assert jsonwire.loads(jsonwire._std_dumps(value)) == value
+
+
+def test_depth_of_decoded_values():
+    assert not jsonwire.too_deep(1)
+    assert not jsonwire.too_deep([])
+    assert jsonwire.too_deep([[]], 1)
+    assert not jsonwire.too_deep([[]], 2)
+    assert jsonwire.too_deep({"a": [1, {"b": {}}]}, 2)
+    assert not jsonwire.too_deep({"a": [1, {"b": {}}]}, 4)
+    jsonwire.check_depth([[[]]], 3)  # too small to be deep: not even looked at
+    deepest = jsonwire.loads(nested(jsonwire.MAX_DEPTH))
+    jsonwire.check_depth(deepest, 200)
+    with pytest.raises(jsonwire.TooDeep):
+        jsonwire.check_depth([deepest], 200)

@@ -240,3 +240,21 @@ def test_ids_at_the_length_limit_are_accepted():
     assert proto.parse_endpoint("/connection/abcd/efgh/ijkl", limits) == proto.ConnectionPath(
         "abcd", "efgh", "ijkl"
     )
+
+
+def _deep_join(levels: int) -> dict[str, object]:
+    value: object = []
+    for _ in range(levels - 2):
+        value = [value]
+    return {"type": "Join", "documentIds": ["d"], "x": value}
+
+
+def test_nesting_is_bounded_at_decode_in_both_encodings():
+    assert proto.decode(orjson.dumps(_deep_join(64)), JSON).command == proto.Join(("d",), ())
+    assert proto.decode(packb(_deep_join(64)), MSGPACK).command == proto.Join(("d",), ())
+    with pytest.raises(MalformedFrame) as exc:
+        proto.decode(orjson.dumps(_deep_join(65)), JSON)
+    assert exc.value.message == "JSON nested deeper than 64 levels"
+    with pytest.raises(MalformedFrame) as exc:
+        proto.decode(packb(_deep_join(65)), MSGPACK)
+    assert exc.value.message == "msgpack nested deeper than 64 levels"

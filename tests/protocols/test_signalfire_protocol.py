@@ -271,3 +271,14 @@ def test_malformed_undeliverable_notices_raise(payload):
 def test_a_relay_with_a_non_string_requester_reports_to_nobody():
     relay = proto.decode_remote_relay(b'{"to":"x","message":{},"from":5,"req":1}')
     assert relay.requester is None and relay.request_id == 1
+
+
+def test_nesting_is_bounded_before_anything_is_acknowledged():
+    def frame(levels: int) -> bytes:
+        data = "[" * (levels - 1) + "]" * (levels - 1)
+        return ('{"id":1,"cmd":"offer","target":"x","data":' + data + "}").encode()
+
+    assert isinstance(proto.decode(frame(64)), proto.Request)
+    with pytest.raises(CloseRequest) as info:
+        proto.decode(frame(65))
+    assert (info.value.close_code, info.value.message) == (4400, "Bad Request")

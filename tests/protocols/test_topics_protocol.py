@@ -101,3 +101,14 @@ def test_bad_frames_raise_client_errors_naming_the_problem(frame, error, needle)
 def test_deeply_nested_json_is_a_client_error_not_a_crash():
     with pytest.raises(ClientError):
         proto.decode("[" * 100_000 + "]" * 100_000)
+
+
+def _deep(levels: int) -> str:
+    return '{"type":"publish","topic":"t","data":' + "[" * (levels - 1) + "]" * (levels - 1) + "}"
+
+
+def test_nesting_is_bounded_at_decode():
+    assert isinstance(proto.decode(_deep(64)), proto.Publish)
+    with pytest.raises(MalformedFrame) as exc:
+        proto.decode(_deep(65))
+    assert exc.value.message == "JSON nested deeper than 64 levels"

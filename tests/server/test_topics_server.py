@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import aiohttp
@@ -301,3 +302,17 @@ async def test_graceful_shutdown_closes_peers_with_1001():
         await srv.server.stop()
         msg = await ws.receive(timeout=3 * UNIT)
         assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1001
+
+
+async def test_deep_nesting_is_an_error_and_logs_no_traceback(server, caplog):
+    """Nested past MAX_DEPTH: a clear error for each frame, the connection stays, and the log
+    holds no traceback (it used to answer `internal error` with one per frame)."""
+    ws = await server.ws()
+    deep = '{"type":"publish","topic":"t","data":' + "[" * 300 + "]" * 300 + "}"
+    with caplog.at_level(logging.DEBUG, logger="polysignal"):
+        for _ in range(20):
+            await ws.send_str(deep)
+            got = await receive_json(ws)
+            assert got == {"type": "error", "message": "JSON nested deeper than 64 levels"}
+        await sync(ws)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]

@@ -232,6 +232,10 @@ def test_ttl_is_refreshed_by_activity_and_expired_subscriptions_are_not_served(
         ('{"type":"ping","x":"\\ud800"}', "invalid JSON"),  # ... or as a JSON escape
         ("", "invalid JSON"),
         (None, "invalid JSON"),
+        (
+            '{"type":"publish","topic":"t","data":' + "[" * 300 + "]" * 300 + "}",
+            "JSON nested deeper than 64 levels",
+        ),
     ],
 )
 def test_bad_input_gets_an_error_frame(handler, management, body, error):

@@ -44,6 +44,7 @@ from polysignal.core.errors import (
     MalformedFrame,
     UnknownCommand,
 )
+from polysignal.protocols import jsonwire
 from polysignal.protocols.jsonwire import clip, type_name
 
 NAMESPACE = "relay"
@@ -119,14 +120,20 @@ def decode(frame: str | bytes, encoding: Encoding, limits: RelayLimits = RelayLi
     """
     if encoding is Encoding.JSON:
         try:
-            message = orjson.loads(frame)
-        except orjson.JSONDecodeError:
+            message = jsonwire.loads(frame)
+        except jsonwire.TooDeep as exc:
+            raise MalformedFrame(f"JSON {exc}") from None
+        except jsonwire.DecodeError:
             raise MalformedFrame("invalid JSON") from None
     else:
         try:
             message = msgpack.unpackb(frame, raw=False, strict_map_key=False)
         except Exception:  # the msgpack library raises many types for bad input; none is ours
             raise MalformedFrame("invalid msgpack") from None
+        try:
+            jsonwire.check_depth(message, len(frame))
+        except jsonwire.TooDeep as exc:
+            raise MalformedFrame(f"msgpack {exc}") from None
     if not isinstance(message, dict):
         raise MalformedFrame(f"expected an object (map), got {type_name(message)}")
     kind = message.get("type")

@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from polysignal.core.errors import Answer, ClientError, Close, CloseCode, MalformedFrame, Reply
+from polysignal.protocols import jsonwire
 
 SUBPROTOCOL = "Signal-Fire@3"
 LEGACY_SUBPROTOCOL = "Signal-Fire@2"
@@ -164,8 +165,8 @@ def decode(frame: str | bytes) -> Request | Ignored:
     * unknown or missing ``cmd``: ``Ignored`` (no reply, as in the original).
     """
     try:
-        message = orjson.loads(frame)
-    except orjson.JSONDecodeError:
+        message = jsonwire.loads(frame)
+    except jsonwire.DecodeError:  # not JSON, or nested deeper than MAX_DEPTH
         raise CloseRequest(CloseReason.BAD_REQUEST) from None
     if not isinstance(message, dict):
         raise CloseRequest(CloseReason.BAD_REQUEST)

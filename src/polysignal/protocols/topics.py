@@ -79,6 +79,8 @@ def decode(frame: str | bytes, limits: TopicLimits = TopicLimits()) -> Command:
     """Parse one text frame into a command; raise ClientError naming what is wrong."""
     try:
         message = jsonwire.loads(frame)
+    except jsonwire.TooDeep as exc:
+        raise MalformedFrame(f"JSON {exc}") from None
     except jsonwire.DecodeError:
         raise MalformedFrame("invalid JSON") from None
     if not isinstance(message, dict):
