@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -163,6 +164,15 @@ async def topic_subscribers(server: RunningServer, topic: str) -> int:
         message = await receive_json(probe)
         assert message["type"] == "publish", message
         return int(message["clients"]) - 1
+
+
+def assert_log_bounded(records: list[logging.LogRecord], most: int = 1) -> None:
+    """What repeated bad input from clients may leave in the log: no traceback, no ERROR, and
+    at most ``most`` lines at WARNING or INFO (one per interval)."""
+    tracebacks = [r.getMessage() for r in records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not tracebacks, f"tracebacks or errors logged: {tracebacks}"
+    loud = [r.getMessage() for r in records if r.levelno >= logging.INFO]
+    assert len(loud) <= most, f"{len(loud)} lines logged, at most {most} expected: {loud[:5]}"
 
 
 async def assert_silent(ws: aiohttp.ClientWebSocketResponse, timeout: float = 0.3 * UNIT) -> None:

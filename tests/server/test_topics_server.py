@@ -12,6 +12,7 @@ import pytest
 
 from support import (
     UNIT,
+    assert_log_bounded,
     assert_silent,
     node_settings,
     receive_json,
@@ -315,4 +316,4 @@ async def test_deep_nesting_is_an_error_and_logs_no_traceback(server, caplog):
             got = await receive_json(ws)
             assert got == {"type": "error", "message": "JSON nested deeper than 64 levels"}
         await sync(ws)
-    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+    assert_log_bounded(caplog.records)
