@@ -63,6 +63,25 @@ def test_bad_values_fail_loudly(env, needle):
         Settings.from_env(env)
 
 
+def test_the_largest_relay_frame_must_fit_a_held_socket_with_its_cost():
+    """A held frame counts its payload plus 128 bytes: the largest must fit, exactly."""
+    fits = {"RELAY_BUFFER_BYTES": "1048576", "RELAY_MAX_FRAME_BYTES": str(1048576 - 128)}
+    assert Settings.from_env(fits).relay.relay_max_frame_bytes == 1048576 - 128
+    over = {**fits, "RELAY_MAX_FRAME_BYTES": str(1048576 - 127)}
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(over)
+    assert str(refused.value) == (
+        "RELAY_MAX_FRAME_BYTES: must leave 128 bytes of RELAY_BUFFER_BYTES (a held frame counts "
+        "its payload plus 128) and not exceed SEND_BUFFER_BYTES, or one frame would overflow the "
+        "buffers that hold it"
+    )
+    beyond_send = {"SEND_BUFFER_BYTES": "65536", "RELAY_MAX_FRAME_BYTES": "65537"}
+    with pytest.raises(ConfigError):
+        Settings.from_env({**beyond_send, "RELAY_BUFFER_BYTES": "1048576"})
+    beyond_send["RELAY_MAX_FRAME_BYTES"] = "65536"
+    assert Settings.from_env(beyond_send).relay.relay_max_frame_bytes == 65536
+
+
 def test_ice_servers_accepts_list_or_configuration():
     servers = '[{"urls":"stun:127.0.0.1:3478"}]'
     assert Settings.from_env({"ICE_SERVERS": servers}).server.ice_servers == (

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 
 class ConfigError(ValueError):
@@ -52,19 +52,41 @@ class Secret:
     __str__ = __repr__
 
 
+_SECRET_PARAMETERS = ("pass", "pwd", "secret", "token", "auth", "credential")
+"""A URL query parameter whose name contains one of these carries a secret (redis-py reads
+``?password=`` as the password)."""
+
+
 def redact_url(url: str) -> str:
-    """``redis://user:pw@host:6379/0`` -> ``redis://user:***@host:6379/0`` (for logs)."""
+    """``url`` as logs and error messages show it: every credential replaced by ``***``.
+
+    The password of ``user:password@`` and the value of every query parameter that carries a
+    secret (``?password=``, ``?token=``, ...); the rest is kept verbatim:
+    ``redis://u:pw@h:6379/0?password=pw&db=1`` -> ``redis://u:***@h:6379/0?password=***&db=1``.
+    The one function for it: every log line and message that shows the backend URL uses it.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+    shown = f"{parts.scheme}:" if parts.scheme else ""
+    if url[len(shown) :].startswith("//"):
+        shown += "//"
+    shown += netloc + parts.path
+    if parts.query:
+        shown += "?" + "&".join(_redact_parameter(item) for item in parts.query.split("&"))
+    return shown
+
+
+def _redact_parameter(item: str) -> str:
+    name, eq, _ = item.partition("=")
+    if eq and any(word in name.lower() for word in _SECRET_PARAMETERS):
+        return f"{name}=***"
+    return item
 
 
 # --- parsing ------------------------------------------------------------------------------------
@@ -213,8 +235,9 @@ class ServerSettings:
     header_timeout: float = setting(
         10.0,
         "HEADER_TIMEOUT",
-        "Seconds a new connection has to send its whole request line and headers (else 408). "
-        "0 = no limit.",
+        "Seconds a request has to send its whole request line and headers, from its first byte"
+        " (the first request of a connection: from the connection; else 408 or, on a connection"
+        " kept alive, a close). 0 = no limit.",
     )
     linger: float = setting(
         2.0,
@@ -242,6 +265,22 @@ class ServerSettings:
         "cluster unless renewed (every third of it). At least 1.",
     )
 
+    def __post_init__(self) -> None:
+        try:
+            urlsplit(self.backend_url)
+        except ValueError as exc:  # shown without the URL, which may carry a password
+            raise ConfigError(f"BACKEND: not a URL ({exc})") from None
+
+    def __repr__(self) -> str:
+        # The backend URL may carry Redis's password: shown as the logs show it.
+        shown = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            if f.name != "backend_url"
+            else f"backend_url={redact_url(self.backend_url)!r}"
+            for f in dataclasses.fields(self)
+        ]
+        return f"ServerSettings({', '.join(shown)})"
+
 
 @dataclass(frozen=True)
 class LimitSettings:
@@ -265,7 +304,10 @@ class LimitSettings:
     )
     rate_burst: int = setting(400, "RATE_BURST", "Token bucket size.")
     max_connections_per_ip: int = setting(
-        1000, "MAX_CONNECTIONS_PER_IP", "Open WebSockets per client address; 0 = unlimited."
+        1000,
+        "MAX_CONNECTIONS_PER_IP",
+        "Open TCP connections per client address, whatever they carry (a request still being"
+        " read, a WebSocket, HTTP or socket.io); more are answered 429; 0 = unlimited.",
     )
     send_buffer_bytes: int = setting(
         1 << 20,
@@ -287,6 +329,11 @@ class TopicsSettings:
     echo: bool = setting(False, "ECHO", "Also deliver a publish to its sender.")
     max_topics_per_connection: int = setting(
         256, "MAX_TOPICS_PER_CONNECTION", "Topics one connection may be subscribed to."
+    )
+    max_topics_per_address: int = setting(
+        16384,
+        "MAX_TOPICS_PER_ADDRESS",
+        "Subscriptions the connections of one client address may hold together; 0 = unlimited.",
     )
     max_topic_length: int = setting(512, "MAX_TOPIC_LENGTH", "Longest topic, in characters.")
 
@@ -310,7 +357,11 @@ class RedisSettings:
         "Longest a cached cluster-wide `clients` count is used without re-reading Redis.",
     )
     redis_backoff_max: float = setting(
-        10.0, "REDIS_BACKOFF_MAX", "Cap, in seconds, of the reconnect backoff."
+        0.5,
+        "REDIS_BACKOFF_MAX",
+        "Longest wait, in seconds, between two attempts to reach Redis (the backoff starts at "
+        "0.2 and doubles): a node notices within it that Redis is back. After Redis came back "
+        "empty, new claims wait this plus 0.5 s, the settle grace (docs/redis.md, Faults).",
     )
     redis_connect_timeout: float = setting(
         5.0, "REDIS_CONNECT_TIMEOUT", "Seconds to open a connection to Redis."
@@ -323,7 +374,8 @@ class RedisSettings:
     redis_read_timeout: float = setting(
         2.0,
         "REDIS_READ_TIMEOUT",
-        "Seconds a presence read may delay a publish before the cached or local count is used.",
+        "Seconds a caller asking for a fresh `clients` count waits for Redis before the cached or "
+        "local count is used (a publish never waits: it uses the cached count).",
     )
     redis_keepalive: float = setting(
         5.0,
@@ -344,7 +396,14 @@ class RelaySettings:
     relay_buffer_bytes: int = setting(
         1 << 20,
         "RELAY_BUFFER_BYTES",
-        "Bytes a held `/connection` socket may send before its peer arrives.",
+        "Bytes a held `/connection` socket may hold before its peer arrives, each frame counted "
+        "as its payload plus 128; at most SEND_BUFFER_BYTES apply (the peer is sent them at once).",
+    )
+    relay_address_buffer_bytes: int = setting(
+        16 << 20,
+        "RELAY_ADDRESS_BUFFER_BYTES",
+        "Bytes all held `/connection` sockets of one client address may hold together, counted as "
+        "for RELAY_BUFFER_BYTES; 0 = no limit.",
     )
     relay_wait_timeout: float = setting(
         60.0,
@@ -414,13 +473,20 @@ class RoomsSettings:
         16384, "MAX_PAYLOAD_BYTES", "Largest `payload` of a rooms event, as JSON bytes."
     )
     rooms_max_per_socket: int = setting(
-        256, "ROOMS_MAX_PER_SOCKET", "Rooms one socket may be in or ask to join."
+        256,
+        "ROOMS_MAX_PER_SOCKET",
+        "Rooms one socket may be in or be creating; a create or join past it is refused.",
     )
     rooms_max_name_length: int = setting(
         512, "ROOMS_MAX_NAME_LENGTH", "Longest room name, in characters."
     )
     rooms_max_pending: int = setting(
         1024, "ROOMS_MAX_PENDING", "Join requests one room may hold for its owner's answer."
+    )
+    rooms_max_pending_per_socket: int = setting(
+        16,
+        "ROOMS_MAX_PENDING_PER_SOCKET",
+        "Join requests one socket may have waiting for their owners' answers at once.",
     )
     rooms_dev: bool = setting(
         False,
@@ -533,10 +599,14 @@ class Settings:
             raise ConfigError("MAX_FRAME_BYTES: must be at least 1024")
         if relay.relay_max_frame_bytes < 1024:
             raise ConfigError("RELAY_MAX_FRAME_BYTES: must be at least 1024")
-        if relay.relay_max_frame_bytes > min(relay.relay_buffer_bytes, limits.send_buffer_bytes):
+        # A held frame counts its payload plus 128 bytes (``FRAME_COST`` in core/relay.py).
+        if relay.relay_max_frame_bytes + 128 > relay.relay_buffer_bytes or (
+            relay.relay_max_frame_bytes > limits.send_buffer_bytes
+        ):
             raise ConfigError(
-                "RELAY_MAX_FRAME_BYTES: must not exceed RELAY_BUFFER_BYTES or SEND_BUFFER_BYTES, "
-                "or one frame would overflow the buffers that hold it"
+                "RELAY_MAX_FRAME_BYTES: must leave 128 bytes of RELAY_BUFFER_BYTES (a held frame "
+                "counts its payload plus 128) and not exceed SEND_BUFFER_BYTES, or one frame "
+                "would overflow the buffers that hold it"
             )
         if not self.signalfire.signalfire_path.startswith("/"):
             raise ConfigError("SIGNALFIRE_PATH: must start with '/'")
