@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+import redis.asyncio as aioredis
 
 from backends.cluster import Cluster
 
@@ -27,3 +28,13 @@ async def redis_cluster(redis_url: str) -> AsyncIterator[Cluster]:
         yield made
     finally:
         await made.close()
+
+
+@pytest.fixture
+async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain client of the test Redis, to look at or upset what the nodes keep there."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -4,13 +4,15 @@ Redis, through the same contract."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from backends.cluster import Cluster, eventually
-from polysignal.backends import Claim
+from polysignal.backends import Backend, Claim, MemoryBackend
 from polysignal.backends.lease import Leases
+from polysignal.backends.memory import MemoryLink
 from polysignal.backends.stream import Streams
 
 from support import UNIT
@@ -121,6 +123,202 @@ def test_a_lease_ttl_under_one_second_is_refused():
 
     with pytest.raises(ValueError, match="at least 1 s"):
         Leases(Dummy(), 0.5)  # type: ignore[arg-type]
+
+
+# --- when the store comes back (docs/redis.md, "Faults") ---
+
+
+@pytest.fixture
+async def memory() -> AsyncIterator[Cluster]:
+    """In-process nodes on one net that can stop and start as a redis-server does."""
+    made = Cluster("memory", None)
+    try:
+        yield made
+    finally:
+        made.bus.start()
+        await made.close()
+
+
+def link_of(node: Backend) -> MemoryLink:
+    assert isinstance(node, MemoryBackend)
+    return node.link
+
+
+async def _ready(node: Backend) -> bool:
+    return node.ready
+
+
+async def _down(node: Backend) -> bool:
+    return not node.ready
+
+
+async def test_leases_are_claimed_again_before_the_node_is_ready_again(memory: Cluster):
+    """The store restarts empty: by the time the node counts as ready, every lease it held is
+    claimed again with its token, a taken one included, and nothing it gave up meanwhile."""
+    a, b = await memory.node("a"), await memory.node("b")
+    la = Leases(a, 5)
+    kept, taken, given_up = memory.key("kept"), memory.key("taken"), memory.key("given-up")
+    lease = await la.claim(kept)
+    took = await la.take(taken, _no_eviction)
+    gone = await la.claim(given_up)
+    assert lease is not None and gone is not None and lease.held and took.held
+    memory.bus.stop()
+    await eventually(lambda: _down(a), "a noticed")
+    await la.release(gone)  # while the store is away
+    memory.bus.start()
+    await eventually(lambda: _ready(a), "a is back", timeout=3 * UNIT)
+    assert await b.lookup(kept) == Claim(a.node_id, lease.token)
+    assert await b.lookup(taken) == Claim(a.node_id, took.token)
+    assert await b.lookup(given_up) is None
+    await la.close()
+
+
+async def _no_eviction(holder: Claim) -> None:
+    raise AssertionError(f"nobody to evict, yet {holder} was")
+
+
+async def test_nothing_is_claimed_or_looked_up_before_a_late_node_re_asserts(memory: Cluster):
+    """The store comes back empty while node a is still cut off from it: b neither grants a new
+    claim of a's key nor answers a lookup of it until a, back within the settle grace, has
+    claimed it again; then b's claim is refused and its lookup finds a."""
+    a, b = await memory.node("a"), await memory.node("b")
+    la, lb = Leases(a, 5), Leases(b, 5)
+    key = memory.key()
+    lease = await la.claim(key)
+    assert lease is not None
+    memory.bus.stop()
+    link_of(a).cut = True
+    await eventually(lambda: _down(a), "a noticed")
+    memory.bus.start()
+    await eventually(lambda: _ready(b), "b is back first", timeout=3 * UNIT)
+    claim = asyncio.create_task(lb.claim(key))
+    lookup = asyncio.create_task(b.lookup(key))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not claim.done() and not lookup.done(), "answered before a could re-assert"
+    link_of(a).cut = False
+    assert await asyncio.wait_for(claim, 3 * UNIT) is None
+    assert await asyncio.wait_for(lookup, 3 * UNIT) == Claim(a.node_id, lease.token)
+    assert lease.held
+    await la.close()
+    await lb.close()
+
+
+async def test_a_lease_taken_while_its_node_was_away_is_lost_not_overwritten(memory: Cluster):
+    """Node a stays cut off past the settle grace; b claims a's key meanwhile. When a is back,
+    the claim stays b's and a's owner is told who has it, before a counts as ready."""
+    a, b = await memory.node("a"), await memory.node("b")
+    lost: list[Claim | None] = []
+    la, lb = Leases(a, 5), Leases(b, 5)
+    key = memory.key()
+    lease = await la.claim(key, on_lost=lost.append)
+    assert lease is not None
+    memory.bus.stop()
+    link_of(a).cut = True
+    await eventually(lambda: _down(a), "a noticed")
+    memory.bus.start()
+    await eventually(lambda: _ready(b), "b is back", timeout=3 * UNIT)
+    theirs = await asyncio.wait_for(lb.claim(key), 5 * UNIT)  # after the grace: a is late
+    assert theirs is not None and theirs.held
+    link_of(a).cut = False
+    await eventually(lambda: _ready(a), "a is back", timeout=3 * UNIT)
+    assert lost == [Claim(b.node_id, theirs.token)]
+    assert not lease.held and la.get(key) is None
+    assert await a.lookup(key) == Claim(b.node_id, theirs.token)
+    await la.close()
+    await lb.close()
+
+
+async def test_a_lease_taken_during_the_outage_replaces_the_older_one_afterwards(memory: Cluster):
+    """A newer socket takes a's key on b while the store is away (held on b only). When the
+    store is back, a claims its lease again first; then b takes it as ``take`` does: a is
+    evicted and told, whatever order the two nodes reconnected in."""
+    a, b = await memory.node("a"), await memory.node("b")
+    la, lb = Leases(a, 5), Leases(b, 5)
+    key = memory.key()
+    old = await la.claim(key)
+    assert old is not None
+    memory.bus.stop()
+    await eventually(lambda: _down(a), "a noticed")
+    await eventually(lambda: _down(b), "b noticed")
+    evicted: list[Claim] = []
+
+    async def evict(holder: Claim) -> None:
+        evicted.append(holder)
+
+    new = await lb.take(key, evict)
+    assert not new.held
+    memory.bus.start()
+
+    async def taken() -> bool:
+        return new.held
+
+    await eventually(taken, "b's lease claimed", timeout=5 * UNIT)
+    assert evicted == [Claim(a.node_id, old.token)]
+    assert await a.lookup(key) == Claim(b.node_id, new.token)
+    await la.close()
+    await lb.close()
+
+
+async def test_a_release_while_the_node_is_cut_off_is_done_when_it_is_back(memory: Cluster):
+    """Only node a loses the store (the store keeps its data): a lease it gives back meanwhile
+    is released when a reconnects, not left to expire, and not claimed again."""
+    a, b = await memory.node("a"), await memory.node("b")
+    la, lb = Leases(a, 60), Leases(b, 60)
+    key = memory.key()
+    lease = await la.claim(key)
+    assert lease is not None
+    link_of(a).cut = True
+    link_of(a).lose("cut off")
+    await eventually(lambda: _down(a), "a noticed")
+    await la.release(lease)
+    assert await b.lookup(key) == Claim(a.node_id, lease.token)  # still in the store
+    link_of(a).cut = False
+    await eventually(lambda: _ready(a), "a is back", timeout=3 * UNIT)
+    assert await b.lookup(key) is None
+    assert await lb.claim(key) is not None
+    await la.close()
+    await lb.close()
+
+
+async def test_a_claim_the_store_does_not_answer_promptly_is_held_here_meanwhile(
+    redis_cluster: Cluster, r: Any
+):
+    """``answer_within``: Redis hangs (CLIENT PAUSE); the claim answers within the bound with a
+    lease held here only, and is claimed in Redis once Redis answers."""
+    a = await redis_cluster.node("a")
+    la = Leases(a, 5)
+    key = redis_cluster.key()
+    await r.execute_command("CLIENT", "PAUSE", str(int(600 * UNIT)), "WRITE")
+    lease = await asyncio.wait_for(la.claim(key, answer_within=0.1), 0.5 * UNIT)
+    assert lease is not None and not lease.held
+
+    async def held() -> bool:
+        return lease.held
+
+    await eventually(held, "claimed once Redis answers", timeout=5 * UNIT)
+    assert await a.lookup(key) == Claim(a.node_id, lease.token)
+    await la.close()
+
+
+async def test_a_late_answer_that_the_key_is_taken_tells_the_owner(redis_cluster: Cluster, r: Any):
+    a, b = await redis_cluster.node("a"), await redis_cluster.node("b")
+    la, lb = Leases(a, 5), Leases(b, 5)
+    key = redis_cluster.key()
+    theirs = await lb.claim(key)
+    assert theirs is not None
+    lost: list[Claim | None] = []
+    await r.execute_command("CLIENT", "PAUSE", str(int(500 * UNIT)), "WRITE")
+    lease = await la.claim(key, on_lost=lost.append, answer_within=0.1)
+    assert lease is not None and not lease.held
+
+    async def told() -> bool:
+        return bool(lost)
+
+    await eventually(told, "the owner told", timeout=5 * UNIT)
+    assert lost == [Claim(b.node_id, theirs.token)] and la.get(key) is None
+    await la.close()
+    await lb.close()
 
 
 # --- streams ---

@@ -232,6 +232,40 @@ async def test_concurrent_claims_have_one_winner(net: Net):
     assert await links[0].store.lookup(key) == Claim(f"node-{winner}", f"t{winner}")
 
 
+async def test_reclaim_claims_again_releases_and_names_the_holders_of_the_rest(net: Net):
+    """A reconnecting node's batch: its claims again (free or its own: claimed; another token's:
+    answered with that holder, left alone), and the releases of what it gave up meanwhile (only
+    where its token still holds)."""
+    a, b = await net.link(), await net.link()
+    mine, free, theirs, given, moved = (
+        net.name(f"claim:{what}") for what in ("mine", "free", "theirs", "given", "moved")
+    )
+    assert await a.store.claim(mine, "t-mine", "node-a", 30)
+    assert await b.store.claim(theirs, "t-b", "node-b", 30)
+    assert await a.store.claim(given, "t-given", "node-a", 30)
+    assert await b.store.claim(moved, "t-b2", "node-b", 30)
+    taken = await a.store.reclaim(
+        {mine: ("t-mine", 30), free: ("t-free", 30), theirs: ("t-a", 30)},
+        {given: "t-given", moved: "t-old"},
+        "node-a",
+    )
+    assert taken == {theirs: Claim("node-b", "t-b")}
+    assert await b.store.lookup(mine) == Claim("node-a", "t-mine")
+    assert await b.store.lookup(free) == Claim("node-a", "t-free")
+    assert await b.store.lookup(theirs) == Claim("node-b", "t-b")
+    assert await b.store.lookup(given) is None
+    assert await b.store.lookup(moved) == Claim("node-b", "t-b2")
+    assert await a.store.reclaim({}, {}, "node-a") == {}
+
+
+async def test_reclaim_in_batches_larger_than_one(net: Net):
+    a = await net.link()
+    claims = {net.name(f"claim:many-{i}"): (f"t{i}", 30.0) for i in range(MAX_BATCH + 5)}
+    assert await a.store.reclaim(claims, {}, "node-a") == {}
+    last = net.name(f"claim:many-{MAX_BATCH + 4}")
+    assert await a.store.lookup(last) == Claim("node-a", f"t{MAX_BATCH + 4}")
+
+
 # --- LeaseStore: counts ---
 
 

@@ -4,30 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
 
 import pytest
 import redis.asyncio as aioredis
 
 from backends.cluster import Cluster, Inbox, eventually
+from polysignal import cli
 from polysignal.backends import BackendUnavailable, create_backend
+from polysignal.backends.base import TOPICS
 from polysignal.backends.cluster import OUTBOX_MAX_ITEMS
 from polysignal.backends.names import escape, presence_key, redis_name
 from polysignal.backends.redis import RedisBackend
-from polysignal.config import Settings
+from polysignal.config import Settings, redact_url
+from polysignal.server.runner import serve
 
-from support import UNIT, RedisServer, node_settings
+from support import UNIT, RedisServer, free_port, node_settings
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.redis]
-
-
-@pytest.fixture
-async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def fast_settings(url: str, node_id: str, **overrides: object) -> Settings:
@@ -72,6 +66,80 @@ def test_refresh_kept_below_the_ttl(caplog: pytest.LogCaptureFixture):
     backend = RedisBackend(node_settings(backend_url=url, presence_ttl=3, presence_refresh=10.0))
     assert backend.presence_refresh == 1.0
     assert "PRESENCE_REFRESH (10s) is not below PRESENCE_TTL (3s)" in caplog.text
+
+
+# --- credentials in URLs ---
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://u:secret@h:6379/0", "redis://u:***@h:6379/0"),
+        ("redis://:secret@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://h:6379/0?password=secret", "redis://h:6379/0?password=***"),
+        (
+            "rediss://u:s1@h/0?db=1&password=s2&socket_timeout=3",
+            "rediss://u:***@h/0?db=1&password=***&socket_timeout=3",
+        ),
+        ("redis://[::1]:6379/0?Password=secret", "redis://[::1]:6379/0?Password=***"),
+        ("unix:///run/redis.sock?db=0&password=secret", "unix:///run/redis.sock?db=0&password=***"),
+        ("redis://u:p@ss@h:1/0", "redis://u:***@h:1/0"),
+        ("redis://h:6379/0?token=secret#secret", "redis://h:6379/0?token=***"),
+        ("redis://user@h:6379/0", "redis://user@h:6379/0"),
+        ("redis://h:6379", "redis://h:6379"),
+        ("memory://", "memory://"),
+    ],
+)
+def test_credentials_in_a_url_are_redacted(url: str, shown: str):
+    assert redact_url(url) == shown
+
+
+async def test_no_credential_reaches_a_log_line_an_error_or_a_repr(
+    caplog: pytest.LogCaptureFixture,
+):
+    """A Redis password given as user:pass@ and as ?password=: the listening line, the
+    reconnect warnings, the worker's wait line, the backend's errors and the settings' repr
+    show the URL with both as ``***``."""
+    caplog.set_level(logging.DEBUG, "polysignal")
+    url = f"redis://user:hunter2@127.0.0.1:{free_port()}/0?password=hunter3&db=0"
+    shown = f"{url.split('//')[0]}//user:***@{url.split('@')[1].replace('hunter3', '***')}"
+    settings = fast_settings(url, "redact", backend_wait=0.3)
+    listening = asyncio.Event()
+    stop = asyncio.Event()
+    node = asyncio.create_task(
+        serve(settings, reuse_port=True, on_listening=lambda _: listening.set(), stop=stop)
+    )
+    try:
+        await asyncio.wait_for(listening.wait(), 5 * UNIT)
+
+        async def retried() -> bool:
+            return "retry 2 in" in caplog.text
+
+        await eventually(retried, "two reconnect attempts logged")
+        backend = RedisBackend(settings)
+        with pytest.raises(BackendUnavailable) as raised:
+            await backend.claim("id", "token", 10)
+        assert str(raised.value) == f"Redis at {shown} is not connected"
+    finally:
+        stop.set()
+        await asyncio.wait_for(node, 10 * UNIT)
+    text = caplog.text
+    assert f"backend {shown})" in text  # the listening line
+    assert f"backend {shown} not reachable after 0.3s" in text
+    assert f"cannot reach {shown} (" in text
+    assert "hunter" not in text
+    assert "hunter" not in repr(settings) and shown in repr(settings)
+
+
+def test_a_backend_url_that_does_not_parse_is_refused_without_showing_it(
+    capsys: pytest.CaptureFixture[str],
+):
+    assert cli.main(["serve", "--backend", "redis://user:hunter2@[::1/0"]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == (
+        "",
+        "polysignal: configuration error: BACKEND: not a URL (Invalid IPv6 URL)\n",
+    )
 
 
 # --- presence in Redis ---
@@ -290,6 +358,62 @@ async def test_a_silent_subscriber_connection_is_a_lost_connection(
     await eventually(back, "reconnected once Redis answers", timeout=10 * UNIT)
 
 
+# --- a publish never waits for Redis ---
+
+
+async def test_a_stale_count_is_answered_at_once_while_redis_hangs(
+    redis_cluster: Cluster, r: aioredis.Redis
+):
+    """``topic_clients_nowait`` answers the best known count at once, also when it is older
+    than PRESENCE_CACHE_TTL and Redis does not answer; the count is re-read in the background,
+    so a change the cache could not know of (no notice) shows once Redis answers."""
+    a = await redis_cluster.node("a", presence_cache_ttl=0.2)
+    b = await redis_cluster.node("b")
+    topic = redis_cluster.topic()
+    a.local_count_changed(topic, 1)
+    b.local_count_changed(topic, 2)
+    await redis_cluster.settle()
+    assert await a.topic_clients(topic, 1) == 3
+    assert isinstance(a, RedisBackend)
+    entry = a._cache[(TOPICS, topic)]
+
+    async def stale() -> bool:
+        return entry.expires <= time.monotonic()
+
+    await r.execute_command("CLIENT", "PAUSE", str(int(1000 * UNIT)), "WRITE")
+    try:
+        await eventually(stale, "the cached count is older than its TTL")
+        assert a.topic_clients_nowait(topic, 1) == 3
+        assert a.topic_clients_nowait(topic, 4) == 6
+    finally:
+        await r.execute_command("CLIENT", "UNPAUSE")
+    await r.hset(f"topic:presence:{topic}", b.node_id, 5)  # behind the nodes' backs
+
+    async def re_read() -> bool:
+        return a.topic_clients_nowait(topic, 1) == 6
+
+    await eventually(re_read, "the count re-read in the background")
+
+
+async def test_the_other_nodes_counts_are_read_when_a_topic_becomes_local(
+    redis_cluster: Cluster,
+):
+    """A node's first subscriber of a topic: the other nodes' counts are read then, so the first
+    publish to it counts them without waiting for Redis."""
+    # No periodic re-read of a's topics within the test: only the read at its first subscriber.
+    a = await redis_cluster.node("a", presence_ttl=120, presence_refresh=60.0)
+    b = await redis_cluster.node("b")
+    topic = redis_cluster.topic()
+    b.local_count_changed(topic, 2)
+    await redis_cluster.settle()
+    a.local_count_changed(topic, 1)
+
+    async def counted() -> bool:
+        return a.topic_clients_nowait(topic, 1) == 3
+
+    await eventually(counted, "b's subscribers counted without a read on the publish path")
+
+
 # --- faults ---
 
 
@@ -402,6 +526,57 @@ async def test_topic_churn_during_an_outage_keeps_no_backlog(private_redis: Redi
         await client.aclose()
     finally:
         await a.close()
+
+
+async def test_after_an_empty_restart_every_claim_is_back_before_the_node_is_ready(
+    private_redis: RedisServer,
+):
+    """Redis restarts empty: the first node back starts the settle window in Redis (its grace:
+    REDIS_BACKOFF_MAX + 0.5 s), and each node counts as ready only once its own claims are back
+    in Redis; new claims wait until the window is over."""
+    private_redis.start()
+    a = RedisBackend(fast_settings(private_redis.url, "settle-a"))
+    b = RedisBackend(fast_settings(private_redis.url, "settle-b"))
+
+    async def both_ready() -> bool:
+        return a.ready and b.ready
+
+    async def both_down() -> bool:
+        return not a.ready and not b.ready
+
+    try:
+        await a.start()
+        await b.start()
+        await eventually(both_ready, "connected", timeout=10 * UNIT)
+        for i in range(50):
+            assert await a.claim(f"id-{i}", f"token-{i}", 30)
+        private_redis.stop()
+        await eventually(both_down, "outage noticed")
+        private_redis.start()
+        client = aioredis.Redis.from_url(private_redis.url)
+        try:
+            await eventually(lambda: _ready(a), "a reconnected", timeout=10 * UNIT)
+            left = await client.pttl("polysignal:settling")
+            assert 0 < left <= (0.3 + 0.5) * 1000
+            assert await client.get("polysignal:epoch") == b"1"
+            for i in range(50):
+                assert await client.hmget(f"signal:publish:claim:id-{i}", ["node", "token"]) == [
+                    b"settle-a",
+                    f"token-{i}".encode(),
+                ]
+            await eventually(lambda: _ready(b), "b reconnected", timeout=10 * UNIT)
+            assert not await b.claim("id-7", "someone else", 30)
+            assert await b.claim("new", "token", 30)
+            assert await client.exists("polysignal:settling") == 0
+        finally:
+            await client.aclose()
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _ready(backend: RedisBackend) -> bool:
+    return backend.ready
 
 
 async def test_close_while_redis_is_down_does_not_hang(private_redis: RedisServer):

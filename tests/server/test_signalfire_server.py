@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import uuid
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from polysignal.backends import MemoryBackend, MemoryBus
 from polysignal.client.signalfire import Outcome, SignalFireError, connect
@@ -551,6 +553,39 @@ async def test_an_id_taken_over_by_another_holder_closes_1013():
         await assert_silent(b.ws)  # the other peer keeps its id and its socket
         claim = await thief.lookup(key)  # once a's socket is gone: left to its new holder
         assert claim is not None and claim.token == "thief"
+
+
+@pytest.mark.redis
+async def test_a_hung_redis_does_not_hold_the_welcome_up(redis_url: str):
+    """Redis stops answering (CLIENT PAUSE): a new client is welcomed within a fraction of a
+    second all the same, its id served on this node, and claimed in Redis once it answers."""
+    settings = node_settings(backend_url=redis_url, signal_channel=f"test:{uuid.uuid4().hex}")
+    client = Redis.from_url(redis_url)
+    async with running_server(settings) as srv:
+        backend = srv.node.backend
+        for _ in range(int(5 * UNIT / 0.02)):
+            if backend.ready:
+                break
+            await asyncio.sleep(0.02)
+        assert backend.ready
+        await client.execute_command("CLIENT", "PAUSE", str(int(3000 * UNIT)), "WRITE")
+        try:
+            asked = asyncio.get_running_loop().time()
+            ws = await srv.ws("/signal-fire")
+            welcome = await receive_json(ws, timeout=0.5 * UNIT)
+            assert asyncio.get_running_loop().time() - asked < 0.5 * UNIT
+        finally:
+            await client.execute_command("CLIENT", "UNPAUSE")
+            await client.aclose()
+        peer = Peer(ws, welcome)
+        assert NANOID.match(peer.id)
+        for _ in range(int(5 * UNIT / 0.02)):
+            claim = await backend.lookup(CLAIM_PREFIX + peer.id)
+            if claim is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert claim is not None and claim.node_id == settings.server.node_id
+        await peer.expect_error("session-start", peer.id, None, "Can't Send to Yourself")
 
 
 async def test_shutdown_releases_every_id():

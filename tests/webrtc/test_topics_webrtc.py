@@ -42,10 +42,13 @@ async def _send_candidates(ws, me, to, candidates):
 
 async def handshake_through(ws_a, ws_b) -> tuple[RtcPeer, RtcPeer]:
     """A offers to B over the topic; both trickle candidates; returns the connected peers."""
-    for ws, me in ((ws_a, "peer-a"), (ws_b, "peer-b")):
+    # Both subscribed (the pong answers after the subscribe) before either announces: an
+    # announce may otherwise arrive ahead of the other's pong.
+    for ws in (ws_a, ws_b):
         await ws.send_str(orjson.dumps({"type": "subscribe", "topics": [ROOM]}).decode())
         await ws.send_str('{"type":"ping"}')
         assert await receive_json(ws) == {"type": "pong"}
+    for ws, me in ((ws_a, "peer-a"), (ws_b, "peer-b")):
         await _publish(ws, {"type": "announce", "from": me})
     a, b = RtcPeer(), RtcPeer()
     offer, a_candidates = await a.offer()

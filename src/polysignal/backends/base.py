@@ -12,7 +12,10 @@ the backend carries what must cross nodes:
 * direct delivery: ``send_direct`` hands bytes to a named node's handler for ``kind``.
 * id claims: ``claim``/``renew``/``release``/``lookup`` of cluster-wide ids with TTL leases and
   owner tokens (a registry id -> node). While the backing service is unreachable these raise
-  ``BackendUnavailable``; a lease that cannot be released expires by itself.
+  ``BackendUnavailable``; a lease that cannot be released expires by itself. When the service
+  comes back, this node's claims are claimed again before anything else, and new claims and
+  lookups wait until the other nodes have had time to do the same (``on_claim_lost`` tells of a
+  claim found held by another holder meanwhile); see docs/redis.md, "Faults".
 
 Topics live in namespaces, one per protocol that uses them (``TOPICS`` for the topics protocol,
 whose Redis keys are Flow-Like's ``topic:presence:{topic}``); the same topic name in two
@@ -50,9 +53,21 @@ TOPICS = "topics"
 DirectHandler = Callable[[str, bytes], "Awaitable[None] | None"]
 """Called with (origin node id, payload) for a direct message of one ``kind``."""
 
+ClaimLostHandler = Callable[[str, str, "Claim | None"], None]
+"""Called with (key, token, holder) for a claim of this node that another holder had taken by
+the time the backend came back (the claim is no longer this node's)."""
+
 log = logging.getLogger("polysignal.backend")
 
-__all__ = ["TOPICS", "Backend", "BackendUnavailable", "Claim", "DirectHandler", "TopicHandler"]
+__all__ = [
+    "TOPICS",
+    "Backend",
+    "BackendUnavailable",
+    "Claim",
+    "ClaimLostHandler",
+    "DirectHandler",
+    "TopicHandler",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +86,7 @@ class Backend(ABC):
         self._topic_handlers: dict[str, TopicHandler] = {}
         self._direct_handlers: dict[str, DirectHandler] = {}
         self._ready_handlers: list[Callable[[], None]] = []
+        self._claim_lost_handlers: list[ClaimLostHandler] = []
         self._throttle = Throttle()
 
     # --- lifecycle ---
@@ -91,6 +107,18 @@ class Backend(ABC):
         """Call ``handler`` each time the backend becomes usable: at start, and when it comes
         back after an outage (this node's state is re-asserted by then; leases use it)."""
         self._ready_handlers.append(handler)
+
+    def on_claim_lost(self, handler: ClaimLostHandler) -> None:
+        """Call ``handler(key, token, holder)`` for each claim of this node found held by
+        another holder when the backend comes back (before the backend counts as ready)."""
+        self._claim_lost_handlers.append(handler)
+
+    def _claim_lost(self, key: str, token: str, holder: Claim | None) -> None:
+        for handler in self._claim_lost_handlers:
+            try:
+                handler(key, token, holder)
+            except Exception:
+                log.exception("a claim-lost handler failed")
 
     def _became_ready(self) -> None:
         for handler in self._ready_handlers:
@@ -123,14 +151,13 @@ class Backend(ABC):
     async def publish(self, topic: str, frame: bytes, namespace: str = TOPICS) -> None:
         """Deliver ``frame`` to the subscribers of ``topic`` on every *other* node."""
 
-    # Without waiting: the paths a publish takes when nothing has to be waited for, so the
-    # server's hot path needs no task. Each answers None/False when the caller must await the
-    # method above instead.
-    def topic_clients_nowait(
-        self, topic: str, local_count: int, namespace: str = TOPICS
-    ) -> int | None:
-        """``topic_clients`` when it is known without asking the backing service, else None."""
-        return None
+    # Without waiting: the paths a publish takes, so local delivery never waits for the cluster
+    # and the server's hot path needs no task.
+    @abstractmethod
+    def topic_clients_nowait(self, topic: str, local_count: int, namespace: str = TOPICS) -> int:
+        """The best known cluster-wide count of ``topic``, at once: the cached count (kept
+        current by the other nodes' notices; one older than the cache's TTL is re-read in the
+        background for the next caller), or ``local_count`` while nothing else is known."""
 
     def publish_nowait(self, topic: str, frame: bytes, namespace: str = TOPICS) -> bool:
         """``publish`` when it needs no wait (False: nothing was done; await ``publish``)."""
@@ -148,7 +175,8 @@ class Backend(ABC):
     @abstractmethod
     async def claim(self, key: str, token: str, ttl: float) -> bool:
         """Claim ``key`` for this node, atomically; succeeds if free, expired or held by ``token``
-        (a takeover by the same owner, e.g. after a reconnect to another node)."""
+        (a takeover by the same owner, e.g. after a reconnect to another node). A new claim
+        waits while the backend settles after coming back empty (docs/redis.md, "Faults")."""
 
     @abstractmethod
     async def renew(self, key: str, token: str, ttl: float) -> bool:
@@ -160,7 +188,7 @@ class Backend(ABC):
 
     @abstractmethod
     async def lookup(self, key: str) -> Claim | None:
-        """Who holds ``key``, or None."""
+        """Who holds ``key``, or None (waits, as a new claim does, while the backend settles)."""
 
     # --- helpers for implementations: the one guard around what other nodes send ---
     def _deliver_topic(self, namespace: str, topic: str, frame: bytes) -> None:

@@ -28,9 +28,18 @@ count: those are the peers a publish can reach.
 Ordering guarantee: a node subscribes to a topic's channel and waits for the confirmation before
 it announces and writes its presence for that topic, so once presence is visible the node
 receives every later publish. Faults: the node keeps serving local peers while the bus is away,
-retries with capped, jittered backoff, and on reconnect re-subscribes, re-asserts presence and
-drops its cache. Nothing queues without bound meanwhile: publishes are dropped (counted, logged
-once per outage), presence is state that is re-asserted, not a queue of changes.
+retries with capped, jittered backoff, and on reconnect re-subscribes, re-asserts presence,
+claims again every claim it held (before it counts as ready) and re-reads its cache. Nothing
+queues without bound meanwhile: publishes are dropped (counted, logged once per outage),
+presence is state that is re-asserted, not a queue of changes. A publish never waits for the
+bus: ``topic_clients_nowait`` answers the best known count and re-reads a stale one in the
+background.
+
+Claims after the store came back empty (docs/redis.md, "Faults"): the first node to connect
+starts a settling window of ``settle_grace`` (the backoff's cap + ``SETTLE_MARGIN``) in the
+store; until it is over, every node holds new claims and lookups (``_settled``), so each node,
+reconnecting within its backoff, claims its own back first. A claim found taken then is lost
+to its owner (``on_claim_lost``), never overwritten.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from polysignal.backends.base import TOPICS, Backend, BackendUnavailable, Claim
 from polysignal.backends.interfaces import Bus, LeaseStore, describe, first_error
 from polysignal.backends.names import Names, presence_key, topic_channel
 from polysignal.config import RedisSettings
+from polysignal.logs import more
 
 presence_log = logging.getLogger("polysignal.presence")
 publish_log = logging.getLogger("polysignal.publish")
@@ -70,6 +80,9 @@ STOP_TIMEOUT = 2.0
 """Seconds ``close`` spends flushing, and then removing this node's presence and claims."""
 SYNC_KIND = "polysignal.sync"
 """Direct-message kind a node sends itself to learn that its reader caught up (``sync``)."""
+SETTLE_MARGIN = 0.5
+"""Seconds added to the reconnect backoff's cap to make the settle grace: what a node needs,
+once it tries again, to connect, re-subscribe and claim again what it held."""
 
 Key = tuple[str, str]
 """(namespace, topic)"""
@@ -142,6 +155,9 @@ class Cluster(Backend):
         self.cache_ttl = math.inf if bus.in_process else settings.presence_cache_ttl
         self.read_timeout = settings.redis_read_timeout
         self.backoff_max = max(BACKOFF_BASE, settings.redis_backoff_max)
+        # Every node tries to reconnect at least every ``backoff_max``: within this grace after
+        # the first node found the store empty, every node has claimed its leases again.
+        self.settle_grace = self.backoff_max + SETTLE_MARGIN
         self.outbox_max_bytes = max(1, settings.redis_outbox_bytes)
         self._in_process = bus.in_process
         self._own = _head(self.node_id)
@@ -152,7 +168,13 @@ class Cluster(Backend):
         self._local: dict[Key, int] = {}
         self._dirty: dict[Key, None] = {}  # ordered set of keys whose presence must be written
         self._asserted: set[Key] = set()  # keys holding this node's count in the store
-        self._claims: dict[str, str] = {}  # claim key -> token this node holds
+        self._claims: dict[str, tuple[str, float]] = {}  # claim key -> (token, ttl) held here
+        # Claims given up while the store was away, released when it is back (if still ours).
+        self._unreleased: dict[str, str] = {}
+        self._settle_until = 0.0  # until then new claims and lookups wait (``_settled``)
+        self._rejoining = False  # connecting: this node's claims are not claimed again yet
+        self._rejoined = asyncio.Event()  # set while not connecting
+        self._rejoined.set()
         # State of the current connection.
         self._subscribed: dict[bytes, Key] = {}
         self._outbox: deque[_Out] = deque()
@@ -162,6 +184,8 @@ class Cluster(Backend):
         # Notices that arrived while a read of the same topic was in flight, applied on top of
         # its result (the read may predate them).
         self._patches: dict[Key, dict[str, int]] = {}
+        # Notices about a local topic whose counts were not read yet, applied to its first read.
+        self._early: dict[Key, dict[str, int]] = {}
         self._sync_seq = 0
         self._sync_waiters: dict[str, asyncio.Future[None]] = {}
         self._refresh_due = False
@@ -256,6 +280,7 @@ class Cluster(Backend):
             self._local[key] = count
         else:
             self._local.pop(key, None)
+            self._early.pop(key, None)
             if key not in self._asserted and (
                 topic_channel(self.prefix, namespace, topic) not in self._subscribed
             ):
@@ -267,30 +292,48 @@ class Cluster(Backend):
         self._dirty[key] = None
         self._wake.set()
 
-    def topic_clients_nowait(
-        self, topic: str, local_count: int, namespace: str = TOPICS
-    ) -> int | None:
-        entry = self._cache.get((namespace, topic))
-        if entry is not None and entry.expires > time.monotonic():
-            return local_count + entry.total
+    def topic_clients_nowait(self, topic: str, local_count: int, namespace: str = TOPICS) -> int:
         if not self._connected:
             # Only this node's peers can be reached while the bus is away; count those.
             return local_count
-        return None
-
-    async def topic_clients(self, topic: str, local_count: int, namespace: str = TOPICS) -> int:
-        known = self.topic_clients_nowait(topic, local_count, namespace)
-        if known is not None:
-            return known
         key = (namespace, topic)
         entry = self._cache.get(key)
+        if entry is None or entry.expires <= time.monotonic():
+            entry = self._refresh(key, entry)
+        return local_count + (entry.total if entry is not None else 0)
+
+    async def topic_clients(self, topic: str, local_count: int, namespace: str = TOPICS) -> int:
+        if not self._connected:
+            return local_count
+        key = (namespace, topic)
+        entry = self._cache.get(key)
+        if entry is not None and entry.expires > time.monotonic():
+            return local_count + entry.total
         try:
             async with asyncio.timeout(self.read_timeout):
                 entry = await self._read_presence(key)
-        except Exception as exc:
-            presence_log.warning("presence read failed (%s); using cached count", describe(exc))
-            return local_count + (entry.total if entry is not None else 0)
-        return local_count + entry.total
+        except TimeoutError as exc:
+            self._read_failed(exc)  # still running: the next caller may find it done
+        except Exception:
+            pass  # the read failed: logged as it did (``_read_done``)
+        return local_count + (entry.total if entry is not None else 0)
+
+    def _refresh(self, key: Key, entry: _Remote | None) -> _Remote | None:
+        """Re-read ``key``'s counts for the next caller, without waiting (one read per topic in
+        flight); an in-process store answers at once. The entry to use meanwhile."""
+        if self._in_process:
+            read = self.store.read_counts_nowait([presence_key(*key)])
+            if read is not None:
+                return self._store(key, read[0])
+        self._start_read(key)
+        return entry
+
+    def _read_failed(self, exc: BaseException) -> None:
+        held = self._throttle.allow("presence read")
+        if held is not None:
+            presence_log.warning(
+                "presence read failed (%s); using the cached count%s", describe(exc), more(held)
+            )
 
     async def publish(self, topic: str, frame: bytes, namespace: str = TOPICS) -> None:
         if self.publish_nowait(topic, frame, namespace):
@@ -343,9 +386,13 @@ class Cluster(Backend):
 
     # --- id claims ---
     async def claim(self, key: str, token: str, ttl: float) -> bool:
+        held = self._claims.get(key)
+        if held is None or held[0] != token:
+            await self._settled()  # a new claim: not before the other nodes had their turn
         ok = await self.store.claim(self.names.claim(key), token, self.node_id, ttl)
         if ok:
-            self._claims[key] = token
+            self._claims[key] = (token, ttl)
+            self._unreleased.pop(key, None)
         return ok
 
     async def renew(self, key: str, token: str, ttl: float) -> bool:
@@ -355,13 +402,85 @@ class Cluster(Backend):
         return ok
 
     async def release(self, key: str, token: str) -> bool:
-        ok = await self.store.release(self.names.claim(key), token)
-        if self._claims.get(key) == token:
+        held = self._claims.get(key)
+        ours = held is not None and held[0] == token
+        if ours:
             del self._claims[key]
-        return ok
+        try:
+            return await self.store.release(self.names.claim(key), token)
+        except BackendUnavailable:
+            if ours:
+                # Not re-asserted when the store is back, but released then (if still ours).
+                self._unreleased[key] = token
+            raise
 
     async def lookup(self, key: str) -> Claim | None:
+        await self._settled()
         return await self.store.lookup(self.names.claim(key))
+
+    async def _settled(self) -> None:
+        """Wait while the store settles: it came back empty, and until ``settle_grace`` after
+        the first node noticed, only the claims the nodes held before are claimed (each node's
+        own, as it reconnects), so none of them can be taken by a new claim, nor looked up as
+        missing. While this node is connecting (its own claims are not claimed again yet) it
+        waits for that, at most ``settle_grace``, and raises BackendUnavailable if it did not
+        succeed by then; while it is not connected at all, the store answers."""
+        while True:
+            if self._rejoining:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settle_grace):
+                        await self._rejoined.wait()
+                if not self._connected:
+                    raise BackendUnavailable(f"{self.bus.name} at {self.bus.where} is connecting")
+                continue
+            wait = self._settle_until - time.monotonic()
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
+    async def _reassert_claims(self) -> int:
+        """On connect, before anything else may claim: every claim this node held, claimed
+        again with its token, and what it gave up meanwhile released. A claim another holder
+        has now stays theirs: its owner here is told (``on_claim_lost``). Answers how many
+        claims were re-asserted."""
+        if not self._claims and not self._unreleased:
+            return 0
+        held = dict(self._claims)
+        name = self.names.claim
+        releases = {name(key): token for key, token in self._unreleased.items()}
+        self._unreleased.clear()
+        taken = await self.store.reclaim(
+            {name(key): claim for key, claim in held.items()}, releases, self.node_id
+        )
+        reclaimed = 0
+        lost: list[tuple[str, str, Claim | None]] = []
+        for key, (token, _) in held.items():
+            current = self._claims.get(key)
+            if current is None or current[0] != token:
+                if name(key) not in taken:  # released while this batch was on its way
+                    try:
+                        await self.store.release(name(key), token, self.node_id)
+                    except BackendUnavailable:
+                        self._unreleased[key] = token
+                        raise
+            elif name(key) in taken:
+                del self._claims[key]
+                lost.append((key, token, taken[name(key)]))
+            else:
+                reclaimed += 1
+        if lost:
+            key, _, holder = lost[0]
+            self.log.warning(
+                "%d claims were held by another holder when %s came back (e.g. %s, by %s); "
+                "given up, their owners here are told",
+                len(lost),
+                self.bus.name,
+                key,
+                "nobody" if holder is None else f"node {holder.node_id}",
+            )
+        for key, token, holder in lost:
+            self._claim_lost(key, token, holder)
+        return reclaimed
 
     # --- connection supervision ---
     async def _run(self) -> None:
@@ -397,7 +516,10 @@ class Cluster(Backend):
                 await asyncio.sleep(delay)
 
     async def _session(self) -> None:
-        """One connection: connect, subscribe, assert presence, then serve until it fails."""
+        """One connection: connect, subscribe, settle, assert presence and claims, then serve
+        until it fails."""
+        self._rejoining = True
+        self._rejoined.clear()
         await self.bus.connect()
         try:
             async with asyncio.TaskGroup() as group:
@@ -408,17 +530,27 @@ class Cluster(Backend):
                     [self._presence_channel, self._direct_channel, *(c for c, _ in topics)]
                 )
                 self._cache.clear()
+                settling = await self.store.settle(self.settle_grace)
+                self._settle_until = time.monotonic() + settling
+                await self._sweep()  # the other nodes' counts, before this node announces its own
                 await self._assert_all(announce=True)
+                reclaimed = await self._reassert_claims()
                 self._connected = True
+                self._rejoining = False
+                self._rejoined.set()
                 self._up.set()
                 self._drop_reported = False
                 self._became_ready()
                 self.log.log(
                     logging.DEBUG if self._in_process else logging.INFO,
-                    "connected to %s (node %s, %d topics re-subscribed)",
+                    "connected to %s (node %s, %d topics re-subscribed, %d claims re-asserted)%s",
                     self.bus.where,
                     self.node_id,
                     len(topics),
+                    reclaimed,
+                    f"; new claims wait {settling:.2f}s while every node re-asserts its own"
+                    if settling > 0
+                    else "",
                 )
                 group.create_task(self._writer(), name=f"{self.bus.name}-writer")
                 group.create_task(self._refresher(), name=f"{self.bus.name}-presence")
@@ -432,6 +564,8 @@ class Cluster(Backend):
     def _on_disconnect(self) -> None:
         """Forget the connection's state; fail what waited on it; drop queued publishes."""
         self._connected = False
+        self._rejoining = False
+        self._rejoined.set()
         self._up.clear()
         self._subscribed.clear()
         self._cache.clear()
@@ -455,6 +589,7 @@ class Cluster(Backend):
                 waiter.exception()
         self._sync_waiters.clear()
         self._patches.clear()
+        self._early.clear()
         if dropped:
             self.dropped_publishes += dropped
             publish_log.warning(
@@ -560,6 +695,11 @@ class Cluster(Backend):
                 new.append(channel)
         if new:
             await self.bus.subscribe(new)
+            # The other nodes' counts, read before this node's count is announced: by the time
+            # another node (or a client) can see this node's presence, a publish here counts
+            # theirs without waiting (notices from now on are applied on top of the read).
+            fresh = [key for key in map(subscribed.get, new) if key and key not in self._cache]
+            await self._read_counts(fresh)
         notices: list[bytes] = []
         counts: dict[str, int] = {}
         for key, channel in zip(keys, channels, strict=True):
@@ -621,12 +761,14 @@ class Cluster(Backend):
         """At a graceful stop: remove this node's counts, alive mark and claims, and tell the
         other nodes that its counts are gone."""
         keys = [presence_key(*key) for key in self._asserted | set(self._local)]
-        claims = {self.names.claim(key): token for key, token in self._claims.items()}
+        claims = {self.names.claim(key): token for key, token in self._unreleased.items()}
+        claims.update({self.names.claim(key): token for key, (token, _) in self._claims.items()})
         await self.store.remove_node(self.node_id, keys, claims)
         notice = orjson.dumps([self.node_id, None, None, 0])
         await self.bus.publish([self._presence_channel], [notice])
         self._asserted.clear()
         self._claims.clear()
+        self._unreleased.clear()
 
     # --- reading ---
     def _on_message(self, channel: bytes, data: bytes) -> None:
@@ -673,6 +815,10 @@ class Cluster(Backend):
             patches[origin] = count
         entry = self._cache.get(key)
         if entry is None:
+            if patches is None and key in self._local:
+                # Not read yet (its read starts once this node's subscribe is confirmed): the
+                # read may predate this notice's count, which is then applied on top of it.
+                self._early.setdefault(key, {})[origin] = count
             return
         if count > 0:
             entry.counts[origin] = count
@@ -682,16 +828,28 @@ class Cluster(Backend):
     async def _read_presence(self, key: Key) -> _Remote:
         """Read one topic's counts and cache them; one read per topic in flight, and a caller
         that stops waiting (timeout) does not cancel it."""
+        return await asyncio.shield(self._start_read(key))
+
+    def _start_read(self, key: Key) -> asyncio.Task[_Remote]:
+        """The read of ``key``'s counts in flight, started if there is none."""
         task = self._reads.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._fetch_presence(key))
-            task.add_done_callback(_retrieve)
+            task.add_done_callback(self._read_done)
             self._reads[key] = task
             task.add_done_callback(lambda _: self._reads.pop(key, None))
-        return await asyncio.shield(task)
+        return task
+
+    def _read_done(self, task: asyncio.Task[_Remote]) -> None:
+        """A read failed (also one nobody waits for): logged, at most once per interval."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self._connected:
+            self._read_failed(exc)
 
     async def _fetch_presence(self, key: Key) -> _Remote:
-        self._patches.setdefault(key, {})
+        self._patches.setdefault(key, {}).update(self._early.pop(key, {}))
         try:
             (counts,) = await self.store.read_counts([presence_key(*key)])
         except BaseException:
@@ -701,13 +859,18 @@ class Cluster(Backend):
 
     async def _sweep(self) -> None:
         """Re-read this node's active topics: drops dead nodes' counts and refreshes the cache."""
-        keys = list(self._local)
+        await self._read_counts(list(self._local))
+
+    async def _read_counts(self, keys: list[Key]) -> None:
+        """Read and cache the other nodes' counts of ``keys``, a batch per ``SWEEP_BATCH``
+        (those with a read in flight are left to it); notices that arrive meanwhile, or arrived
+        before for a topic not read yet, are applied on top."""
         for start in range(0, len(keys), SWEEP_BATCH):
             chunk = [k for k in keys[start : start + SWEEP_BATCH] if k not in self._patches]
             if not chunk:
                 continue
             for key in chunk:
-                self._patches[key] = {}
+                self._patches[key] = self._early.pop(key, {})
             try:
                 results = await self.store.read_counts([presence_key(*key) for key in chunk])
             except BaseException:
@@ -719,7 +882,11 @@ class Cluster(Backend):
 
     def _store(self, key: Key, read: dict[str, int]) -> _Remote:
         counts = {node: count for node, count in read.items() if node != self.node_id}
-        for node, count in self._patches.pop(key, {}).items():
+        notices = self._patches.pop(key, {})
+        early = self._early.pop(key, None)  # a read that started without them (in-process)
+        if early:
+            notices = {**early, **notices}
+        for node, count in notices.items():
             if count > 0:
                 counts[node] = count
             else:
@@ -739,9 +906,3 @@ class Cluster(Backend):
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark a future's exception as seen (a read nobody else waited for)."""
-    if not future.cancelled():
-        future.exception()

@@ -36,8 +36,8 @@ class Bus(ABC):
     where: str = ""
     """Where it connects to, for log lines (a URL without its password)."""
     in_process: bool = False
-    """An in-process bus: connecting cannot fail, nothing is lost, ``publish`` completes
-    without waiting, and ``settled`` answers."""
+    """An in-process bus: nothing is lost, ``publish`` completes without waiting, ``settled``
+    answers, and connecting cannot fail (unless a fault test stops its net)."""
 
     @abstractmethod
     def listen(self, listener: Listener) -> None:
@@ -105,6 +105,21 @@ class LeaseStore(ABC):
     async def lookup(self, key: str) -> Claim | None:
         """The node and token holding ``key``, or None."""
 
+    @abstractmethod
+    async def reclaim(
+        self, claims: Mapping[str, tuple[str, float]], releases: Mapping[str, str], node_id: str
+    ) -> dict[str, Claim | None]:
+        """As one batch (when a node is connected again): claim each key of ``claims`` again for
+        ``node_id`` with its (token, ttl), and release each key of ``releases`` that its token
+        still holds. Answers, for each key of ``claims`` another token holds now, its holder
+        (that key is not claimed)."""
+
+    @abstractmethod
+    async def settle(self, grace: float) -> float:
+        """Called by each node when it connects: if the store has lost what it kept (it is new,
+        or came back empty), start a settling window of ``grace`` seconds for every node.
+        Answers the seconds left of the window (0 when there is none)."""
+
     # --- per-node counts ---
     @abstractmethod
     async def set_counts(self, node_id: str, counts: Mapping[str, int], ttl: float) -> None:
@@ -116,6 +131,10 @@ class LeaseStore(ABC):
     async def read_counts(self, keys: Sequence[str]) -> list[dict[str, int]]:
         """Every alive node's count of each key, as one batch. Counts of nodes no longer alive
         are deleted here."""
+
+    def read_counts_nowait(self, keys: Sequence[str]) -> list[dict[str, int]] | None:
+        """``read_counts`` without waiting, where the store can (in-process); else None."""
+        return None
 
     @abstractmethod
     async def remove_node(

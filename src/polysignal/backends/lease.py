@@ -7,15 +7,21 @@ whole cluster, with an owner token, for ``ID_LEASE_TTL`` seconds at a time:
   ``take`` also takes a key another holder has, releasing that holder's claim and telling it
   (``evict``) so its node drops the socket that held it;
 * every lease of the node is renewed every third of the TTL, in one round; a lease that the
-  backend lost (it expired during an outage, or Redis restarted empty) is claimed again, and one
-  that another holder has taken meanwhile is lost: ``on_lost`` tells its owner;
-* when the backend comes back after an outage every lease is re-asserted at once, not at the next
-  round;
+  backend lost (it expired) is claimed again, and one that another holder has taken meanwhile is
+  lost: ``on_lost`` tells its owner;
 * ``release`` gives a key back; ``close`` stops the renewals (the backend drops the node's claims
   when it closes).
 
-While the backend is unreachable a claim is held *here* only (``Lease.held`` is False) and is
-claimed cluster-wide as soon as the backend is back.
+While the backend is unreachable a claim is held *here* only (``Lease.held`` is False); so is one
+the backend does not answer within ``answer_within`` seconds, when the caller gives that bound
+(Signal-Fire: a new client's welcome must not wait for a hung Redis), until the answer comes.
+
+When the backend comes back, what happens is the backend's rule (docs/redis.md, "Faults";
+``Cluster``): the leases that were held are claimed again before the node counts as ready, and new
+claims wait until every node had the time to do the same, so none of them can be taken meanwhile.
+A lease found taken then is lost (``on_lost``), never overwritten. Then, when the backend is
+ready, the leases held here only are claimed: each as it was made, by ``claim`` (lost if another
+holder has it) or by ``take`` (which evicts that holder, as a newer socket replaces an older one).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from polysignal.backends.base import Backend, Claim
 from polysignal.core.errors import BackendUnavailable
@@ -39,6 +46,11 @@ Evict = Callable[[Claim], Awaitable[None]]
 
 MIN_TTL = 1.0
 """Seconds: a lease is renewed every third of its TTL, and a round must have time to run."""
+PROMPT_ANSWER = 0.2
+"""Seconds a claim that must be answered promptly (``claim(answer_within=...)``) waits for the
+backend before it is held here only, and claimed cluster-wide once the backend answers."""
+TAKE_ATTEMPTS = 4
+"""Rounds of claim, look up, release and evict ``take`` tries before it holds the lease here."""
 
 
 @dataclass(eq=False)
@@ -50,6 +62,10 @@ class Lease:
     on_lost: LostHandler | None = None
     held: bool = False
     released: bool = field(default=False, repr=False)
+    evict: Evict | None = field(default=None, repr=False)
+    """Set for a lease made by ``take``: claimed again the same way."""
+    pending: asyncio.Task[Any] | None = field(default=None, repr=False)
+    """The claim still on its way after ``answer_within``."""
 
 
 class Leases:
@@ -64,6 +80,7 @@ class Leases:
         self._renewer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         backend.on_ready(self._wake.set)
+        backend.on_claim_lost(self._claim_lost)
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -79,13 +96,29 @@ class Leases:
         *,
         on_lost: LostHandler | None = None,
         keep_while_unavailable: bool = True,
+        answer_within: float | None = None,
     ) -> Lease | None:
         """Claim ``key``; None when another holder has it. While the backend is away the lease
         is kept here and claimed once it returns (``held`` False until then); with
-        ``keep_while_unavailable`` False, BackendUnavailable is raised instead."""
+        ``keep_while_unavailable`` False, BackendUnavailable is raised instead. With
+        ``answer_within``, a backend that has not answered by then does not hold the caller up:
+        the lease is kept here meanwhile, and if the answer is that another holder has the key,
+        ``on_lost`` tells its owner."""
         lease = Lease(key, token or secrets.token_urlsafe(12), on_lost)
+        attempt: Awaitable[bool] = self.backend.claim(key, lease.token, self.ttl)
+        if answer_within is not None:
+            attempt = asyncio.ensure_future(attempt)
+            try:
+                done, _ = await asyncio.wait((attempt,), timeout=answer_within)
+            except asyncio.CancelledError:
+                attempt.cancel()  # nobody will hold what it claims
+                raise
+            if not done:
+                lease.pending = asyncio.get_running_loop().create_task(self._answer(lease, attempt))
+                self._keep(lease)
+                return lease
         try:
-            lease.held = await self.backend.claim(key, lease.token, self.ttl)
+            lease.held = await attempt
         except BackendUnavailable as exc:
             if not keep_while_unavailable:
                 raise
@@ -96,6 +129,34 @@ class Leases:
         self._keep(lease)
         return lease
 
+    async def _answer(self, lease: Lease, attempt: asyncio.Future[bool]) -> None:
+        """The late answer to a claim already served here (``claim(answer_within=...)``)."""
+        try:
+            ok = await attempt
+        except asyncio.CancelledError:
+            attempt.cancel()  # the leases are closing
+            raise
+        except BackendUnavailable as exc:
+            log.debug("lease %s kept here until the backend returns (%s)", lease.key, exc)
+            lease.pending = None
+            self._wake.set()  # the next round (or the backend's return) claims it
+            return
+        finally:
+            lease.pending = None
+        if lease.released:
+            if ok:  # given back while the claim was on its way
+                with contextlib.suppress(BackendUnavailable):
+                    await self.backend.release(lease.key, lease.token)
+            return
+        if ok:
+            lease.held = True
+            return
+        try:
+            holder = await self.backend.lookup(lease.key)
+        except BackendUnavailable:
+            holder = None
+        self._lose(lease, holder)
+
     async def take(
         self,
         key: str,
@@ -103,28 +164,34 @@ class Leases:
         token: str | None = None,
         *,
         on_lost: LostHandler | None = None,
-        attempts: int = 4,
+        attempts: int = TAKE_ATTEMPTS,
     ) -> Lease:
         """Claim ``key``, taking it from whoever holds it: their claim is released and
         ``evict(holder)`` tells their node. Gives up after ``attempts`` races and keeps the
-        lease here only (``held`` False), to be claimed by the next renewal round."""
-        lease = Lease(key, token or secrets.token_urlsafe(12), on_lost)
+        lease here only (``held`` False), to be taken by the next renewal round."""
+        lease = Lease(key, token or secrets.token_urlsafe(12), on_lost, evict=evict)
         try:
-            for _ in range(attempts):
-                if await self.backend.claim(key, lease.token, self.ttl):
-                    lease.held = True
-                    break
-                holder = await self.backend.lookup(key)
-                if holder is None:
-                    continue  # released in between
-                await self.backend.release(key, holder.token)
-                await evict(holder)
-            else:
+            lease.held = await self._take(lease, attempts)
+            if not lease.held:
                 log.warning("lease %s: taking it over kept failing; holding it here", key)
         except BackendUnavailable as exc:
             log.debug("lease %s kept here until the backend returns (%s)", key, exc)
         self._keep(lease)
         return lease
+
+    async def _take(self, lease: Lease, attempts: int) -> bool:
+        """Claim ``lease``'s key, releasing and evicting whoever holds it; False after
+        ``attempts`` races."""
+        assert lease.evict is not None
+        for _ in range(attempts):
+            if await self.backend.claim(lease.key, lease.token, self.ttl):
+                return True
+            holder = await self.backend.lookup(lease.key)
+            if holder is None:
+                continue  # released in between
+            await self.backend.release(lease.key, holder.token)
+            await lease.evict(holder)
+        return False
 
     async def release(self, lease: Lease) -> None:
         """Give ``lease`` back (only the claim its token holds; nothing else is touched)."""
@@ -152,44 +219,76 @@ class Leases:
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
 
+    def _lose(self, lease: Lease, holder: Claim | None) -> None:
+        """Another holder has ``lease``'s key: stop holding it and tell its owner."""
+        lease.held = False
+        self.forget(lease)
+        log.warning("lease %s is held by another holder now; giving it up", lease.key)
+        if lease.on_lost is not None:
+            lease.on_lost(holder)
+
+    def _claim_lost(self, key: str, token: str, holder: Claim | None) -> None:
+        """The backend came back and found this claim held by another holder
+        (``Backend.on_claim_lost``; it has logged it)."""
+        lease = self._leases.get(key)
+        if lease is None or lease.token != token or lease.released:
+            return
+        lease.held = False
+        self.forget(lease)
+        if lease.on_lost is not None:
+            lease.on_lost(holder)
+
     # --- renewing ---
     async def _renew_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.ttl / 3
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.ttl / 3):
+                async with asyncio.timeout_at(due):
                     await self._wake.wait()
             self._wake.clear()
+            every = loop.time() >= due  # else woken: the backend is back, or a claim failed
+            if every:
+                due = loop.time() + self.ttl / 3
             try:
-                await self.renew_all()
+                await self.renew_all(held=every)
             except BackendUnavailable as exc:
                 # The backend warns about its outage itself; the next round, or its return,
-                # re-asserts every lease.
+                # claims them.
                 log.debug("leases not renewed: %s", exc)
 
-    async def renew_all(self) -> None:
-        """One round: renew every lease, claim again those the backend lost, and tell the owners
-        of those another holder has taken. Raises BackendUnavailable if the backend is away."""
+    async def renew_all(self, *, held: bool = True) -> None:
+        """One round: renew every lease (with ``held`` False: claim only those held here only),
+        claim again those the backend lost, claim those held here only (one made by ``take`` is
+        taken, as it was made), and tell the owners of those another holder has taken. Raises
+        BackendUnavailable if the backend is away."""
         for lease in list(self._leases.values()):
-            if lease.released:
+            if lease.released or lease.pending is not None or (lease.held and not held):
                 continue
-            if lease.held and await self.backend.renew(lease.key, lease.token, self.ttl):
-                continue
-            if await self.backend.claim(lease.key, lease.token, self.ttl):
+            if lease.held:
+                if await self.backend.renew(lease.key, lease.token, self.ttl):
+                    continue
+                # Lost by the backend: claimed again, never taken from whoever has it since
+                # (a newer socket elsewhere that took it, say).
+                ok = await self.backend.claim(lease.key, lease.token, self.ttl)
+            elif lease.evict is not None:
+                ok = await self._take(lease, TAKE_ATTEMPTS)  # held here only: taken as made
+            else:
+                ok = await self.backend.claim(lease.key, lease.token, self.ttl)
+            if ok:
                 if not lease.held:
                     log.debug("lease %s claimed again", lease.key)
                 lease.held = True
                 continue
             if lease.released:  # released while the claim was on its way
                 continue
-            holder = await self.backend.lookup(lease.key)
-            lease.held = False
-            self.forget(lease)
-            log.warning("lease %s is held by another holder now; giving it up", lease.key)
-            if lease.on_lost is not None:
-                lease.on_lost(holder)
+            self._lose(lease, await self.backend.lookup(lease.key))
 
     async def close(self) -> None:
         """Stop renewing (the leases stay claimed until the backend's close or their TTL)."""
+        for lease in list(self._leases.values()):
+            if lease.pending is not None:
+                lease.pending.cancel()
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

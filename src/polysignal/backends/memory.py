@@ -6,6 +6,10 @@ in-process ``Bus`` and ``LeaseStore`` (``MemoryLink``): fan-out reaches only the
 subscribers for a topic, presence sums every node's count, claims and direct delivery are
 cluster-wide. Deliveries are scheduled with ``call_soon``, never run inside the sender's call,
 so ordering and re-entrancy match a real bus.
+
+A net can also fail as a Redis server does, for the fault tests: ``stop`` drops every node's
+connection and loses what the net kept (a redis-server without persistence), ``start`` lets
+the nodes connect again; a link whose ``cut`` is set cannot reach it (a node cut off).
 """
 
 from __future__ import annotations
@@ -30,6 +34,28 @@ class MemoryBus:
         self.counts: dict[str, dict[str, int]] = {}  # key -> node id -> count
         self.counts_expire: dict[str, float] = {}  # key -> expiry
         self.alive: dict[str, float] = {}  # node id -> expiry
+        # A new net has lost nothing: nodes need not settle on it (``MemoryLink.settle``).
+        self.epoch = True
+        self.settling_until = 0.0
+        self.down = False
+        self.links: set[MemoryLink] = set()
+
+    def stop(self) -> None:
+        """Fail as a redis-server that stops: every connection is lost, nobody can connect until
+        ``start``, and everything the net kept is gone."""
+        self.down = True
+        self.claims.clear()
+        self.counts.clear()
+        self.counts_expire.clear()
+        self.alive.clear()
+        self.epoch = False
+        self.settling_until = 0.0
+        for link in list(self.links):
+            link.lose("the in-process net stopped")
+
+    def start(self) -> None:
+        """Run again (empty): nodes connect at their next attempt."""
+        self.down = False
 
     def holder(self, key: str) -> Claim | None:
         entry = self.claims.get(key)
@@ -71,23 +97,40 @@ class MemoryLink(Bus, LeaseStore):
 
     def __init__(self, net: MemoryBus) -> None:
         self.net = net
+        self.cut = False
+        """Set: this node cannot reach the net: it cannot connect and its store calls fail
+        (``lose`` drops its live connection)."""
         self._listener: Listener | None = None
         self._channels: set[bytes] = set()
         self._connected = False
+        self._lost: asyncio.Future[None] | None = None
         self._pending = 0  # batches scheduled for this link, not yet handed to the listener
+
+    def lose(self, why: str) -> None:
+        """The connection is lost (``serve`` raises)."""
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_exception(BackendUnavailable(why))
 
     # --- Bus ---
     def listen(self, listener: Listener) -> None:
         self._listener = listener
 
     async def connect(self) -> None:
+        self._reachable()
         self._connected = True
+        self._lost = asyncio.get_running_loop().create_future()
+        self.net.links.add(self)
 
     async def serve(self) -> None:
-        await asyncio.get_running_loop().create_future()  # never lost
+        assert self._lost is not None
+        await self._lost  # lost only when the net stops (or the link is cut)
 
     async def disconnect(self) -> None:
         self._connected = False
+        self.net.links.discard(self)
+        self.lose("disconnected")
+        if self._lost is not None and self._lost.done() and not self._lost.cancelled():
+            self._lost.exception()
         for channel in self._channels:
             self._leave(channel)
         self._channels.clear()
@@ -152,8 +195,13 @@ class MemoryLink(Bus, LeaseStore):
         if not self._connected:
             raise BackendUnavailable("the in-process bus is not connected")
 
+    def _reachable(self) -> None:
+        if self.net.down or self.cut:
+            raise BackendUnavailable("the in-process net cannot be reached")
+
     # --- LeaseStore ---
     async def claim(self, key: str, token: str, node_id: str, ttl: float) -> bool:
+        self._reachable()
         holder = self.net.holder(key)
         if holder is not None and holder.token != token:
             return False
@@ -161,6 +209,7 @@ class MemoryLink(Bus, LeaseStore):
         return True
 
     async def renew(self, key: str, token: str, ttl: float) -> bool:
+        self._reachable()
         holder = self.net.holder(key)
         if holder is None or holder.token != token:
             return False
@@ -168,6 +217,7 @@ class MemoryLink(Bus, LeaseStore):
         return True
 
     async def release(self, key: str, token: str, node_id: str | None = None) -> bool:
+        self._reachable()
         holder = self.net.holder(key)
         if holder is None or holder.token != token:
             return False
@@ -177,9 +227,31 @@ class MemoryLink(Bus, LeaseStore):
         return True
 
     async def lookup(self, key: str) -> Claim | None:
+        self._reachable()
         return self.net.holder(key)
 
+    async def reclaim(
+        self, claims: Mapping[str, tuple[str, float]], releases: Mapping[str, str], node_id: str
+    ) -> dict[str, Claim | None]:
+        self._reachable()
+        taken: dict[str, Claim | None] = {}
+        for key, (token, ttl) in claims.items():
+            if not await self.claim(key, token, node_id, ttl):
+                taken[key] = self.net.holder(key)
+        for key, token in releases.items():
+            await self.release(key, token)
+        return taken
+
+    async def settle(self, grace: float) -> float:
+        self._reachable()
+        net, now = self.net, time.monotonic()
+        if not net.epoch:
+            net.epoch = True
+            net.settling_until = now + grace
+        return max(0.0, net.settling_until - now)
+
     async def set_counts(self, node_id: str, counts: Mapping[str, int], ttl: float) -> None:
+        self._reachable()
         net = self.net
         expires = time.monotonic() + ttl
         net.alive[node_id] = expires
@@ -196,11 +268,18 @@ class MemoryLink(Bus, LeaseStore):
                         net.drop(key)
 
     async def read_counts(self, keys: Sequence[str]) -> list[dict[str, int]]:
+        self._reachable()
+        return [dict(self.net.live_counts(key) or {}) for key in keys]
+
+    def read_counts_nowait(self, keys: Sequence[str]) -> list[dict[str, int]] | None:
+        if self.net.down or self.cut:
+            return None
         return [dict(self.net.live_counts(key) or {}) for key in keys]
 
     async def remove_node(
         self, node_id: str, keys: Iterable[str], claims: Mapping[str, str]
     ) -> None:
+        self._reachable()
         net = self.net
         for key in keys:
             held = net.counts.get(key)
@@ -224,5 +303,7 @@ class MemoryBackend(Cluster):
         self, node_id: str, bus: MemoryBus | None = None, settings: RedisSettings | None = None
     ) -> None:
         self.net = bus if bus is not None else MemoryBus()
-        link = MemoryLink(self.net)
-        super().__init__(node_id, link, link, settings if settings is not None else RedisSettings())
+        self.link = MemoryLink(self.net)
+        super().__init__(
+            node_id, self.link, self.link, settings if settings is not None else RedisSettings()
+        )

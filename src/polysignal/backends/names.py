@@ -67,3 +67,11 @@ class Names:
 
     def alive(self, node_id: str) -> str:
         return self.alive_prefix + node_id
+
+
+EPOCH = "polysignal:epoch"
+"""Set by the first node that finds it missing: Redis is new or lost its data (a restart
+without persistence). Not prefixed: a restart empties every cluster that shares the Redis."""
+SETTLING = "polysignal:settling"
+"""Lives for the settle grace after ``EPOCH`` was found missing: while it exists, nodes claim
+only what they held before (docs/redis.md, "Faults")."""

@@ -10,7 +10,9 @@ Every semantic is the ``Cluster``'s (cluster.py); this module moves its bytes an
   round trip, answered within ``redis_command_timeout``. RESP2, so messages arrive as plain
   replies.
 * LeaseStore, on a connection pool: claims are hashes ``P:claim:{id}`` (token, node) with a
-  PEXPIRE lease, changed only by Lua scripts (atomic claim/takeover/renew/release). Counts are
+  PEXPIRE lease, changed only by Lua scripts (atomic claim/takeover/renew/release), claimed again
+  in pipelined batches when a node reconnects (``reclaim``); ``polysignal:epoch`` tells whether
+  Redis lost its data, ``polysignal:settling`` is the settle window then (``settle``). Counts are
   hashes, field = node id, value = count (Flow-Like's ``topic:presence:{topic}`` for the topics
   protocol), EXPIRE'd; ``P:alive:{node}`` says a node is alive, with the same TTL, and the Lua
   read deletes the fields of nodes whose alive key is gone.
@@ -40,7 +42,7 @@ from redis.exceptions import RedisError, ResponseError
 from polysignal.backends.base import BackendUnavailable, Claim
 from polysignal.backends.cluster import MAX_BATCH, Cluster
 from polysignal.backends.interfaces import Bus, LeaseStore, Listener, describe, first_error
-from polysignal.backends.names import Names, escape, presence_key, redis_name
+from polysignal.backends.names import EPOCH, SETTLING, Names, escape, presence_key, redis_name
 from polysignal.config import RedisSettings, Settings, redact_url
 
 __all__ = ["RedisBackend", "RedisLink", "escape", "presence_key", "redis_name"]
@@ -70,6 +72,17 @@ if v[1] == ARGV[1] and (ARGV[2] == '' or v[2] == ARGV[2]) then
   return 1
 end
 return 0
+"""
+# Settling: the first node to find the epoch key missing starts the window for every node.
+# KEYS = epoch, settling; ARGV[1] = the grace in ms. Answers the ms left of the window.
+_SETTLE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], '1')
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
+end
+local left = redis.call('PTTL', KEYS[2])
+if left < 0 then return 0 end
+return left
 """
 # Counts read: the hash without the fields of nodes whose alive key expired (deleted here).
 _READ_COUNTS = """
@@ -260,6 +273,44 @@ class RedisLink(Bus, LeaseStore):
             return None
         return Claim(_text(node), _text(token))
 
+    async def reclaim(
+        self, claims: Mapping[str, tuple[str, float]], releases: Mapping[str, str], node_id: str
+    ) -> dict[str, Claim | None]:
+        if not claims and not releases:
+            return {}
+        client = self._store_client()
+        claim, release = self._scripts["claim"], self._scripts["release"]
+        calls = [(claim, key, [token, node_id, _ms(ttl)]) for key, (token, ttl) in claims.items()]
+        calls += [(release, key, [token, ""]) for key, token in releases.items()]
+        replies: list[Any] = []
+        for start in range(0, len(calls), MAX_BATCH):
+            pipe = client.pipeline(transaction=False)
+            for script, key, args in calls[start : start + MAX_BATCH]:
+                await script(keys=[key], args=args, client=pipe)
+            replies += await self._run(pipe)
+        taken = [key for key, reply in zip(claims, replies, strict=False) if reply != 1]
+        found: dict[str, Claim | None] = {}
+        for start in range(0, len(taken), MAX_BATCH):
+            chunk = taken[start : start + MAX_BATCH]
+            pipe = client.pipeline(transaction=False)
+            for key in chunk:
+                pipe.hmget(key, ["node", "token"])
+            for key, reply in zip(chunk, await self._run(pipe), strict=True):
+                holder: list[Any] = reply if isinstance(reply, list) else [None, None]
+                node, owner = holder
+                found[key] = (
+                    None if node is None or owner is None else Claim(_text(node), _text(owner))
+                )
+        return found
+
+    async def settle(self, grace: float) -> float:
+        self._store_client()
+        try:
+            left = await self._scripts["settle"](keys=[EPOCH, SETTLING], args=[_ms(grace)])
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable(f"Redis: {describe(exc)}") from exc
+        return max(0, int(left)) / 1000
+
     # --- LeaseStore: counts ---
     async def set_counts(self, node_id: str, counts: Mapping[str, int], ttl: float) -> None:
         client = self._store_client()
@@ -332,6 +383,7 @@ class RedisLink(Bus, LeaseStore):
             self._sub_pool = ConnectionPool.from_url(self.url, socket_timeout=None, **common)
             self._client = Redis(connection_pool=self._pool)
             for name, source in (
+                ("settle", _SETTLE),
                 ("claim", _CLAIM),
                 ("renew", _RENEW),
                 ("release", _RELEASE),

@@ -80,7 +80,8 @@ def claim_key(peer_id: str) -> str:
 class Claim:
     """Claim the new peer's id ``peer_id`` (on ``conn``) cluster-wide, with a lease, and answer
     with ``on_claimed(claim, ok)``: ok is False only when another holder has the id (an id that
-    cannot be claimed while the backend is away is served here and claimed once it returns)."""
+    cannot be claimed while the backend is away, or not promptly, is served here and claimed once
+    it answers; if another holder turns out to have it, ``on_id_lost`` follows)."""
 
     conn: Conn
     peer_id: str

@@ -14,7 +14,9 @@ Work no connection waits for runs in ``Background`` (``server/executor.py``).
 What carrying an effect out tells (a claim's answer, a lookup's, a write or send that failed)
 goes back to the machine as an event. Ids are claimed with this hub's ``Leases`` under
 ``signalfire:<id>``: renewed while the socket is open, released when it closes; a lease another
-holder took over closes its socket with 1013 ``id taken over``. One ``DeadlineTimer`` stands for
+holder took over closes its socket with 1013 ``id taken over``. A claim the backend does not
+answer within ``PROMPT_ANSWER`` is served on this node meanwhile, so a hung Redis does not hold
+the welcome up. One ``DeadlineTimer`` stands for
 the machine's ``next_deadline()``.
 """
 
@@ -30,7 +32,7 @@ from typing import Any, cast
 from urllib.parse import unquote
 
 from polysignal.backends.base import Backend, Claim
-from polysignal.backends.lease import Leases
+from polysignal.backends.lease import PROMPT_ANSWER, Leases
 from polysignal.config import SignalFireSettings
 from polysignal.core.effects import Close, Send, ToNode
 from polysignal.core.errors import Answer, BackendUnavailable, CloseCode
@@ -200,7 +202,11 @@ class SignalFireHub(Handler):
             self.timer.arm()
 
     async def _claim(self, effect: ClaimId) -> Effects:
-        lease = await self.leases.claim(effect.key, on_lost=partial(self._lost, effect.peer_id))
+        # The welcome never waits long for the cluster: a claim Redis does not answer promptly
+        # is served here meanwhile (backends/lease.py).
+        lease = await self.leases.claim(
+            effect.key, on_lost=partial(self._lost, effect.peer_id), answer_within=PROMPT_ANSWER
+        )
         if lease is None:
             log.debug("id %s is taken; trying another", effect.peer_id)
         return self.machine.on_claimed(effect, lease is not None)

@@ -79,27 +79,18 @@ class TopicsHub(Handler):
             conn.send_text(proto.skipped_entries_error("unsubscribe", cmd.problems))
 
     def publish(self, conn: Connection, cmd: proto.Publish) -> Result:
-        """Fan ``cmd`` out; a coroutine only when the cluster-wide count must be read first or
-        the backend's outbox is full."""
+        """Fan ``cmd`` out, to this node's subscribers at once, with the best known cluster-wide
+        count (never waiting for the cluster); a coroutine only when the backend's outbox is
+        full."""
         backend = self.node.backend
         topic = cmd.topic
         subscribers = self.registry.subscribers(topic)
         clients = backend.topic_clients_nowait(topic, len(subscribers))
-        if clients is None:
-            return self._publish_counted(conn, cmd)
         payload = self._deliver(conn, cmd, subscribers, clients)
         # The backend forwards only to nodes with subscribers (memory: none but this one).
         if backend.publish_nowait(topic, payload):
             return None
         return backend.publish(topic, payload)
-
-    async def _publish_counted(self, conn: Connection, cmd: proto.Publish) -> None:
-        backend = self.node.backend
-        topic = cmd.topic
-        subscribers = self.registry.subscribers(topic)
-        clients = await backend.topic_clients(topic, len(subscribers))
-        payload = self._deliver(conn, cmd, self.registry.subscribers(topic), clients)
-        await backend.publish(topic, payload)
 
     def _deliver(
         self,
