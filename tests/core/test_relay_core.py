@@ -13,6 +13,9 @@ import pytest
 from polysignal.core.effects import Close, Presence, Publish, Send, ToNode
 from polysignal.core.errors import BackendUnavailable, CloseCode, LimitExceeded
 from polysignal.core.relay import (
+    FRAME_COST,
+    LINGER_PER_ADDRESS,
+    PEER_CLOSED,
     REPLACED_PEER,
     REPLACED_PIPE,
     ApplyOp,
@@ -30,6 +33,7 @@ from polysignal.core.relay import (
     RelayNode,
     ReleaseOp,
     Rendezvous,
+    SendFrames,
     SettleOp,
     StreamClose,
     StreamOpen,
@@ -65,18 +69,24 @@ def test_join_introduces_both_sides_with_the_full_common_list_in_the_joiners_ord
     ]
 
 
-def test_every_join_repeats_the_introductions_even_when_it_adds_nothing():
+def test_a_join_that_adds_nothing_introduces_nobody():
+    """Only what a Join adds introduces (the originals re-introduced on every Join)."""
     d = Directory()
     d.join("a", ["k"])
     d.join("b", ["k"])
-    assert d.join("a", ["k"]) == (
-        [],
-        [],
-        [Introduction("a", "b", ("k",)), Introduction("b", "a", ("k",))],
-    )
-    # Joining an unrelated document also re-introduces the peers it already shares one with.
-    _, _, intros = d.join("a", ["z"])
-    assert intros == [Introduction("a", "b", ("k",)), Introduction("b", "a", ("k",))]
+    assert d.join("a", ["k"]) == ([], [], [])
+    # An unrelated document does not re-introduce the peers it already shares one with...
+    assert d.join("a", ["z"]) == (["z"], [], [])
+    # ...and one they share introduces them with everything they share, in the joiner's order.
+    d.join("b", ["z"])
+    assert d.join("a", ["k", "z", "w"]) == (["w"], [], [])
+    d.join("b", ["w"])
+    assert d.join("a", ["w"]) == ([], [], [])
+    d.leave("a", ["z"])
+    assert d.join("a", ["z"])[2] == [
+        Introduction("a", "b", ("k", "w", "z")),
+        Introduction("b", "a", ("k", "w", "z")),
+    ]
 
 
 def test_every_sharing_peer_is_introduced_once():
@@ -154,17 +164,21 @@ def test_common_keeps_the_given_order():
     assert d.common("nobody", ["x"]) == ()
 
 
-def test_hold_buffer_is_bounded_in_bytes():
-    buf = HoldBuffer(limit=10)
-    buf.add(1, b"12345")
-    buf.add(2, b"67890")
-    with pytest.raises(LimitExceeded, match="more than 10 bytes"):
-        buf.add(1, b"x")
-    assert buf.take() == [(1, b"12345"), (2, b"67890")]
+def test_hold_buffer_counts_each_frame_as_its_payload_plus_frame_cost():
+    limit = 10 + 2 * FRAME_COST
+    buf = HoldBuffer(limit=limit)
+    assert buf.add(1, b"12345") == 5 + FRAME_COST
+    assert buf.add(2, b"67890") == 5 + FRAME_COST  # exactly the limit
+    with pytest.raises(LimitExceeded) as full:
+        buf.add(1, b"")  # even an empty frame counts
+    assert full.value.message == (
+        f"relay buffer full: more than {limit} bytes held before the peer connected"
+    )
+    assert buf.take() == ([(1, b"12345"), (2, b"67890")], limit)
     assert buf.size == 0 and buf.frames == []
     unbounded = HoldBuffer(limit=0)
     unbounded.add(1, b"x" * 1000)
-    assert unbounded.size == 1000
+    assert unbounded.size == 1000 + FRAME_COST
 
 
 def test_pipe_claim_key_is_shared_by_both_directions_and_unambiguous():
@@ -226,8 +240,12 @@ class Cluster:
 
     def run(self, rendezvous: Rendezvous) -> list[Any]:
         """Drive ``rendezvous`` to its end; its effects."""
+        return self.finish(rendezvous, None)
+
+    def finish(self, rendezvous: Rendezvous, op: Any) -> list[Any]:
+        """Drive ``rendezvous`` on from its request ``op`` (None: from its start) to its end."""
         try:
-            op = next(rendezvous)
+            op = next(rendezvous) if op is None else op
             while True:
                 try:
                     answer = self.answer(op)
@@ -268,6 +286,32 @@ def test_join_introduces_in_each_recipients_generation_and_announces():
         Send("c1", encode_introduction(Generation.V2, "v4", ("doc",)), binary=False),
         Publish("doc", encode_announce(Announce("n1", "v4", ("doc",), ("doc",))), NAMESPACE),
     ]
+
+
+def test_only_what_a_join_adds_is_announced_and_a_join_adding_nothing_does_nothing():
+    node = RelayNode("n1")
+    sock, _ = joined(node, "c1", "a", "k1")
+    again = decode('{"type":"Join","documentIds":["k1"]}', JSON)
+    assert node.peer_message(sock, again, JSON) == []
+    more = decode('{"type":"Join","documentIds":["k1","k2","k3"]}', JSON)
+    announce = encode_announce(Announce("n1", "a", ("k2", "k3"), ("k1", "k2", "k3")))
+    assert node.peer_message(sock, more, JSON) == [
+        Presence("k2", 1, NAMESPACE),
+        Presence("k3", 1, NAMESPACE),
+        Publish("k2", announce, NAMESPACE),
+        Publish("k3", announce, NAMESPACE),
+    ]
+
+
+def test_the_encoding_is_checked_before_a_frame_is_decoded():
+    node = RelayNode("n1")
+    sock, _ = node.peer_opened("c1", "a", "t")
+    node.expect_encoding(sock, MSGPACK)  # nothing decoded yet: either is fine
+    node.expect_encoding(sock, JSON)
+    node.peer_message(sock, decode('{"type":"Heartbeat"}', JSON), JSON)
+    node.expect_encoding(sock, JSON)
+    with pytest.raises(EncodingMismatch, match="this connection speaks JSON text frames"):
+        node.expect_encoding(sock, MSGPACK)
 
 
 def test_a_frame_in_the_other_encoding_is_refused():
@@ -367,18 +411,19 @@ def test_the_first_of_a_pair_holds_and_the_second_is_piped_with_the_held_frames(
     assert node.end_frame(first, 2, b"\x02") == []
     second = node.end_opened("c2", "e2", "b", "a", "k")
     effects = cluster.run(node.rendezvous(second, now=101.0))
+    # Returned with nothing to wait for first, so no frame of the now piped `first` can
+    # overtake them; the frames go out at once (SendFrames), whatever the reader's pace.
     assert effects == [
-        Send("c2", b"one", binary=False),
-        Send("c2", b"\x02", binary=True),
+        SendFrames("c2", ((1, b"one"), (2, b"\x02"))),
         DropLease(first.claim_key, first.token),
     ]
-    assert first.claim_key not in cluster.claims  # released by the second
+    assert not any(isinstance(op, ReleaseOp) for op in cluster.ops)  # DropLease releases it
     assert first.partner is second and second.partner is first
     assert node.next_deadline() is None
     assert node.end_frame(second, 1, b"back") == [Send("c1", b"back", binary=False)]
     assert node.end_frame(first, 2, b"fwd") == [Send("c2", b"fwd", binary=True)]
-    assert node.end_closed(first) == [Close("c2", 1000, "peer closed")]
-    assert node.end_closed(second) == []
+    assert node.end_closed(first, 0.0) == [Close("c2", 1000, PEER_CLOSED)]
+    assert node.end_closed(second, 0.0) == []
 
 
 def test_a_duplicate_request_here_replaces_the_held_one():
@@ -413,7 +458,7 @@ def test_a_reciprocal_held_elsewhere_is_matched_over_a_stream():
     assert end.state is EndState.PIPED and end.remote == ("n2", "far")
     assert node.end_frame(end, 2, b"x") == [StreamSend("e1", 2, b"x")]
     assert node.stream_ended("e1", "peer closed") == [Close("c1", 1000, "peer closed")]
-    assert node.end_closed(end) == []
+    assert node.end_closed(end, 0.0) == []
 
 
 def test_a_refused_match_retries_and_gives_up_after_its_attempts():
@@ -443,7 +488,7 @@ def test_a_garbage_or_stale_holder_is_released_and_the_claim_retried():
     assert ReleaseOp(key, "not a token") in cluster.ops
     assert end.state is EndState.HOLDING
     stale = node.end_opened("c2", "gone", "b", "a", "x")
-    node.end_closed(stale)
+    node.end_closed(stale, 0.0)
     cluster.claims[pipe_claim_key("a", "b", "x")] = Holder("n1", PipeToken("b", "gone").encode())
     other = node.end_opened("c3", "e3", "a", "b", "x")
     assert cluster.run(node.rendezvous(other, 0.0)) == []
@@ -464,7 +509,7 @@ def test_without_the_cluster_pairs_form_on_this_node():
     node.end_frame(dup, 1, b"held")
     other = node.end_opened("c3", "e3", "b", "a", "k")
     assert cluster.run(node.rendezvous(other, 0.0)) == [
-        Send("c3", b"held", binary=False),
+        SendFrames("c3", ((1, b"held"),)),
         DropLease(dup.claim_key, dup.token),
     ]
 
@@ -475,7 +520,7 @@ def test_an_end_closed_during_its_rendezvous_holds_nothing():
     rendezvous = node.rendezvous(end, 0.0)
     op = next(rendezvous)
     assert isinstance(op, ClaimOp)
-    assert node.end_closed(end) == []
+    assert node.end_closed(end, 0.0) == []
     with pytest.raises(StopIteration) as stop:
         rendezvous.send(cluster.answer(op))
     assert stop.value.value == [DropLease(end.claim_key, end.token)]
@@ -494,21 +539,28 @@ def test_match_pipes_a_held_end_and_sends_its_frames_first():
         DropLease(end.claim_key, end.token),
     ]
     assert end.remote == ("n2", "far")
-    assert node.end_closed(end) == [StreamClose("e1")]
+    assert node.end_closed(end, 0.0) == [StreamClose("e1")]
     no = [ToNode("n2", Direct.NO_MATCH, encode_end(EndRef("far")))]
     assert cluster.run(node.match("n2", "e1", "far")) == no
     assert cluster.run(node.match("n2", "unknown", "far")) == no
 
 
 def test_the_hold_buffer_limit_closes_at_its_exact_boundary():
-    node, cluster = RelayNode("n1", buffer_bytes=10), Cluster()
-    end = node.end_opened("c1", "e1", "a", "b", "k")
+    limit = 10 + 2 * FRAME_COST
+    node, cluster = RelayNode("n1", buffer_bytes=limit, linger=5), Cluster()
+    end = node.end_opened("c1", "e1", "a", "b", "k", "10.0.0.1")
     cluster.run(node.rendezvous(end, 0.0))
     assert node.end_frame(end, 2, b"x" * 10) == []
-    assert node.end_frame(end, 2, b"") == []
-    assert node.end_frame(end, 2, b"y") == [
-        Close("c1", 1008, "relay buffer full: more than 10 bytes sent before the peer connected")
+    assert node.end_frame(end, 2, b"") == []  # exactly the limit
+    assert node.held == {"10.0.0.1": limit}
+    assert node.end_frame(end, 2, b"") == [
+        Close(
+            "c1", 1008, f"relay buffer full: more than {limit} bytes held before the peer connected"
+        )
     ]
+    # Closed by the machine: its frames do not linger, and the address holds nothing any more.
+    assert node.end_closed(end, 1.0) == [DropLease(end.claim_key, end.token)]
+    assert node.held == {} and node.lingering == {} and node.ends == {}
 
 
 def test_the_wait_timeout_fires_at_its_deadline_and_not_before():
@@ -520,7 +572,7 @@ def test_the_wait_timeout_fires_at_its_deadline_and_not_before():
     assert node.on_timer(10.499) == []
     assert node.on_timer(10.5) == [Close("c1", 1013, "no peer connected within 0.5 s")]
     assert node.on_timer(11.0) == []  # once
-    assert node.end_closed(end) == [DropLease(end.claim_key, end.token)]
+    assert node.end_closed(end, 0.0) == [DropLease(end.claim_key, end.token)]
 
 
 def test_no_wait_timeout_sets_no_deadline():
@@ -542,7 +594,7 @@ def test_a_stream_lost_to_its_node_going_away_closes_with_1013():
 def test_a_frame_on_a_closed_end_closes_it():
     node = RelayNode("n1")
     end = node.end_opened("c1", "e1", "a", "b", "k")
-    node.end_closed(end)
+    node.end_closed(end, 0.0)
     assert node.end_frame(end, 1, b"late") == [Close("c1", 1000)]
     assert node.evict_end("e1", REPLACED_PIPE) == []
 
@@ -570,7 +622,7 @@ def test_an_end_closed_while_its_match_was_on_its_way_closes_its_stream():
     assert rendezvous.send(Holder("n2", PipeToken("b", "far").encode())) == MatchOp(
         "n2", "far", "e1"
     )
-    node.end_closed(end)
+    node.end_closed(end, 0.0)
     with pytest.raises(StopIteration) as stop:
         rendezvous.send(True)
     assert stop.value.value == [StreamClose("e1")]  # the claim is n2's: nothing to release
@@ -579,7 +631,7 @@ def test_an_end_closed_while_its_match_was_on_its_way_closes_its_stream():
 def test_an_end_closed_before_its_rendezvous_does_nothing():
     node, cluster = RelayNode("n1"), Cluster()
     end = node.end_opened("c1", "e1", "a", "b", "k")
-    node.end_closed(end)
+    node.end_closed(end, 0.0)
     assert cluster.run(node.rendezvous(end, 0.0)) == []
     assert cluster.ops == [] and cluster.claims == {}
     cluster.down = True
@@ -596,3 +648,136 @@ def test_a_match_for_an_end_still_in_its_rendezvous_waits_for_it_to_hold():
     with pytest.raises(StopIteration) as stop:
         match.send(None)
     assert stop.value.value[0] == StreamOpen("e1", "n2", "far")
+
+
+# --- held bytes per address, and frames a closing holder leaves behind -------------------------
+
+
+def held_end(
+    node: RelayNode, cluster: Cluster, n: int, address: str, a: str = "a", key: str = ""
+) -> Any:
+    end = node.end_opened(f"c{n}", f"e{n}", a, "b", key or f"k{n}", address)
+    cluster.run(node.rendezvous(end, 0.0))
+    assert end.state is EndState.HOLDING
+    return end
+
+
+def test_what_one_address_holds_is_bounded_at_its_exact_boundary():
+    cost = 100 + FRAME_COST
+    node, cluster = (
+        RelayNode("n1", buffer_bytes=10 * cost, address_buffer_bytes=3 * cost),
+        Cluster(),
+    )
+    ends = [held_end(node, cluster, n, "10.0.0.1") for n in range(3)]
+    other = held_end(node, cluster, 9, "10.0.0.2")
+    for end in ends:
+        assert node.end_frame(end, 2, b"x" * 100) == []
+    assert node.held == {"10.0.0.1": 3 * cost}  # exactly the budget
+    refused = [
+        Close("c0", 1008, f"relay buffer full: more than {3 * cost} bytes held for this address")
+    ]
+    assert node.end_frame(ends[0], 2, b"") == refused
+    assert ends[0].buffer.size == cost  # the refused frame changed nothing
+    assert node.end_frame(other, 2, b"x" * 100) == []  # another address has its own budget
+    # Every way a hold ends gives its bytes back: its socket closing (here, closed by the limit)...
+    node.end_closed(ends[0], 1.0)
+    assert node.held == {"10.0.0.1": 2 * cost, "10.0.0.2": cost}
+    # ...a duplicate request replacing it...
+    dup = node.end_opened("c5", "e5", "a", "b", "k1", "10.0.0.1")
+    cluster.run(node.rendezvous(dup, 0.0))
+    assert node.held["10.0.0.1"] == cost
+    # ...its peer arriving here, or on another node.
+    peer = node.end_opened("c6", "e6", "b", "a", "k2", "10.0.0.3")
+    assert cluster.run(node.rendezvous(peer, 0.0))[0] == SendFrames("c6", ((2, b"x" * 100),))
+    assert cluster.run(node.match("n2", "e9", "far"))[1] == StreamSend("e9", 2, b"x" * 100)
+    assert node.held == {}
+
+
+def test_a_holder_that_closes_with_frames_lingers_for_a_reciprocal_on_its_way_here():
+    """Its client saw the other socket open, sent and closed: the other side still gets the
+    frames, then `peer closed`, though its rendezvous ran after the close (as on Redis)."""
+    node, cluster = RelayNode("n1", wait_timeout=60, linger=5), Cluster()
+    holder = held_end(node, cluster, 1, "10.0.0.1", key="k")
+    arrival = node.end_opened("c2", "e2", "b", "a", "k", "10.0.0.2")
+    rendezvous = node.rendezvous(arrival, 10.0)
+    claim = next(rendezvous)
+    assert claim == ClaimOp(arrival.claim_key, arrival.token)  # on its way...
+    node.end_frame(holder, 1, b"last words")
+    assert node.end_closed(holder, 10.0) == []  # lingers: keeps its claim and frames
+    assert node.next_deadline() == 15.0 and node.lingering == {"10.0.0.1": 1}
+    effects = cluster.finish(rendezvous, claim)
+    assert effects == [
+        SendFrames("c2", ((1, b"last words"),)),
+        Close("c2", 1000, PEER_CLOSED),
+        DropLease(holder.claim_key, holder.token),
+    ]
+    assert node.ends == {"e2": arrival} and node.holding == {}
+    assert node.held == {} and node.lingering == {} and node.next_deadline() is None
+    assert node.end_closed(arrival, 11.0) == []
+
+
+def test_a_lingering_holder_matched_from_another_node_ends_its_stream_after_the_frames():
+    node, cluster = RelayNode("n1", linger=5), Cluster()
+    holder = held_end(node, cluster, 1, "10.0.0.1")
+    node.end_frame(holder, 2, b"\x00\x01")
+    node.end_closed(holder, 0.0)
+    assert cluster.run(node.match("n2", "e1", "far")) == [
+        StreamOpen("e1", "n2", "far"),
+        StreamSend("e1", 2, b"\x00\x01"),
+        ToNode("n2", Direct.MATCHED, encode_end(EndRef("far", "e1"))),
+        DropLease(holder.claim_key, holder.token),
+        StreamClose("e1"),
+    ]
+    assert node.ends == {} and node.held == {} and node.lingering == {}
+    assert node.stream_ended("e1", PEER_CLOSED) == []
+
+
+def test_a_lingering_holder_is_forgotten_when_its_linger_ends():
+    node, cluster = RelayNode("n1", wait_timeout=60, linger=5), Cluster()
+    holder = held_end(node, cluster, 1, "10.0.0.1")
+    node.end_frame(holder, 1, b"x")
+    assert node.end_closed(holder, 100.0) == []  # its wait ends at 60: the earlier deadline
+    assert node.end_closed(holder, 100.0) == []  # counted once
+    assert node.next_deadline() == 60.0
+    assert node.on_timer(59.9) == []
+    assert node.on_timer(60.0) == [DropLease(holder.claim_key, holder.token)]
+    assert node.ends == {} and node.held == {} and node.lingering == {}
+    assert node.next_deadline() is None
+
+
+def test_only_a_holder_its_client_closed_with_frames_lingers_and_at_most_so_many_per_address():
+    node, cluster = RelayNode("n1", wait_timeout=1, linger=5), Cluster()
+    empty = held_end(node, cluster, 1, "10.0.0.1")
+    assert node.end_closed(empty, 0.0) == [DropLease(empty.claim_key, empty.token)]
+    timed_out = held_end(node, cluster, 2, "10.0.0.1")
+    node.end_frame(timed_out, 1, b"x")
+    assert node.on_timer(1.0) == [Close("c2", 1013, "no peer connected within 1 s")]
+    assert node.end_closed(timed_out, 1.0) == [DropLease(timed_out.claim_key, timed_out.token)]
+    for n in range(10, 10 + LINGER_PER_ADDRESS + 1):
+        end = held_end(node, cluster, n, "10.0.0.1")
+        node.end_frame(end, 1, b"x")
+        effects = node.end_closed(end, 2.0)
+        assert effects == (
+            [] if n < 10 + LINGER_PER_ADDRESS else [DropLease(end.claim_key, end.token)]
+        )
+    assert node.lingering == {"10.0.0.1": LINGER_PER_ADDRESS}
+    assert node.held == {"10.0.0.1": LINGER_PER_ADDRESS * (1 + FRAME_COST)}
+    assert len(node.on_timer(7.0)) == LINGER_PER_ADDRESS  # all forgotten in time
+    assert node.lingering == {} and node.held == {} and node.holding == {}
+    # Without a linger, nothing ever lingers.
+    plain = RelayNode("n2")
+    end = held_end(plain, Cluster("n2"), 1, "10.0.0.1")
+    plain.end_frame(end, 1, b"x")
+    assert plain.end_closed(end, 0.0) == [DropLease(end.claim_key, end.token)]
+
+
+def test_a_duplicate_request_replaces_a_lingering_holder_without_closing_anything():
+    node, cluster = RelayNode("n1", linger=5), Cluster()
+    holder = held_end(node, cluster, 1, "10.0.0.1", key="k")
+    node.end_frame(holder, 1, b"x")
+    node.end_closed(holder, 0.0)
+    assert node.evict_end("e1", REPLACED_PIPE) == [
+        DropLease(holder.claim_key, holder.token, forget=True)
+    ]
+    assert node.ends == {} and node.held == {} and node.lingering == {}
+    assert node.end_closed(holder, 0.0) == []  # nothing more, whatever comes late

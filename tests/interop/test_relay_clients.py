@@ -70,3 +70,25 @@ async def test_cevitxe_signal_client_on_two_nodes():
     node_ready()
     async with two_nodes() as (one, two):
         check_cevitxe(await run_node("relay_cevitxe.mjs", one.ws_url, two.ws_url, timeout=30))
+
+
+async def test_localfirst_relay_malformed_input_cases(server):
+    """@localfirst/relay's own server tests "should not crash when sent malformed data" (4.x) and
+    "... malformed JSON" (3.6), with their steps and assertions (tests/js/relay_malformed.mjs):
+    a valid Join after garbage still gets an Introduction (docs/protocols/relay.md, "Errors and
+    limits")."""
+    node_ready()
+    result = await run_node("relay_malformed.mjs", server.ws_url, timeout=30)
+    assert result["ok"], result
+    data = result["cases"]["should not crash when sent malformed data"]
+    assert data["message"] == {
+        "type": "Introduction",
+        "peerId": data["aliceId"],
+        "documentIds": [data["documentId"]],
+    }
+    json = result["cases"]["should not crash when sent malformed JSON"]
+    assert json["message"] == {
+        "type": "Introduction",
+        "userName": json["aliceId"],
+        "documentIds": [json["documentId"]],
+    }

@@ -127,13 +127,18 @@ async def test_introductions_across_nodes_in_each_generation(nodes, session):
     assert await receive_msgpack(a) == intro_a
     assert await receive_json(b, 5 * UNIT) == intro_b
     # Joins this close together may both be announced in time for the other node, so each side
-    # can be introduced twice (harmless: the originals repeat introductions, clients dedupe).
+    # can be introduced twice (harmless: clients dedupe introductions per peer and document).
     await drain(a, lambda msg: msgpack.unpackb(msg.data) == intro_a)
     await drain(b, lambda msg: orjson.loads(msg.data) == intro_b)
-    # A repeated join repeats the introductions across nodes; each arrives exactly once.
+    # A Join that adds nothing introduces nobody, on either node...
     await b.send_str(orjson.dumps({"type": "Join", "join": [doc]}).decode())
-    assert await receive_msgpack(a) == intro_a
-    assert await receive_json(b, 5 * UNIT) == intro_b
+    await a.send_bytes(msgpack.packb({"type": "Join", "documentIds": [doc, f"{doc}-2"]}))
+    await assert_silent(a, 0.5 * UNIT)
+    await assert_silent(b, 0.5 * UNIT)
+    # ...and one that adds a shared document introduces both with everything they share, once.
+    await b.send_str(orjson.dumps({"type": "Join", "join": [f"{doc}-2"]}).decode())
+    assert await receive_msgpack(a) == {**intro_a, "documentIds": [doc, f"{doc}-2"]}
+    assert await receive_json(b, 5 * UNIT) == {**intro_b, "keys": [doc, f"{doc}-2"]}
     await assert_silent(a, 0.5 * UNIT)
     await assert_silent(b, 0.5 * UNIT)
     await a.close()
@@ -241,3 +246,31 @@ async def test_a_killed_node_ends_the_pipes_it_carried_at_the_next_frame(redis_u
         await second.send_str("anyone there?")
         code, reason = await closed_with(second)
         assert code == CloseCode.TRY_AGAIN_LATER and "unreachable" in reason
+
+
+ROUNDS = 8
+
+
+@pytest.mark.parametrize("spread", ["one node", "two nodes"])
+@pytest.mark.parametrize("closer", ["holder", "arrival"])
+async def test_frames_sent_just_before_a_close_all_arrive(nodes, session, spread, closer):
+    """One side sends and closes at once, as soon as both sockets are open: the other side gets
+    every frame, in order, then `1000 "peer closed"`, round after round (docs/protocols/relay.md,
+    "Pipes"). The close used to overtake the frames whenever the pipe was still forming (the
+    holder's hold and its frames were dropped before the other request reached it)."""
+    one, two = nodes
+    other = one if spread == "one node" else two
+    for i in range(ROUNDS):
+        key = f"doc-{uid()}"
+        holder = await session.ws_connect(f"{one.ws_url}/connection/a/b/{key}")
+        await holder.send_str(f"early {i}")  # held until the other side comes
+        arrival = await session.ws_connect(f"{other.ws_url}/connection/b/a/{key}")
+        sender, receiver = (holder, arrival) if closer == "holder" else (arrival, holder)
+        await sender.send_str(f"last words {i}")
+        await sender.send_bytes(bytes([i, 0, 255]))
+        await sender.close()
+        if closer == "holder":
+            assert await receive_frame(receiver) == (TEXT, f"early {i}"), i
+        assert await receive_frame(receiver) == (TEXT, f"last words {i}"), i
+        assert await receive_frame(receiver) == (BINARY, bytes([i, 0, 255])), i
+        assert await closed_with(receiver) == (CloseCode.NORMAL, "peer closed"), i

@@ -1,12 +1,14 @@
 """Relay rules without I/O (docs/protocols/relay.md): who is introduced to whom, and held pipes.
 
 * ``Directory``: each peer's document ids (in join order) and each document's peers, so a Join
-  finds every peer sharing a document in O(the joiner's documents) instead of scanning all peers.
-  ``join`` returns the introductions to send: for every other peer B sharing any document with A,
-  A is introduced to B and B to A with the *full* list of documents they share, in A's order — on
-  every Join, even one that adds nothing, as the originals do (clients dedupe per peer and key).
+  finds every peer sharing a document in O(the documents it adds) instead of scanning all peers.
+  ``join`` returns the introductions to send: for every other peer B sharing a document that the
+  Join *adds* to A's set, A is introduced to B and B to A with the *full* list of documents they
+  share, in A's order. A Join that adds nothing introduces nobody (the originals re-introduced
+  on every Join, which let a client amplify a flood by the number of peers sharing its documents).
 * ``HoldBuffer``: the frames a ``/connection`` socket sends before its peer arrives, bounded in
-  bytes (the originals buffer without limit).
+  bytes (the originals buffer without limit); each frame counts its payload plus ``FRAME_COST``.
+  The machine also bounds what all held sockets of one client address hold together.
 * Names and tokens of the cluster-wide claims of peer ids and pipe rendezvous.
 * ``RelayNode``: the rules of one node as a state machine (``core/effects.py``): events in
   (a socket opened, a frame, another node's message, the time), effects out. A pipe's
@@ -71,8 +73,9 @@ class Directory:
     ) -> tuple[list[str], list[str], list[Introduction]]:
         """Apply ``dedupe(current + documents) - leave`` for ``peer``, as the originals do.
 
-        Returns (documents newly held, documents dropped, introductions). Raises
-        DocumentLimitExceeded, changing nothing, when the peer would hold too many documents.
+        Returns (documents newly held, documents dropped, introductions for the documents newly
+        held). Raises DocumentLimitExceeded, changing nothing, when the peer would hold too many
+        documents.
         """
         own = self._documents.get(peer, {})
         leaving = set(leave)
@@ -86,7 +89,7 @@ class Directory:
         added = [doc for doc in wanted if doc not in own]
         removed = [doc for doc in own if doc not in wanted]
         self._set(peer, own, wanted, added, removed)
-        return added, removed, self.introductions(peer)
+        return added, removed, self.introductions(peer, added)
 
     def leave(self, peer: str, documents: Iterable[str]) -> list[str]:
         """Drop ``documents`` from ``peer``'s set; returns the ones it held. Nobody is told."""
@@ -129,13 +132,14 @@ class Directory:
         else:
             self._documents.pop(peer, None)
 
-    def introductions(self, peer: str) -> list[Introduction]:
-        """Both introductions for every other peer sharing a document with ``peer``."""
+    def introductions(self, peer: str, via: Iterable[str]) -> list[Introduction]:
+        """Both introductions for every other peer sharing one of the documents ``via`` with
+        ``peer``, each with every document the two share (in ``peer``'s order)."""
         own = self._documents.get(peer)
         if not own:
             return []
         others: dict[str, None] = {}
-        for doc in own:
+        for doc in via:
             for other in self._peers.get(doc, {}):
                 if other != peer:
                     others.setdefault(other, None)
@@ -185,26 +189,48 @@ class Directory:
         return peer in self._documents
 
 
+FRAME_COST = 128
+"""Bytes a held frame counts for beyond its payload: about what holding it costs the server (its
+tuple, the bytes object's header and a list slot, ~100 bytes measured), so a flood of empty
+frames cannot hold memory for free."""
+
+
 @dataclass
 class HoldBuffer:
-    """Frames (opcode, payload) sent by a held ``/connection`` socket, at most ``limit`` bytes."""
+    """Frames (opcode, payload) sent by a held ``/connection`` socket, at most ``limit`` bytes,
+    each counted as its payload plus ``FRAME_COST`` (``size``)."""
 
     limit: int
     frames: list[tuple[int, bytes]] = field(default_factory=list)
     size: int = 0
 
-    def add(self, opcode: int, payload: bytes) -> None:
-        """Keep the frame; raise LimitExceeded (keeping nothing more) past ``limit`` bytes."""
-        if self.limit and self.size + len(payload) > self.limit:
+    def cost(self, payload: bytes) -> int:
+        """What holding ``payload`` would count; raise LimitExceeded if it does not fit."""
+        cost = len(payload) + FRAME_COST
+        if self.limit and self.size + cost > self.limit:
             raise LimitExceeded(
-                f"relay buffer full: more than {self.limit} bytes sent before the peer connected"
+                f"relay buffer full: more than {self.limit} bytes held before the peer connected"
             )
-        self.frames.append((opcode, payload))
-        self.size += len(payload)
+        return cost
 
-    def take(self) -> list[tuple[int, bytes]]:
-        frames, self.frames, self.size = self.frames, [], 0
-        return frames
+    def add(self, opcode: int, payload: bytes) -> int:
+        """Keep the frame and return what it counts; raise LimitExceeded (keeping nothing more)
+        past ``limit``."""
+        cost = self.cost(payload)
+        self.frames.append((opcode, payload))
+        self.size += cost
+        return cost
+
+    def take(self) -> tuple[list[tuple[int, bytes]], int]:
+        """Every frame held, and what they counted; the buffer is empty afterwards."""
+        frames, size = self.frames, self.size
+        self.frames, self.size = [], 0
+        return frames, size
+
+
+class AddressBufferFull(LimitExceeded):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"relay buffer full: more than {limit} bytes held for this address")
 
 
 # --- cluster-wide names ---------------------------------------------------------------------------
@@ -269,6 +295,16 @@ class DropLease:
 
 
 @dataclass(frozen=True, slots=True)
+class SendFrames:
+    """Write ``frames`` (opcode, payload) to ``conn`` at once, in order, and only then wait for
+    its reader if it is behind: a held pipe's frames, which no frame of the now piped socket may
+    overtake."""
+
+    conn: Conn
+    frames: tuple[tuple[int, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class StreamOpen:
     """Open this node's end ``end`` of a stream to the pipe end ``peer`` on ``node``."""
 
@@ -295,6 +331,7 @@ class StreamClose:
 
 Effect = (
     Send
+    | SendFrames
     | Close
     | ToNode
     | Publish
@@ -391,10 +428,13 @@ class PipeEnd:
     b: str
     key: str
     buffer: HoldBuffer
+    address: str = ""  # the client's address: what its held bytes count against
     state: EndState = EndState.RENDEZVOUS
     partner: PipeEnd | None = None  # the other end, when it is on this node
     remote: tuple[str, str] | None = None  # (node id, end id) when it is on another node
     deadline: float | None = None  # while holding: when it gives up waiting for its peer
+    closing: bool = False  # the machine closed it (a limit, its wait): it does not linger
+    lingering: bool = False  # its socket closed while holding frames; they wait a little more
     claim_key: str = field(init=False)
     token: str = field(init=False)
 
@@ -408,14 +448,22 @@ class PipeEnd:
 
 REPLACED_PEER = "replaced by a newer connection with the same peer id"
 REPLACED_PIPE = "replaced by a newer connection request"
+PEER_CLOSED = "peer closed"
+
+LINGER_PER_ADDRESS = 64
+"""Closed held sockets of one client address whose frames may linger at once (``linger``);
+beyond it, a held socket that closes drops its frames at once, as the originals always do."""
 
 
 class RelayNode:
     """The relay's rules on one node: introductions, pipe rendezvous, holding and piping.
 
     ``node_id`` names this node in the cluster; ``buffer_bytes`` and ``wait_timeout`` bound a
-    held socket (``RELAY_BUFFER_BYTES``, ``RELAY_WAIT_TIMEOUT``, 0 = no limit); ``attempts`` is
-    how many times a rendezvous races other nodes before it gives up.
+    held socket (``RELAY_BUFFER_BYTES``, ``RELAY_WAIT_TIMEOUT``, 0 = no limit), and
+    ``address_buffer_bytes`` what all held sockets of one client address hold together
+    (``RELAY_ADDRESS_BUFFER_BYTES``); ``linger`` is how long the frames of a held socket that
+    closed wait for a reciprocal request already on its way (0: dropped at once); ``attempts``
+    is how many times a rendezvous races other nodes before it gives up.
     """
 
     def __init__(
@@ -424,17 +472,23 @@ class RelayNode:
         *,
         max_documents: int = 0,
         buffer_bytes: int = 0,
+        address_buffer_bytes: int = 0,
         wait_timeout: float = 0.0,
+        linger: float = 0.0,
         attempts: int = 4,
     ) -> None:
         self.node_id = node_id
         self.buffer_bytes = buffer_bytes
+        self.address_buffer_bytes = address_buffer_bytes
         self.wait_timeout = wait_timeout
+        self.linger = linger
         self.attempts = attempts
         self.directory = Directory(max_documents)
         self.peers: dict[str, PeerSocket] = {}
         self.ends: dict[str, PipeEnd] = {}
         self.holding: dict[str, PipeEnd] = {}  # claim key -> the end held under it here
+        self.held: dict[str, int] = {}  # client address -> what its held ends hold
+        self.lingering: dict[str, int] = {}  # client address -> its lingering ends
 
     # --- introductions ---
     def peer_opened(self, conn: Conn, peer: str, token: str) -> tuple[PeerSocket, list[Effect]]:
@@ -449,15 +503,20 @@ class RelayNode:
         effects.append(TakeLease(peer_claim_key(peer), token, peer))
         return sock, effects
 
+    def expect_encoding(self, sock: PeerSocket, encoding: Encoding) -> None:
+        """Raise EncodingMismatch (closing ``sock``) for a frame in the other encoding than the
+        connection's first decoded one, whether or not it decodes: a connection answers in the
+        encoding it started with (docs/protocols/relay.md)."""
+        if sock.encoding is not None and encoding is not sock.encoding:
+            expected = "msgpack binary" if sock.encoding is Encoding.MSGPACK else "JSON text"
+            raise EncodingMismatch(f"this connection speaks {expected} frames")
+
     def peer_message(self, sock: PeerSocket, decoded: Decoded, encoding: Encoding) -> list[Effect]:
         """One decoded frame of ``sock``; raises ClientError (closing it) for a frame in the
         other encoding than its first or over the document limit."""
+        self.expect_encoding(sock, encoding)
         if sock.encoding is None:
             sock.encoding = encoding
-        elif encoding is not sock.encoding:
-            # A connection answers in the encoding it started with (docs/protocols/relay.md).
-            expected = "msgpack binary" if sock.encoding is Encoding.MSGPACK else "JSON text"
-            raise EncodingMismatch(f"this connection speaks {expected} frames")
         if sock.generation is None:
             sock.generation = decoded.generation
         if self.peers.get(sock.peer) is not sock:
@@ -471,15 +530,15 @@ class RelayNode:
 
     def _join(self, sock: PeerSocket, join: Join) -> list[Effect]:
         # DocumentLimitExceeded (a ClientError) leaves the peer's set unchanged and closes it.
+        # Only the documents it adds introduce, here and (announced on their topics) elsewhere.
         added, removed, intros = self.directory.join(sock.peer, join.document_ids, join.leave)
         effects = self._presence(added + removed)
         for intro in intros:
             effects += self._introduce(intro)
-        documents = self.directory.documents_of(sock.peer)
-        joined = tuple(doc for doc in join.document_ids if doc in documents)
-        if joined:
-            announce = encode_announce(Announce(self.node_id, sock.peer, joined, documents))
-            effects += [Publish(doc, announce, NAMESPACE) for doc in joined]
+        if added:
+            documents = self.directory.documents_of(sock.peer)
+            announce = encode_announce(Announce(self.node_id, sock.peer, tuple(added), documents))
+            effects += [Publish(doc, announce, NAMESPACE) for doc in added]
         return effects
 
     def _introduce(self, intro: Introduction) -> list[Effect]:
@@ -536,9 +595,12 @@ class RelayNode:
         return self._introduce(Introduction(msg.to, msg.peer, common)) if common else []
 
     # --- pipes ---
-    def end_opened(self, conn: Conn, end_id: str, a: str, b: str, key: str) -> PipeEnd:
-        """``/connection/{a}/{b}/{key}`` opened; its ``rendezvous`` comes next."""
-        end = PipeEnd(end_id, conn, a, b, key, HoldBuffer(self.buffer_bytes))
+    def end_opened(
+        self, conn: Conn, end_id: str, a: str, b: str, key: str, address: str = ""
+    ) -> PipeEnd:
+        """``/connection/{a}/{b}/{key}`` opened by a client at ``address``; its ``rendezvous``
+        comes next."""
+        end = PipeEnd(end_id, conn, a, b, key, HoldBuffer(self.buffer_bytes), address)
         self.ends[end.id] = end
         return end
 
@@ -580,9 +642,10 @@ class RelayNode:
                     # comes on another Redis connection than ours): let it start holding.
                     yield SettleOp(other.id)
                 if other is not None and other.state is EndState.HOLDING:
-                    effects = self._pipe_locally(other, end)
-                    yield ReleaseOp(end.claim_key, holder.token)
-                    return effects
+                    # Returned at once, with nothing to wait for first: the held frames are
+                    # written before any frame the now piped holder sends (its claim goes with
+                    # the DropLease among the effects).
+                    return self._pipe_locally(other, end)
                 yield ReleaseOp(end.claim_key, holder.token)  # a stale hold
                 continue
             if (yield MatchOp(holder.node_id, token.end, end.id)):
@@ -618,15 +681,44 @@ class RelayNode:
             del self.holding[end.claim_key]
         end.deadline = None
 
+    def _take_held(self, end: PipeEnd) -> list[tuple[int, bytes]]:
+        """Empty ``end``'s hold buffer; its address holds that much less."""
+        frames, size = end.buffer.take()
+        if size:
+            left = self.held.get(end.address, 0) - size
+            if left > 0:
+                self.held[end.address] = left
+            else:
+                self.held.pop(end.address, None)
+        return frames
+
+    def _forget(self, end: PipeEnd) -> None:
+        """``end`` is done with: no hold, no frames, no entry (a lingering one no longer counts)."""
+        end.state = EndState.CLOSED
+        self._stop_holding(end)
+        self._take_held(end)
+        self.ends.pop(end.id, None)
+        if end.lingering:
+            end.lingering = False
+            left = self.lingering.get(end.address, 0) - 1
+            if left > 0:
+                self.lingering[end.address] = left
+            else:
+                self.lingering.pop(end.address, None)
+
     def _pipe_locally(self, held: PipeEnd, arrived: PipeEnd) -> list[Effect]:
-        """Flush what ``held`` buffered to ``arrived``, in order, then pipe them."""
+        """Write what ``held`` buffered to ``arrived``, in order, then pipe them (or, if ``held``
+        closed meanwhile, close ``arrived`` after the frames)."""
         self._stop_holding(held)
-        effects: list[Effect] = [
-            Send(arrived.conn, data, binary=opcode == OP_BINARY)
-            for opcode, data in held.buffer.take()
-        ]
-        held.partner, arrived.partner = arrived, held
-        held.state = arrived.state = EndState.PIPED
+        frames = self._take_held(held)
+        effects: list[Effect] = [SendFrames(arrived.conn, tuple(frames))] if frames else []
+        arrived.state = EndState.PIPED
+        if held.lingering:
+            self._forget(held)
+            effects.append(Close(arrived.conn, 1000, PEER_CLOSED))
+        else:
+            held.partner, arrived.partner = arrived, held
+            held.state = EndState.PIPED
         effects.append(DropLease(held.claim_key, held.token))
         return effects
 
@@ -636,9 +728,12 @@ class RelayNode:
         end = self.ends.get(end_id)
         if end is None or end.state is not EndState.HOLDING:
             return []
-        self._stop_holding(end)
-        end.state = EndState.CLOSED
-        return [DropLease(end.claim_key, end.token, forget=True), Close(end.conn, 1000, reason)]
+        lingering = end.lingering
+        self._forget(end)
+        effects: list[Effect] = [DropLease(end.claim_key, end.token, forget=True)]
+        if not lingering:
+            effects.append(Close(end.conn, 1000, reason))
+        return effects
 
     def match(self, origin: str, holder_id: str, seeker: str) -> Generator[Op, Any, list[Effect]]:
         """Node ``origin``'s end ``seeker`` asks to be piped to this node's held ``holder_id``."""
@@ -651,14 +746,19 @@ class RelayNode:
         if end is None or end.state is not EndState.HOLDING:
             return [ToNode(origin, Direct.NO_MATCH, encode_end(EndRef(seeker)))]
         self._stop_holding(end)
+        frames = self._take_held(end)
         end.state = EndState.PIPED
         end.remote = (origin, seeker)
         # The held frames go first, in order: queued on the stream before anything can wait
         # (the reply below does), so no frame of the now piped socket can overtake them.
         effects: list[Effect] = [StreamOpen(end.id, origin, seeker)]
-        effects += [StreamSend(end.id, opcode, data) for opcode, data in end.buffer.take()]
+        effects += [StreamSend(end.id, opcode, data) for opcode, data in frames]
         effects.append(ToNode(origin, Direct.MATCHED, encode_end(EndRef(seeker, end.id))))
         effects.append(DropLease(end.claim_key, end.token))
+        if end.lingering:  # its socket closed meanwhile: the stream ends after its frames
+            self._forget(end)
+            end.remote = None
+            effects.append(StreamClose(end.id))
         return effects
 
     def end_frame(self, end: PipeEnd, opcode: int, data: bytes) -> list[Effect]:
@@ -666,9 +766,11 @@ class RelayNode:
         match end.state:
             case EndState.HOLDING:
                 try:
-                    end.buffer.add(opcode, data)
+                    self._charge(end.address, end.buffer.cost(data))
                 except LimitExceeded as exc:
+                    end.closing = True
                     return [Close(end.conn, 1008, exc.message)]
+                end.buffer.add(opcode, data)
                 return []
             case EndState.PIPED if end.partner is not None:
                 return [Send(end.partner.conn, data, binary=opcode == OP_BINARY)]
@@ -676,19 +778,45 @@ class RelayNode:
                 return [StreamSend(end.id, opcode, data)]
         return [Close(end.conn, 1000)]
 
-    def end_closed(self, end: PipeEnd) -> list[Effect]:
-        """``end``'s socket is gone: its claim, its partner, its stream."""
+    def _charge(self, address: str, cost: int) -> None:
+        """``address`` holds ``cost`` more; raise AddressBufferFull, changing nothing, past
+        ``address_buffer_bytes``."""
+        held = self.held.get(address, 0) + cost
+        if self.address_buffer_bytes and held > self.address_buffer_bytes:
+            raise AddressBufferFull(self.address_buffer_bytes)
+        self.held[address] = held
+
+    def end_closed(self, end: PipeEnd, now: float) -> list[Effect]:
+        """``end``'s socket is gone: its claim, its partner, its stream. A held socket that its
+        client closed with frames held lingers (``linger`` seconds, at most
+        ``LINGER_PER_ADDRESS`` per address), so that a reciprocal request already on its way,
+        which its client may have seen open before this close, still gets them."""
+        if end.lingering:
+            return []
+        if (
+            end.state is EndState.HOLDING
+            and end.buffer.frames
+            and not end.closing
+            and self.linger > 0
+            and self.lingering.get(end.address, 0) < LINGER_PER_ADDRESS
+        ):
+            end.lingering = True
+            self.lingering[end.address] = self.lingering.get(end.address, 0) + 1
+            until = now + self.linger
+            end.deadline = until if end.deadline is None else min(end.deadline, until)
+            return []
         was = end.state
         end.state = EndState.CLOSED
         self.ends.pop(end.id, None)
         self._stop_holding(end)
+        self._take_held(end)
         effects: list[Effect] = []
         if was is EndState.HOLDING:
             effects.append(DropLease(end.claim_key, end.token))
         partner = end.partner
         if partner is not None:
             partner.partner = None
-            effects.append(Close(partner.conn, 1000, "peer closed"))
+            effects.append(Close(partner.conn, 1000, PEER_CLOSED))
         if end.remote is not None:
             end.remote = None
             effects.append(StreamClose(end.id))
@@ -700,24 +828,29 @@ class RelayNode:
         if end is None:
             return []
         end.remote = None  # nothing to tell the other end any more
-        if reason == "peer closed":
-            return [Close(end.conn, 1000, "peer closed")]
+        if reason == PEER_CLOSED:
+            return [Close(end.conn, 1000, PEER_CLOSED)]
         return [Close(end.conn, 1013, "the peer's node is unreachable")]
 
     # --- time ---
     def next_deadline(self) -> float | None:
-        """When ``on_timer`` is due next (a held end's wait ends), or None."""
+        """When ``on_timer`` is due next (a held end's wait, or a lingering end's, ends)."""
         deadlines = [end.deadline for end in self.holding.values() if end.deadline is not None]
         return min(deadlines, default=None)
 
     def on_timer(self, now: float) -> list[Effect]:
-        """Close the held ends whose peer did not come in time."""
+        """Close the held ends whose peer did not come in time; forget the lingering ones."""
         effects: list[Effect] = []
         for end in list(self.holding.values()):
             if end.deadline is not None and end.deadline <= now:
                 end.deadline = None
-                reason = f"no peer connected within {self.wait_timeout:g} s"
-                effects.append(Close(end.conn, 1013, reason))
+                if end.lingering:
+                    self._forget(end)
+                    effects.append(DropLease(end.claim_key, end.token))
+                else:
+                    end.closing = True
+                    reason = f"no peer connected within {self.wait_timeout:g} s"
+                    effects.append(Close(end.conn, 1013, reason))
         return effects
 
 

@@ -17,7 +17,11 @@ all -> {"type":"Heartbeat"} (v4's types.ts also names "❤️"); nothing is sent
 ```
 
 The clients throw on any server message that is not an ``Introduction``, so the protocol has no
-error frame: ``decode`` raises ``ClientError`` and the server closes with its code and reason.
+error frame. ``decode`` raises ``ClientError``: ``Ignored`` for a frame that is not a relay
+message the server can act on (not JSON or msgpack, not an object, no or an unknown ``type``, a
+Join or Leave without a valid id list), which is dropped while the socket stays open, as
+@localfirst/relay 3.6 and 4.x do; any other ``ClientError`` (a limit, nesting past the decode
+bound) closes the socket with its code and reason (docs/protocols/relay.md, "Errors and limits").
 
 The second half of this module is the cluster format: what relay nodes send each other over the
 backend (announcements of joins on a document's topic, and direct messages that introduce peers
@@ -42,7 +46,6 @@ from polysignal.core.errors import (
     CloseCode,
     LimitExceeded,
     MalformedFrame,
-    UnknownCommand,
 )
 from polysignal.protocols import jsonwire
 from polysignal.protocols.jsonwire import clip, type_name
@@ -106,6 +109,11 @@ class Decoded:
     generation: Generation | None
 
 
+class Ignored(MalformedFrame):
+    """A frame that is not a relay message the server can act on: dropped, and the socket stays
+    open (``answer``), as @localfirst/relay 3.6 and 4.x do; rate-limited like any frame."""
+
+
 @dataclass(frozen=True, slots=True)
 class RelayLimits:
     max_id_length: int = 512
@@ -124,28 +132,28 @@ def decode(frame: str | bytes, encoding: Encoding, limits: RelayLimits = RelayLi
         except jsonwire.TooDeep as exc:
             raise MalformedFrame(f"JSON {exc}") from None
         except jsonwire.DecodeError:
-            raise MalformedFrame("invalid JSON") from None
+            raise Ignored("invalid JSON") from None
     else:
         try:
             message = msgpack.unpackb(frame, raw=False, strict_map_key=False)
         except Exception:  # the msgpack library raises many types for bad input; none is ours
-            raise MalformedFrame("invalid msgpack") from None
+            raise Ignored("invalid msgpack") from None
         try:
             jsonwire.check_depth(message, len(frame))
         except jsonwire.TooDeep as exc:
             raise MalformedFrame(f"msgpack {exc}") from None
     if not isinstance(message, dict):
-        raise MalformedFrame(f"expected an object (map), got {type_name(message)}")
+        raise Ignored(f"expected an object (map), got {type_name(message)}")
     kind = message.get("type")
     if not isinstance(kind, str):
-        raise MalformedFrame("missing 'type'" if kind is None else "'type' must be a string")
+        raise Ignored("missing 'type'" if kind is None else "'type' must be a string")
     match kind:
         case MessageType.HEARTBEAT | MessageType.HEART:
             return Decoded(Heartbeat(), Generation.V4 if encoding is Encoding.MSGPACK else None)
         case MessageType.JOIN | MessageType.LEAVE:
             pass
         case _:
-            raise UnknownCommand(f"unknown message type {clip(kind)!r}")
+            raise Ignored(f"unknown message type {clip(kind)!r}")
     if encoding is Encoding.MSGPACK:
         ids = _id_list(message, "documentIds", limits, required=True)
         generation = Generation.V4
@@ -154,18 +162,18 @@ def decode(frame: str | bytes, encoding: Encoding, limits: RelayLimits = RelayLi
     # JSON: V2 names the list `documentIds`; V1 has `join` and/or `leave` lists.
     if "documentIds" in message:
         if "join" in message or "leave" in message:
-            raise MalformedFrame("a frame has either 'documentIds' or 'join'/'leave', not both")
+            raise Ignored("a frame has either 'documentIds' or 'join'/'leave', not both")
         ids = _id_list(message, "documentIds", limits, required=True)
         command = Join(ids) if kind == MessageType.JOIN else Leave(ids)
         return Decoded(command, Generation.V2)
     if "join" not in message and "leave" not in message:
-        raise MalformedFrame(f"{kind}: missing 'documentIds' (or 'join'/'leave')")
+        raise Ignored(f"{kind}: missing 'documentIds' (or 'join'/'leave')")
     join = _id_list(message, "join", limits, required=False)
     leave = _id_list(message, "leave", limits, required=False)
     if kind == MessageType.JOIN:
         return Decoded(Join(join, leave), Generation.V1)
     if join:
-        raise MalformedFrame("Leave: 'join' is only allowed in a Join")
+        raise Ignored("Leave: 'join' is only allowed in a Join")
     return Decoded(Leave(leave), Generation.V1)
 
 
@@ -175,17 +183,19 @@ def _id_list(
     raw = message.get(field)
     if raw is None:
         if required:
-            raise MalformedFrame(f"missing '{field}'")
+            raise Ignored(f"missing '{field}'")
         return ()
     if not isinstance(raw, list):
-        raise MalformedFrame(f"'{field}' must be a list, got {type_name(raw)}")
+        raise Ignored(f"'{field}' must be a list, got {type_name(raw)}")
     if len(raw) > limits.max_documents:
         raise LimitExceeded(
             f"'{field}' has {len(raw)} entries; a peer may hold at most {limits.max_documents}"
         )
     for index, item in enumerate(raw):
         if not isinstance(item, str):
-            raise MalformedFrame(f"{field}[{index}] is {type_name(item)}, not a string")
+            raise Ignored(f"{field}[{index}] is {type_name(item)}, not a string")
+        if item == "":
+            raise Ignored(f"{field}[{index}] is empty")
         check_id(f"{field}[{index}]", item, limits)
     # Duplicates within one frame collapse, keeping the first position (the original's dedupe).
     return tuple(dict.fromkeys(raw))
@@ -225,7 +235,10 @@ def encoding_of(generation: Generation) -> Encoding:
 
 def answer(error: Exception) -> Answer:
     """How the relay answers an error: it has no error frame (its clients throw on anything but
-    an ``Introduction``), so the socket closes, with the error's code and message."""
+    an ``Introduction``), so a frame that is no relay message is dropped without an answer
+    (``Ignored``), and anything else closes the socket, with the error's code and message."""
+    if isinstance(error, Ignored):
+        return None
     if isinstance(error, ClientError):
         return Close(error.close_code, error.message)
     if isinstance(error, BackendUnavailable):

@@ -11,7 +11,8 @@ socket, the hold bounds (docs/protocols/relay.md). This hub carries its effects 
   order, with a credit window, so a slow reader there slows the writer here;
 * a local pipe's backpressure: a writer waits while its reader's socket has half its send
   buffer unsent (the transport's own flow control);
-* one timer for the machine's next deadline (a held socket's wait).
+* one timer for the machine's next deadline (a held socket's wait, or the linger of a held
+  socket that closed with frames).
 
 A rendezvous runs as the machine's generator: it yields what it needs (claim, look up, release,
 match with another node, wait for another end) and the hub answers.
@@ -46,6 +47,7 @@ from polysignal.core.relay import (
     PipeEnd,
     RelayNode,
     ReleaseOp,
+    SendFrames,
     SettleOp,
     StreamClose,
     StreamOpen,
@@ -79,11 +81,18 @@ class RelayHub(Handler):
         self.settings = settings
         self.backend = backend
         self.limits = proto.RelayLimits(settings.relay_max_id_length, settings.relay_max_documents)
+        # A held socket's frames are written to its peer at once when the pair forms (so that no
+        # later frame overtakes them): they never hold more than the peer's send buffer takes.
+        hold = [b for b in (settings.relay_buffer_bytes, send_buffer_bytes) if b]
         self.machine = RelayNode(
             node_id,
             max_documents=settings.relay_max_documents,
-            buffer_bytes=settings.relay_buffer_bytes,
+            buffer_bytes=min(hold, default=0),
+            address_buffer_bytes=settings.relay_address_buffer_bytes,
             wait_timeout=settings.relay_wait_timeout,
+            # A held socket that closes keeps its frames as long as another node's answer to
+            # a match may take: a reciprocal request already on its way still gets them.
+            linger=settings.relay_match_timeout,
         )
         self.leases = Leases(backend, lease_ttl)
         self._leases: dict[str, Lease] = {}  # key -> this node's lease of it
@@ -130,7 +139,8 @@ class RelayHub(Handler):
         conn.max_frame = self.settings.relay_max_frame_bytes
         conn.set_rate_limit(0, 0)
         conn.transport.set_write_buffer_limits(high=conn.max_buffer // 2)
-        end = conn.state = self.machine.end_opened(conn, secrets.token_hex(8), a, b, key)
+        end_id = secrets.token_hex(8)
+        end = conn.state = self.machine.end_opened(conn, end_id, a, b, key, conn.address)
         self._settled[end.id] = asyncio.Event()
         return self._rendezvous(end)
 
@@ -140,6 +150,7 @@ class RelayHub(Handler):
             return self._run(self.machine.end_frame(state, OP_BINARY if binary else OP_TEXT, data))
         if isinstance(state, PeerSocket):
             encoding = Encoding.MSGPACK if binary else Encoding.JSON
+            self.machine.expect_encoding(state, encoding)  # before decoding: garbage too
             decoded = proto.decode(data, encoding, self.limits)
             return self._run(self.machine.peer_message(state, decoded, encoding))
         return None
@@ -150,7 +161,7 @@ class RelayHub(Handler):
             return self._run(self.machine.peer_closed(state))
         if isinstance(state, PipeEnd):
             self._settled.pop(state.id, None)
-            return self._run(self.machine.end_closed(state))
+            return self._run(self.machine.end_closed(state, self.timer.now()))
         return None
 
     def answer(self, conn: Connection, error: Exception) -> Answer:
@@ -194,6 +205,12 @@ class RelayHub(Handler):
                 assert isinstance(conn, Connection)
                 conn.send_message(payload, OP_BINARY if binary else OP_TEXT)
                 if conn.writing_paused:  # a pipe's reader is behind: its writer waits
+                    return self._drained(conn)
+            case SendFrames(conn, frames):
+                assert isinstance(conn, Connection)
+                for opcode, data in frames:
+                    conn.send_message(data, opcode)
+                if conn.writing_paused:
                     return self._drained(conn)
             case Close(conn, code, reason):
                 assert isinstance(conn, Connection)
