@@ -94,6 +94,10 @@ class Net:
 
     def feed(self, node: str, event: core.Event) -> None:
         self.queue.append((node, event))
+        self.drain()
+
+    def drain(self) -> None:
+        """Deliver everything on its way, in order."""
         while self.queue:
             at, event = self.queue.popleft()
             for effect in self.machines[at].handle(event):
@@ -372,18 +376,168 @@ def test_pending_requests_per_room_are_bounded():
     net.silent(x)
 
 
-def test_requests_remembered_per_socket_are_bounded():
-    m = machine(rooms_per_socket=2)
+def test_pending_requests_per_socket_are_bounded_at_the_limit():
+    """``pending_per_socket`` requests wait at once; the next is refused on the socket's own
+    node with the join's reject, and asking again for a room already asked for is not one
+    more (docs/protocols/rooms.md, "Errors and limits")."""
+    m = machine(pending_per_socket=2)
     m.handle(core.Connected("s"))
-    for room in ("r1", "r2", "r3"):  # on their way to the rooms' nodes
+    for room in ("r1", "r2"):  # on their way to the rooms' nodes
         (effect,) = m.handle(join("s", room))
-        assert isinstance(effect, core.ToOwner)
-    assert m.requested_by("s") == ("r2", "r3")  # the oldest is forgotten
+        assert isinstance(effect, core.ToOwner) and effect.message.room == room
+    assert m.handle(join("s", "r3", {"n": 3})) == [
+        core.Emit(
+            ServerEvent.ROOM_JOIN_REJECT,
+            {
+                "message": "too many pending join requests for one socket (limit 2)",
+                "payload": {"n": 3},
+            },
+            ("s",),
+        )
+    ]
+    (again,) = m.handle(join("s", "r1"))
+    assert isinstance(again, core.ToOwner) and again.message.room == "r1"
+    assert m.requested_by("s") == ("r1", "r2")
     withdrawals = m.handle(core.Disconnected("s"))
-    assert [e.message.room for e in withdrawals if isinstance(e, core.ToOwner)] == ["r2", "r3"]
-    assert all(
-        e.message.op is ClusterOp.WITHDRAW for e in withdrawals if isinstance(e, core.ToOwner)
-    )
+    assert [(e.message.op, e.message.room) for e in withdrawals if isinstance(e, core.ToOwner)] == [
+        (ClusterOp.WITHDRAW, "r1"),
+        (ClusterOp.WITHDRAW, "r2"),
+    ]
+    assert len(withdrawals) == 2
+
+
+@pytest.mark.parametrize("requester_node", ["A", "B"])
+def test_an_answered_request_frees_its_place(requester_node):
+    """A refusal, by the owner or because the room closed, ends the request on the requester's
+    node, wherever it is: the socket may ask for another room."""
+    net = Net.of("A", "B", pending_per_socket=1)
+    o1, o2, o3 = net.connect("A", "o1"), net.connect("A", "o2"), net.connect("A", "o3")
+    q = net.connect(requester_node, "q")
+    for owner, room in ((o1, "r1"), (o2, "r2"), (o3, "r3")):
+        net.room_of("A", owner, room)
+    net.feed(requester_node, join(q, "r1"))
+    net.got(o1)
+    net.feed(requester_node, join(q, "r2", 2))
+    assert net.one(q, ServerEvent.ROOM_JOIN_REJECT)["message"] == core.too_many_requests(1)
+    net.feed("A", refuse(o1, "r1", q))
+    assert net.one(q, ServerEvent.ROOM_JOIN_REJECT)["message"] == proto.OWNER_REJECTED
+    assert net.machines[requester_node].requested_by(q) == ()
+    net.feed(requester_node, join(q, "r2"))
+    assert net.one(o2, ServerEvent.ROOM_JOIN_REQUEST)["peer_id"] == q
+    net.feed("A", core.Disconnected(o2))  # its last member: the room closes
+    assert net.one(q, ServerEvent.ROOM_JOIN_REJECT) == {"message": proto.ROOM_NOT_FOUND}
+    assert net.machines[requester_node].requested_by(q) == ()
+    net.feed(requester_node, join(q, "r3"))
+    assert net.one(o3, ServerEvent.ROOM_JOIN_REQUEST)["peer_id"] == q
+
+
+def test_withdrawals_reach_the_owner_on_another_node_and_after_a_handover():
+    """A requester on C asks for rooms on A: its disconnect withdraws each request where it
+    waits now, on A, or on B where one room went with its owner's leaving; no owner is asked
+    again for it, on any later handover either."""
+    net = Net.of("A", "B", "C")
+    o, second, third = net.connect("A", "o"), net.connect("B", "second"), net.connect("A", "t")
+    stay = net.connect("A", "stay")
+    q = net.connect("C", "q")
+    net.room_of("A", o, "moving")
+    net.admit("A", o, "B", second, "moving")
+    net.admit("A", o, "A", third, "moving")
+    net.room_of("A", stay, "staying")
+    net.feed("C", join(q, "moving"))
+    net.feed("C", join(q, "staying"))
+    net.got(o), net.got(stay)
+    net.feed("A", core.Disconnected(o))  # "moving" goes to B, with q's request
+    assert net.one(second, ServerEvent.ROOM_JOIN_REQUEST)["peer_id"] == q
+    net.got(second), net.got(third)
+    net.feed("C", core.Disconnected(q))
+    for node, room in (("B", "moving"), ("A", "staying")):
+        snap = net.machines[node].room(room)
+        assert snap is not None and snap.pending == (), (node, room)
+    net.feed("B", accept(second, "moving", q))
+    assert net.one(second, ServerEvent.ERROR)["message"] == proto.NO_PENDING_REQUEST
+    net.feed("B", core.Disconnected(second))  # "moving" goes back to A: nothing pending
+    assert net.machines["A"].owns("moving")
+    assert net.one(third, ServerEvent.ROOM_USER_LEAVE)["peer_id"] == second
+    net.silent(third)
+
+
+def test_a_withdrawal_crossing_a_handover_follows_the_room():
+    """The requester goes while its request travels to the new owner's node: the name's lookup
+    still answers the old node (the new one has not claimed it yet). The old node passes the
+    withdrawal straight to the new one, after the handover, so the request is withdrawn there
+    (the new owner was asked once, as the handover arrived)."""
+    net = Net.of("A", "B", "C")
+    o, second, q = net.connect("A", "o"), net.connect("B", "second"), net.connect("C", "q")
+    net.room_of("A", o, "r")
+    net.admit("A", o, "B", second, "r")
+    net.feed("C", join(q, "r"))
+    net.got(o), net.got(second)
+    token = net.claims["r"][1]
+    handover = net.machines["A"].handle(core.Disconnected(o))  # on its way to B, not there yet
+    (withdraw,) = net.machines["C"].handle(core.Disconnected(q))
+    assert isinstance(withdraw, core.ToOwner) and withdraw.message.op is ClusterOp.WITHDRAW
+    msg = replace(withdraw.message, token=token)  # the lookup answers A
+    passed_on: list[core.Effect] = []
+    for _ in range(core.MAX_HOPS + 1):
+        effects = net.machines["A"].handle(core.FromNode("C", msg))
+        if len(effects) != 1 or not isinstance(effects[0], core.ToOwner):
+            passed_on = effects
+            break
+        msg = replace(effects[0].message, token=token)  # and still A: B has not claimed it
+    assert passed_on, "the withdrawal was dropped"
+    for effect in [*handover, *passed_on]:  # A's messages reach B in the order A sent them
+        net.carry("A", effect)
+    net.drain()
+    assert net.claims["r"] == ("B", token)
+    snap = net.machines["B"].room("r")
+    assert snap is not None and snap.pending == ()
+    net.got(second)
+    net.feed("B", accept(second, "r", q))
+    assert net.one(second, ServerEvent.ERROR)["message"] == proto.NO_PENDING_REQUEST
+
+
+def test_handed_over_rooms_are_remembered_a_bounded_number(monkeypatch):
+    """The node a room went from passes its messages straight on to the node it went to, for
+    the last ``MOVED_REMEMBERED`` rooms it handed over; older ones by a lookup of the name."""
+    monkeypatch.setattr(core, "MOVED_REMEMBERED", 2)
+    net = Net.of("A", "B")
+    tokens = {}
+    for n in (1, 2, 3):
+        owner, member = net.connect("A", f"o{n}"), net.connect("B", f"m{n}")
+        net.room_of("A", owner, f"r{n}")
+        net.admit("A", owner, "B", member, f"r{n}")
+        tokens[n] = net.claims[f"r{n}"][1]
+        net.feed("A", core.Disconnected(owner))
+    a = net.machines["A"]
+    for n in (1, 2, 3):
+        withdraw = ClusterMessage(ClusterOp.WITHDRAW, f"r{n}", sid="q", token=tokens[n])
+        (effect,) = a.handle(core.FromNode("C", withdraw))
+        if n == 1:
+            assert effect == core.ToOwner(replace(withdraw, hops=1))
+        else:
+            assert isinstance(effect, ToNode) and effect.node == "B"
+            assert decoded(effect) == replace(withdraw, hops=1)
+    # a join request for a room that moved follows it too
+    join_request = ClusterMessage(ClusterOp.JOIN_REQUEST, "r3", sid="q", node="C", payload=1)
+    (effect,) = a.handle(core.FromNode("C", join_request))
+    assert isinstance(effect, ToNode) and effect.node == "B"
+    assert decoded(effect) == replace(join_request, hops=1, token=tokens[3])
+
+
+def test_an_undeliverable_handover_refuses_the_requests_it_carried():
+    net = Net.of("A", "B")
+    o, second, q = net.connect("A", "o"), net.connect("B", "second"), net.connect("A", "q")
+    net.room_of("A", o, "r")
+    net.admit("A", o, "B", second, "r")
+    net.feed("A", join(q, "r", 1))
+    net.got(o)
+    net.down.add("B")
+    net.feed("A", core.Disconnected(o))
+    assert net.one(q, ServerEvent.ROOM_JOIN_REJECT) == {
+        "message": proto.ROOM_NOT_FOUND,
+        "payload": 1,
+    }
+    assert net.machines["A"].requested_by(q) == ()
 
 
 @pytest.mark.parametrize("kind", [ACCEPT, REFUSE])

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import pytest
 from redis.asyncio import Redis
 
+from polysignal.config import RoomsSettings
 from polysignal.protocols import rooms as proto
 from rooms_client import (
     PASSWORD,
@@ -221,6 +222,53 @@ async def test_ownership_passes_to_a_member_on_the_other_node(nodes, connect):
     # the old owner's node no longer holds the room: its members cannot answer for it
     await third.send("room-join-accept", room="handover", peer_id=late.sid)
     assert (await third.expect("error"))["message"] == proto.NOT_OWNER
+
+
+async def test_join_requests_across_nodes_are_bounded_and_withdrawn(nodes, connect):
+    """An asker on node 2, rooms on node 1: ``ROOMS_MAX_PENDING_PER_SOCKET`` (16) requests
+    wait at once, the next is refused on node 2. The owner leaves: the rooms only it was in
+    close and refuse the requests they held; the one with other members moves to node 3 with
+    its request. The asker leaves: its request is withdrawn there too."""
+    n1, n2, n3 = nodes
+    limit = RoomsSettings().rooms_max_pending_per_socket
+    owner = await connect(n1, "owner")
+    member = await connect(n3, "member")
+    helper = await connect(n2, "helper")  # node 2 holds a copy of the room that moves
+    asker = await connect(n2, "asker")
+    rooms = [f"bounded-{i}" for i in range(limit + 1)]
+    for room in rooms:
+        await create_room(owner, room)
+    await join_room(owner, member, rooms[0])
+    await join_room(owner, helper, rooms[0])
+    # the asker is in a room of the member's, so its leaving shows on node 3
+    await create_room(member, "beacon")
+    await join_room(member, asker, "beacon")
+    for room in rooms[:limit]:
+        await asker.send("room-join-request", room=room)
+        assert (await owner.expect("room-join-request"))["room"] == room
+    await asker.send("room-join-request", room=rooms[limit], payload=limit)
+    assert await asker.expect("room-join-reject") == {
+        "message": f"too many pending join requests for one socket (limit {limit})",
+        "payload": limit,
+    }
+    await owner.assert_silent("room-join-request")
+    await owner.close()
+    assert (await member.expect("room-user-leave", timeout=5 * UNIT))["peer_id"] == owner.sid
+    assert (await member.expect("room-join-request", timeout=5 * UNIT))["peer_id"] == asker.sid
+    closed = [await asker.expect("room-join-reject", timeout=5 * UNIT) for _ in rooms[1:limit]]
+    assert closed == [{"message": proto.ROOM_NOT_FOUND}] * (limit - 1)
+    gone = asker.sid
+    await asker.close()
+    # node 2 sends the withdrawal, then the leave, to node 3: once the leave shows, the
+    # request is gone there
+    leave = await member.expect("room-user-leave", timeout=5 * UNIT)
+    assert leave == {"room": "beacon", "peer_id": gone, "peerinfo": {"name": "asker"}}
+    await member.send("room-join-accept", room=rooms[0], peer_id=gone)
+    assert await member.expect("error", timeout=5 * UNIT) == {
+        "message": proto.NO_PENDING_REQUEST,
+        "event": "room-join-accept",
+    }
+    await helper.assert_silent("room-user-join")
 
 
 async def test_room_name_is_free_again_after_everyone_left(nodes, connect):

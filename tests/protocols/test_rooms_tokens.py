@@ -8,7 +8,7 @@ import hmac
 import orjson
 import pytest
 
-from polysignal.core.errors import MalformedFrame
+from polysignal.core.errors import FrameTooLarge, MalformedFrame
 from polysignal.protocols import rooms as proto
 
 SECRET = b"wrtc-signal-secret"
@@ -293,3 +293,86 @@ def test_cluster_messages_round_trip():
     ):
         with pytest.raises(MalformedFrame, match="invalid cluster message"):
             proto.decode_cluster(bad)
+
+
+# --- values every peer reads back -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), float("inf"), [1, {"a": float("-inf")}], {"x": [[float("nan")]]}, 2**64, b"x"],
+)
+def test_payloads_a_javascript_peer_could_not_read_back_are_refused(value):
+    with pytest.raises(proto.BadEvent) as refused:
+        proto.json_size(value)
+    assert refused.value.message == "payload must be JSON data (no binary, NaN or Infinity)"
+
+
+def test_payloads_with_null_and_finite_numbers_pass():
+    assert proto.json_size([None, 1.5, {"a": None}, -0.0, 2**63 - 1]) == len(
+        orjson.dumps([None, 1.5, {"a": None}, -0.0, 2**63 - 1])
+    )
+
+
+def test_names_must_be_unicode_text():
+    assert proto.parse_join({"room": "é😀"}, LIMITS) == proto.JoinRoom("é😀")
+    with pytest.raises(proto.BadEvent, match="'room' must be Unicode text"):
+        proto.parse_join({"room": "a\udc80", "payload": 1}, LIMITS)
+    assert proto.verify_token("\ud800.x.y", SECRET) is None
+
+
+# --- packets ------------------------------------------------------------------------------------
+
+
+def nested_text(levels: int, inner: str = "1") -> str:
+    return "[" * levels + inner + "]" * levels
+
+
+@pytest.mark.parametrize(
+    ("text", "deeper"),
+    [
+        (nested_text(64), False),
+        (nested_text(65), True),
+        ("42" + nested_text(63, '"x"'), False),
+        ("42" + nested_text(65, '"x"'), True),
+        # brackets in strings, escaped quotes and backslashes included, do not count
+        ("42" + nested_text(60, '"' + "[{" * 40 + '\\"[[\\\\"'), False),
+        ('42["' + "[" * 100 + '"]', False),
+        # closed brackets count down: many arrays side by side are not deep
+        ("42[" + ",".join(["[]"] * 200) + "]", False),
+        ('{"a":' * 65 + "1" + "}" * 65, True),
+    ],
+)
+def test_nesting_is_measured_on_the_text(text, deeper):
+    assert proto.nests_deeper(text) is deeper
+
+
+@pytest.mark.parametrize(
+    ("packet", "message"),
+    [
+        ("", "empty engine.io packet"),
+        ("7", "unknown engine.io packet type"),
+        ("d=4hello", "unknown engine.io packet type"),
+        ("42" + nested_text(65), "packet nested deeper than 64 levels"),
+    ],
+)
+def test_engineio_packets_a_client_may_not_send(packet, message):
+    with pytest.raises(MalformedFrame) as refused:
+        proto.check_packet(packet)
+    assert refused.value.message == message
+
+
+def test_polling_payloads_are_bounded_at_their_limits():
+    assert proto.polling_packets(b"", 10) == []
+    assert proto.polling_packets(b"4abcdefghi", 10) == ["4abcdefghi"]  # exactly 10 bytes
+    with pytest.raises(FrameTooLarge) as large:
+        proto.polling_packets(b"4abcdefghij", 10)
+    assert large.value.message == "payload is too large: 11 bytes, the limit is 10"
+    sixteen = "\x1e".join(["3"] * 16).encode()
+    assert proto.polling_packets(sixteen, 100) == ["3"] * 16
+    with pytest.raises(MalformedFrame, match="more than 16 packets in one payload"):
+        proto.polling_packets(sixteen + b"\x1e3", 100)
+    with pytest.raises(MalformedFrame, match="payload is not UTF-8"):
+        proto.polling_packets(b"4\xff", 100)
+    assert proto.polling_packets(b"4\xc3\xa9\x1eb3", 100) == ["4é", "b3"]
+    proto.check_packet(b"\x00binary")  # a binary message carries no JSON

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import binascii
 import inspect
+import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +20,14 @@ import engineio.async_socket
 import engineio.packet
 import pytest
 import socketio
+import socketio.packet
 from aiohttp import web
 from socketio.async_pubsub_manager import AsyncPubSubManager
 
+from polysignal.core.limits import AddressCounter
 from polysignal.server import socketio_compat as compat
 
-from support import UNIT
+from support import UNIT, until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -63,9 +67,9 @@ async def serve(server: compat.BoundedServer) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
-def bounded(max_queued: int = 64, max_bytes: int = 65536) -> compat.BoundedServer:
+def bounded(max_queued_bytes: int = 1 << 20, max_bytes: int = 65536) -> compat.BoundedServer:
     return compat.BoundedServer(
-        max_queued=max_queued,
+        max_queued_bytes=max_queued_bytes,
         max_http_buffer_size=max_bytes,
         async_mode="aiohttp",
         async_handlers=False,
@@ -98,6 +102,18 @@ def test_the_default_manager_is_the_in_memory_one():
     server = bounded()
     assert type(server.manager) is socketio.AsyncManager
     assert not isinstance(server.manager, AsyncPubSubManager)
+
+
+def test_the_engineio_server_is_made_from_engineio_server_class():
+    """``_engineio_server_class()`` is the class the constructor makes ``eio`` of, with the
+    engine.io options; a BoundedServer's is a GuardedEngineServer."""
+    assert params(socketio.AsyncServer._engineio_server_class) == ["self"]
+    assert (
+        socketio.AsyncServer(async_mode="aiohttp")._engineio_server_class() is engineio.AsyncServer
+    )
+    server = bounded(max_bytes=1234)
+    assert type(server.eio) is compat.GuardedEngineServer
+    assert server.eio.max_http_buffer_size == 1234
 
 
 async def test_emits_go_through_send_eio_packet(live, monkeypatch):
@@ -139,8 +155,8 @@ async def test_other_packets_go_through_send_packet(live, monkeypatch):
 
 @pytest.mark.parametrize(
     "packet",
-    ["2not-json", "9", "", '2{"a":1}', "4"],
-    ids=["bad-json", "unknown-type", "empty", "not-a-list", "connect-error"],
+    ["2not-json", "9", "", '2{"a":1}', "4", '2["x",' + "[" * 30000 + "]" * 30000 + "]"],
+    ids=["bad-json", "unknown-type", "empty", "not-a-list", "connect-error", "too-deep"],
 )
 async def test_handle_eio_message_raises_for_a_malformed_packet(packet):
     """``_handle_eio_message(eio_sid, data)`` decodes a socket.io packet and raises one of
@@ -151,12 +167,46 @@ async def test_handle_eio_message_raises_for_a_malformed_packet(packet):
         await server._handle_eio_message("eio-sid", packet)
 
 
+async def test_json_nested_past_the_recursion_limit_raises_recursion_error():
+    """The reason ``compat.MALFORMED`` holds RecursionError: socket.io's JSON parser (the
+    standard library's) recurses, and a packet nested ~30,000 deep escapes as RecursionError,
+    no ValueError. Packets nested deeper than MAX_DEPTH are refused before it parses them."""
+    server = socketio.AsyncServer(async_mode="aiohttp")
+    with pytest.raises(RecursionError):
+        await server._handle_eio_message("eio-sid", '2["x",' + "[" * 30000 + "]" * 30000 + "]")
+    with pytest.raises(RecursionError):
+        engineio.packet.Packet(encoded_packet="4" + "[" * 30000 + "]" * 30000)
+
+
+async def test_a_packet_nested_deeper_than_max_depth_is_refused_unparsed(live, monkeypatch):
+    """Refused from its text (``proto.nests_deeper``): python-socketio's decoder never runs."""
+    disconnected = asyncio.Event()
+    live.client.on("disconnect", lambda *_: disconnected.set())
+    decoded: list[Any] = []
+    original = socketio.packet.Packet.decode
+
+    def spy(self: Any, encoded_packet: Any) -> Any:
+        decoded.append(encoded_packet)
+        return original(self, encoded_packet)
+
+    monkeypatch.setattr(socketio.packet.Packet, "decode", spy)
+    socket = live.engine_socket()
+    await live.server._handle_eio_message(socket.sid, '2["x",' + "[" * 65 + "]" * 65 + "]")
+    await asyncio.wait_for(disconnected.wait(), 2 * UNIT)
+    assert decoded == [] and socket.closed
+    assert socket.polysignal_refused == "packet nested deeper than 64 levels"
+
+
 async def test_a_malformed_packet_closes_its_connection(live):
     disconnected = asyncio.Event()
     live.client.on("disconnect", lambda *_: disconnected.set())
     socket = live.engine_socket()
     await live.server._handle_eio_message(socket.sid, '2{"not":"a list"}')
     await asyncio.wait_for(disconnected.wait(), 2 * UNIT)
+    assert socket.closed
+    # what its client still sends is dropped, a CONNECT included
+    await live.server._handle_eio_message(socket.sid, "40")
+    assert live.server.manager.sid_from_eio_sid(socket.sid, "/") is None
 
 
 async def test_binary_packet_holds_a_binary_event_awaiting_its_attachments(live):
@@ -173,12 +223,19 @@ async def test_binary_packet_holds_a_binary_event_awaiting_its_attachments(live)
 
 
 async def test_engineio_sockets_and_their_queue(live):
-    """``eio.sockets``: eio_sid -> ``AsyncSocket`` with ``queue`` (an ``asyncio.Queue``),
-    ``closing``, ``closed``, ``upgraded`` and ``close(wait, abort)``."""
+    """``eio.sockets``: eio_sid -> ``AsyncSocket`` with ``queue`` (made by the server's
+    ``create_queue()``), ``closing``, ``closed``, ``connected``, ``upgraded`` and
+    ``close(wait, abort)``."""
     socket = live.engine_socket()
     assert isinstance(socket, engineio.async_socket.AsyncSocket)
-    assert isinstance(socket.queue, asyncio.Queue)
-    assert (socket.closing, socket.closed, socket.upgraded) == (False, False, True)
+    assert params(engineio.AsyncServer.create_queue) == ["self", "args", "kwargs"]
+    assert isinstance(socket.queue, compat.SendQueue)
+    assert (socket.closing, socket.closed, socket.connected, socket.upgraded) == (
+        False,
+        False,
+        True,
+        True,
+    )
     close = inspect.signature(engineio.async_socket.AsyncSocket.close).parameters
     assert {"wait", "abort"} <= set(close) and close["wait"].default is True
     before = socket.queue.qsize()
@@ -186,8 +243,37 @@ async def test_engineio_sockets_and_their_queue(live):
     assert socket.queue.qsize() in (before, before + 1)  # queued (the writer may have taken it)
 
 
-async def test_a_full_queue_cuts_the_client_off(live):
-    live.server.max_queued = 0  # every queue is "full" now
+def test_queue_hooks_see_every_put_and_get():
+    """``asyncio.Queue`` hands every item to ``_put`` and takes it from ``_get``, whichever of
+    ``put``/``put_nowait``/``get``/``get_nowait`` is called: SendQueue counts there."""
+    queue = compat.SendQueue()
+    hello = engineio.packet.Packet(engineio.packet.MESSAGE, data="hello")
+    binary = engineio.packet.Packet(engineio.packet.MESSAGE, data=b"\x00\x01\x02")
+    queue.put_nowait(hello)
+    queue.put_nowait(binary)
+    queue.put_nowait(None)  # engine.io's "stop" for its writer: not a packet
+    assert queue.waiting == len("4hello") + 3
+    assert queue.get_nowait() is hello and queue.waiting == 3  # no WebSocket: a poll took it
+    assert queue.get_nowait() is binary and queue.waiting == 0
+    assert binary.encode(b64=True) == "bAAEC"  # measuring it cached no raw encoding
+
+
+async def test_written_packets_leave_the_count(live):
+    """On a WebSocket, a packet counts from ``put`` until ``GuardedWebSocket.send`` wrote it:
+    engine.io's writer takes every queued packet at once, then writes them one by one."""
+    assert params(compat.GuardedWebSocket.send) == ["self", "message"]
+    queue = live.engine_socket().queue
+    for n in range(20):
+        await live.server.emit("n", n, to=live.sid)
+    for n in range(20):
+        assert await asyncio.wait_for(live.received.get(), 2 * UNIT) == ("n", n)
+    await until(lambda: queue.waiting == 0)
+
+
+async def test_a_queue_past_its_bytes_cuts_the_client_off(live, caplog):
+    """More than ``max_queued_bytes`` waiting: the client is cut off at once (logged once)."""
+    caplog.set_level(logging.INFO)
+    live.server.max_queued_bytes = 0  # any packet waiting is one byte too many
     disconnected = asyncio.Event()
     live.client.on("disconnect", lambda *_: disconnected.set())
     socket = live.engine_socket()
@@ -195,6 +281,8 @@ async def test_a_full_queue_cuts_the_client_off(live):
     await asyncio.wait_for(disconnected.wait(), 2 * UNIT)
     assert socket.closed
     assert live.received.empty()
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(loud) == 1 and "is not reading" in loud[0], loud
 
 
 async def test_polling_sessions_are_closed_at_stop():
@@ -302,3 +390,159 @@ def test_engineio_packets_decode(encoded, kind):
 def test_undecodable_engineio_packets_raise(encoded):
     with pytest.raises((ValueError, IndexError, binascii.Error)):
         engineio.packet.Packet(encoded_packet=encoded)
+
+
+# --- python-engineio: sessions, requests, refusals ---------------------------------------------
+
+
+def test_the_handshake_and_event_hooks():
+    """``_handle_connect(environ, transport, jsonp_index)`` starts a session;
+    ``_trigger_event(event, *args, run_async=...)`` runs its handlers; ``_log_error_once``
+    logs what a client got wrong."""
+    assert params(engineio.AsyncServer._handle_connect) == [
+        "self",
+        "environ",
+        "transport",
+        "jsonp_index",
+    ]
+    assert params(engineio.AsyncServer._trigger_event) == ["self", "event", "args", "kwargs"]
+    assert params(engineio.AsyncServer._log_error_once) == ["self", "message", "message_key"]
+    assert params(engineio.AsyncServer.handle_request) == ["self", "args", "kwargs"]
+
+
+def test_the_post_branch_helpers():
+    """What ``GuardedEngineServer._handle_post`` uses in place of engine.io's POST branch."""
+    assert params(engineio.AsyncServer._make_response) == ["self", "response_dict", "environ"]
+    assert params(engineio.AsyncServer._ok) == ["self", "packets", "headers", "jsonp_index"]
+    assert params(engineio.AsyncServer._cors_allowed_origins) == ["self", "environ"]
+    assert params(engineio.async_socket.AsyncSocket.receive) == ["self", "pkt"]
+    server = bounded()
+    assert server.eio._ok() == {
+        "status": "200 OK",
+        "headers": [("Content-Type", "text/plain")],
+        "response": b"OK",
+    }
+    assert callable(server.eio._async["translate_request"])
+
+
+async def test_sessions_hold_their_address_from_the_handshake_until_they_close():
+    """Counted at the handshake (a long-polling session that never CONNECTs included), refused
+    past the limit with 429, given back by ``disconnect``, once, however the session ends."""
+    sessions = AddressCounter(2)
+    server = compat.BoundedServer(
+        max_queued_bytes=1 << 20, sessions=sessions, async_mode="aiohttp", logger=False
+    )
+    runner, url = await serve(server)
+    client = socketio.AsyncClient(reconnection=False)
+    try:
+        await client.connect(url, transports=["websocket"], wait_timeout=5 * UNIT)
+        assert sessions.count("127.0.0.1") == 1
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/socket.io/?EIO=4&transport=polling") as resp:
+                assert resp.status == 200
+                sid = json.loads((await resp.text())[1:])["sid"]
+            assert sessions.count("127.0.0.1") == 2
+            async with http.get(f"{url}/socket.io/?EIO=4&transport=polling") as resp:
+                assert (resp.status, await resp.text()) == (
+                    429,
+                    '"too many connections from this address"',
+                )
+            polling = f"{url}/socket.io/?EIO=4&transport=polling&sid={sid}"
+            async with http.post(polling, data=b"1") as resp:  # engine.io CLOSE
+                assert (resp.status, await resp.text()) == (200, "OK")
+            assert sessions.count("127.0.0.1") == 1
+            async with http.post(polling, data=b"1") as resp:
+                assert (resp.status, await resp.text()) == (400, '"Invalid session"')
+        await client.disconnect()
+        await until(lambda: sessions.count("127.0.0.1") == 0)
+    finally:
+        await client.disconnect()
+        await server.shutdown()
+        await runner.cleanup()
+
+
+async def test_a_session_that_stops_polling_is_closed_by_the_ping_timeout():
+    """engine.io's service task closes a session whose ping goes unanswered for
+    ``ping_timeout`` (it pings ``ping_interval`` after the handshake), and ``disconnect``
+    gives its place back."""
+    sessions = AddressCounter(1)
+    server = compat.BoundedServer(
+        max_queued_bytes=1 << 20,
+        sessions=sessions,
+        async_mode="aiohttp",
+        logger=False,
+        ping_interval=0.1,
+        ping_timeout=0.1,
+    )
+    assert (server.eio.ping_interval, server.eio.ping_timeout) == (0.1, 0.1)
+    runner, url = await serve(server)
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{url}/socket.io/?EIO=4&transport=polling") as resp,
+        ):
+            assert resp.status == 200
+        assert sessions.count("127.0.0.1") == 1
+        await until(lambda: sessions.count("127.0.0.1") == 0, timeout=5 * UNIT)
+        (socket,) = server.eio.sockets.values() or [None]
+        assert socket is None or socket.closed
+    finally:
+        await server.shutdown()
+        await runner.cleanup()
+
+
+async def test_client_errors_engineio_answers_are_not_logged_as_errors(live, caplog):
+    caplog.set_level(logging.DEBUG)
+    async with aiohttp.ClientSession() as http:
+        for query in ("EIO=4&transport=polling&sid=nope", "EIO=3&transport=polling"):
+            async with http.get(f"{live.url}/socket.io/?{query}") as resp:
+                assert resp.status == 400
+    loud = [r for r in caplog.records if r.levelno >= logging.INFO and r.name != "aiohttp.access"]
+    assert not loud, [r.getMessage() for r in loud]
+
+
+async def test_a_post_from_an_origin_not_allowed_is_refused(live):
+    """As engine.io checks every request's ``Origin`` (same origin only, by default)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{live.url}/socket.io/?EIO=4&transport=polling") as resp:
+            sid = json.loads((await resp.text())[1:])["sid"]
+        async with http.post(
+            f"{live.url}/socket.io/?EIO=4&transport=polling&sid={sid}",
+            data=b"40",
+            headers={"Origin": "http://elsewhere.invalid"},
+        ) as resp:
+            assert (resp.status, await resp.text()) == (400, '"Not an accepted origin"')
+
+
+async def test_a_websocket_handshake_that_fails_gives_its_place_back():
+    """aiohttp refuses the upgrade (no ``Sec-WebSocket-Key``) after engine.io started the
+    session: the session is closed at once, not at its ping timeout."""
+    sessions = AddressCounter(1)
+    server = compat.BoundedServer(
+        max_queued_bytes=1 << 20, sessions=sessions, async_mode="aiohttp", logger=False
+    )
+    runner, url = await serve(server)
+    try:
+        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{url}/socket.io/?EIO=4&transport=websocket", headers=upgrade) as resp,
+        ):
+            assert resp.status == 400
+        assert sessions.count("127.0.0.1") == 0
+        assert all(socket.closed for socket in server.eio.sockets.values())
+    finally:
+        await server.shutdown()
+        await runner.cleanup()
+
+
+def test_aiohttp_ends_a_connection_with_force_close():
+    """``answer_and_close``: ``request.protocol`` is aiohttp's RequestHandler, whose
+    ``force_close()`` ends the connection once the answer is written (no lingering read of a
+    body that does not decode); ``RequestPayloadError`` is what reading such a body raises."""
+    from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+
+    assert isinstance(inspect.getattr_static(web.BaseRequest, "protocol"), property)
+    assert params(RequestHandler.force_close) == ["self"]
+    assert web.RequestPayloadError is RequestPayloadError
+    assert web.RequestPayloadError in compat.BODY_ERRORS

@@ -47,6 +47,10 @@ DIRECT_KIND: Final = "rooms"
 MAX_HOPS: Final = 3
 """How often a message that reached a node no longer owning its room is passed on."""
 
+MOVED_REMEMBERED: Final = 1024
+"""How many rooms handed over to another node a node remembers, to pass their messages on
+straight to the new node (``RoomsMachine._forward``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class RoomLimits:
@@ -54,6 +58,7 @@ class RoomLimits:
 
     rooms_per_socket: int = 256
     pending_per_room: int = 1024
+    pending_per_socket: int = 16
     name_length: int = 512
 
 
@@ -226,6 +231,10 @@ def too_many_rooms(limit: int) -> str:
 TOO_MANY_PENDING: Final = "too many pending join requests for this room"
 
 
+def too_many_requests(limit: int) -> str:
+    return f"too many pending join requests for one socket (limit {limit})"
+
+
 # --- state -----------------------------------------------------------------------------------
 
 
@@ -233,8 +242,8 @@ TOO_MANY_PENDING: Final = "too many pending join requests for this room"
 class _Socket:
     data: dict[str, Any] = field(default_factory=dict)  # {} or {"peerinfo": ...}
     rooms: dict[str, None] = field(default_factory=dict)  # member of, in join order
-    # Rooms it asked to join, to withdraw the requests when it goes; past the limit the oldest
-    # are forgotten (a forgotten request admits no one once its socket is gone).
+    # Rooms it asked to join and has no answer from (at most ``pending_per_socket``), to
+    # withdraw the requests when it goes; never a room it is in.
     requested: dict[str, None] = field(default_factory=dict)
     creating: int = 0  # claims of new rooms on their way
 
@@ -303,6 +312,8 @@ class RoomsMachine:
         self._rooms: dict[str, _Room] = {}
         self._local: dict[str, set[str]] = {}  # room -> this node's sockets in it
         self._creating: dict[str, _Creating] = {}  # claim token -> the create it answers
+        # Rooms this node handed over: room -> (token, the node it went to), the latest last.
+        self._moved: dict[str, tuple[str, str]] = {}
 
     # --- what the machine knows (for the hub's logs and for tests) ---
     def rooms_of(self, sid: str) -> tuple[str, ...]:
@@ -372,10 +383,20 @@ class RoomsMachine:
             else:
                 remote.setdefault(node, []).append(sid)
         if local:
+            if event is ServerEvent.ROOM_JOIN_REJECT:
+                self._answered(room, local)
             out.append(Emit(event, body, tuple(local)))
         for node, sids in remote.items():
             msg = ClusterMessage(ClusterOp.EMIT, room, event=event, body=body, to=tuple(sids))
             out.append(ToNode(node, DIRECT_KIND, proto.encode_cluster(msg)))
+
+    def _answered(self, room: str, sids: Iterable[str]) -> None:
+        """The join requests of local sockets ``sids`` for ``room`` were refused: they no longer
+        count against ``pending_per_socket`` nor need withdrawing."""
+        for sid in sids:
+            sock = self._sockets.get(sid)
+            if sock is not None:
+                sock.requested.pop(room, None)
 
     def _send(self, out: list[Effect], node: str, msg: ClusterMessage) -> None:
         """``msg`` to ``node``: handled right here when that is this node."""
@@ -516,10 +537,12 @@ class RoomsMachine:
             return
         if not self._room_count_ok(out, sid, sock, kind, cmd.payload):
             return
-        sock.requested.pop(cmd.room, None)
+        limit = self.limits.pending_per_socket
+        if cmd.room not in sock.requested and len(sock.requested) >= limit:
+            # Asking again for a room already asked for is not one more.
+            out.append(reject(sid, kind, too_many_requests(limit), cmd.payload))
+            return
         sock.requested[cmd.room] = None
-        if len(sock.requested) > self.limits.rooms_per_socket:
-            del sock.requested[next(iter(sock.requested))]
         msg = ClusterMessage(
             ClusterOp.JOIN_REQUEST,
             cmd.room,
@@ -614,8 +637,8 @@ class RoomsMachine:
         sock = self._sockets.pop(sid, None)
         if sock is None:
             return
-        for name in list(sock.rooms):
-            self._leave(out, sid, sock, name)
+        # Its requests are withdrawn before it leaves its rooms: an owner's node that hears of
+        # its leaving from this node has had the withdrawals sent to it first.
         for name in sock.requested:  # never a room it is in (joining forgets the request)
             withdraw = ClusterMessage(ClusterOp.WITHDRAW, name, sid=sid)
             room = self._rooms.get(name)
@@ -625,6 +648,8 @@ class RoomsMachine:
                 self._send(out, room.members[room.owner].node, replace(withdraw, token=room.token))
             else:
                 out.append(ToOwner(withdraw))
+        for name in list(sock.rooms):
+            self._leave(out, sid, sock, name)
         # A create still on its way finds the socket gone and releases the name.
 
     def _leave(self, out: list[Effect], sid: str, sock: _Socket, name: str) -> None:
@@ -692,6 +717,8 @@ class RoomsMachine:
             del self._rooms[room.name]
             self._local.pop(room.name, None)
             out.append(ReleaseName(room.name, room.token))
+            # Nobody is left to answer them (and their sockets may ask for other rooms).
+            self._refuse_pending(out, room.name, room.pending)
             return
         if room.owner == sid:
             self._hand_over(out, room)
@@ -718,6 +745,7 @@ class RoomsMachine:
         room.pending.clear()
         if room.name not in self._local:
             del self._rooms[room.name]
+        self._remember_moved(room.name, room.token, new_node)
         out.append(HandOffName(room.name, room.token))
         out.append(ToNode(new_node, DIRECT_KIND, proto.encode_cluster(handover)))
         self._push_snapshot(out, room, skip=new_node)
@@ -729,20 +757,32 @@ class RoomsMachine:
         if not room.authority or not room.listed:
             return
         room.listed = False
-        for sid, pending in room.pending.items():
-            self._reject_join(
-                out, room.name, sid, pending.node, proto.ROOM_NOT_FOUND, pending.payload
-            )
+        self._refuse_pending(out, room.name, room.pending)
         room.pending.clear()
         if room.owner in self._sockets:
             message = proto.NAME_LOST.format(room=room.name)
             out.append(Emit(ServerEvent.ERROR, proto.error_body(message), (room.owner,)))
+
+    def _refuse_pending(
+        self, out: list[Effect], room: str, pending: dict[str, proto.Pending]
+    ) -> None:
+        """``room-join-reject`` "Room is not found." to every requester in ``pending``."""
+        for sid, request in pending.items():
+            self._reject_join(out, room, sid, request.node, proto.ROOM_NOT_FOUND, request.payload)
+
+    def _remember_moved(self, room: str, token: str, node: str) -> None:
+        self._moved.pop(room, None)
+        self._moved[room] = (token, node)
+        if len(self._moved) > MOVED_REMEMBERED:
+            del self._moved[next(iter(self._moved))]
 
     # --- messages from other nodes ---
     def _message(self, out: list[Effect], msg: ClusterMessage) -> None:
         match msg.op:
             case ClusterOp.EMIT:
                 to = tuple(sid for sid in msg.to if sid in self._sockets)
+                if to and msg.event is ServerEvent.ROOM_JOIN_REJECT:
+                    self._answered(msg.room, to)
                 if to and msg.event is not None:
                     out.append(Emit(msg.event, msg.body, to))
             case ClusterOp.JOIN_REQUEST:
@@ -765,10 +805,20 @@ class RoomsMachine:
         return room
 
     def _forward(self, out: list[Effect], msg: ClusterMessage) -> bool:
-        """A message for a room this node does not own: pass it to the node holding the room's
-        name, at most ``MAX_HOPS`` times."""
+        """A message for a room this node does not own: pass it on, at most ``MAX_HOPS`` times.
+
+        A room this node handed over goes straight to the node it went to: after the handover
+        itself, on the same ordered way, so a requester's withdrawal that crossed the handover
+        still finds its request there (a lookup of the name could still answer this node,
+        until the new node has claimed it). Any other goes to the node holding the name."""
         if msg.hops >= MAX_HOPS:
             return False
+        moved = self._moved.get(msg.room)
+        if moved is not None and msg.token in ("", moved[0]) and moved[1] != self.node_id:
+            token, node = moved
+            forwarded = replace(msg, hops=msg.hops + 1, token=token)
+            out.append(ToNode(node, DIRECT_KIND, proto.encode_cluster(forwarded)))
+            return True
         out.append(ToOwner(replace(msg, hops=msg.hops + 1)))
         return True
 
@@ -789,10 +839,6 @@ class RoomsMachine:
         self._ask_owner(out, room, msg.sid, pending)
 
     def _join_failed(self, out: list[Effect], msg: ClusterMessage, message: str) -> None:
-        if msg.node == self.node_id:
-            sock = self._sockets.get(msg.sid)
-            if sock is not None and msg.room not in sock.rooms:
-                sock.requested.pop(msg.room, None)
         self._reject_join(out, msg.room, msg.sid, msg.node, message, msg.payload)
 
     def _on_admit(self, out: list[Effect], msg: ClusterMessage) -> None:
@@ -863,6 +909,7 @@ class RoomsMachine:
             return
         room = _Room.of(snap, authority=True)
         self._rooms[room.name] = room
+        self._moved.pop(room.name, None)
         out.append(ClaimName(room.name, room.token))
         if room.owner not in self._sockets:  # the new owner left while the room was on its way
             self._member_left(out, room, room.owner, None)
@@ -880,6 +927,10 @@ class RoomsMachine:
                 room = self._owned(msg)
                 if room is not None:
                     self._member_left(out, room, msg.sid, None)
+            case ClusterOp.HANDOVER if msg.snapshot is not None:
+                # The room has no owner's node now (docs/protocols/rooms.md, "Many nodes"):
+                # nobody will answer its pending requests.
+                self._refuse_pending(out, msg.room, dict(msg.snapshot.pending))
             case _:
                 # A leave, copy or event for a node that is gone, or a handover that could not
                 # be delivered (the room then has no owner's node: joins fail, members stay

@@ -24,14 +24,16 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Any, Final
 
 import orjson
 
-from polysignal.core.errors import ClientError, MalformedFrame
-from polysignal.protocols.jsonwire import type_name
+from polysignal.core.errors import ClientError, FrameTooLarge, MalformedFrame
+from polysignal.protocols.jsonwire import MAX_DEPTH, type_name
 
 
 class ClientEvent(StrEnum):
@@ -147,7 +149,7 @@ def verify_token(token: object, secret: bytes) -> dict[str, Any] | None:
     The signature is compared in constant time before the payload is decoded, so nothing a
     forger sends is parsed. Like the original, a token's payload must carry ``app``.
     """
-    if not isinstance(token, str):
+    if not isinstance(token, str) or not token.isascii():  # a token is base64, hex and dots
         return None
     parts = token.split(".")
     if len(parts) != 3:
@@ -243,11 +245,35 @@ class Relay:
 
 
 def json_size(value: Any, what: str = "payload") -> int:
-    """Bytes of ``value`` as JSON; BadEvent if it is not JSON data (e.g. binary)."""
+    """Bytes of ``value`` as JSON; BadEvent if it is not JSON data every peer can read back.
+
+    Refused: binary, integers past 64 bits, text that is not Unicode (a lone surrogate), and
+    ``NaN`` or ``Infinity``, which socket.io's JSON parser lets in and its encoder writes back as
+    bare ``NaN``: socket.io-client cannot parse that and drops its connection, so relaying one
+    would let a client disconnect another.
+    """
     try:
-        return len(orjson.dumps(value))
+        encoded = orjson.dumps(value)
     except TypeError:
-        raise BadEvent(f"{what} must be JSON data (no binary, at most 254 levels deep)") from None
+        raise BadEvent(f"{what} must be JSON data (no binary, NaN or Infinity)") from None
+    # orjson writes NaN and Infinity as null: only a value whose JSON has a null can hold one.
+    if b"null" in encoded and _has_non_finite(value):
+        raise BadEvent(f"{what} must be JSON data (no binary, NaN or Infinity)")
+    return len(encoded)
+
+
+def _has_non_finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is float:
+            if not math.isfinite(item):
+                return True
+        elif type(item) is list:
+            stack.extend(item)
+        elif type(item) is dict:
+            stack.extend(item.values())
+    return False
 
 
 def _payload(data: dict[str, Any], limits: Limits) -> Maybe:
@@ -275,7 +301,18 @@ def _string(data: dict[str, Any], key: str, event: ClientEvent, payload: Maybe) 
         raise BadEvent(f"{event}: '{key}' is required", payload)
     if not isinstance(value, str):
         raise BadEvent(f"{event}: '{key}' must be a string, got {type_name(value)}", payload)
+    if not value.isascii() and not _is_unicode(value):
+        # A lone surrogate: it could not be written to another node or to Redis.
+        raise BadEvent(f"{event}: '{key}' must be Unicode text", payload)
     return value
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _room(data: dict[str, Any], event: ClientEvent, payload: Maybe, limits: Limits) -> str:
@@ -362,6 +399,87 @@ def payload_of(data: Any) -> Maybe:
     if isinstance(data, dict) and "payload" in data:
         return data["payload"]
     return MISSING
+
+
+# --- socket.io and engine.io packets, as far as polysignal checks them ---------------------------
+#
+# python-socketio and python-engineio decode the packets (``server/socketio_compat.py``); what
+# they would choke on is refused here first, so that it closes its connection cleanly instead of
+# failing inside the libraries (docs/protocols/rooms.md, "Security and limits").
+
+TOO_DEEP: Final = f"packet nested deeper than {MAX_DEPTH} levels"
+
+MAX_POLLING_PACKETS: Final = 16
+"""Packets one long-polling POST may carry (python-engineio's ``Payload.max_decode_packets``)."""
+
+RECORD_SEPARATOR: Final = "\x1e"
+"""Between the packets of a long-polling payload (engine.io 4)."""
+
+ENGINEIO_TYPES: Final = "0123456"
+"""engine.io packet types: open, close, ping, pong, message, upgrade, noop ("b": binary)."""
+
+# A JSON string (its escapes included), and a bracket.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def nests_deeper(text: str, limit: int = MAX_DEPTH) -> bool:
+    """Whether the JSON in packet ``text`` nests arrays and objects deeper than ``limit`` (the
+    outermost is level 1), measured on the text, before any parser recurses into it.
+
+    Brackets inside JSON strings do not count. A packet with at most ``limit`` brackets in all
+    (nearly every one) costs one count, as ``protocols/jsonwire.py`` does; the scan that follows
+    skips strings with one regular expression and then walks the brackets alone.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for bracket in _BRACKET.findall(_STRING.sub("", text)):
+        if bracket in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def check_packet(packet: str | bytes) -> None:
+    """One engine.io packet as a client sent it (a WebSocket message, or one packet of a
+    long-polling payload): MalformedFrame unless its type is known and its JSON nests at most
+    ``MAX_DEPTH`` levels. Binary packets are engine.io messages and carry no JSON."""
+    if isinstance(packet, bytes | bytearray):
+        return
+    if not packet:
+        raise MalformedFrame("empty engine.io packet")
+    if packet[0] not in ENGINEIO_TYPES and packet[0] != "b":
+        raise MalformedFrame("unknown engine.io packet type")
+    if nests_deeper(packet):
+        raise MalformedFrame(TOO_DEEP)
+
+
+def polling_packets(body: bytes, max_bytes: int) -> list[str]:
+    """The engine.io packets of one long-polling POST ``body``, each checked (``check_packet``).
+
+    FrameTooLarge past ``max_bytes`` (``MAX_FRAME_BYTES``, the same bound as a WebSocket
+    message); MalformedFrame for a body that is not UTF-8 or carries more than
+    ``MAX_POLLING_PACKETS`` packets. An empty body carries none. JSONP bodies (``d=``), which no
+    engine.io 4 client sends, are refused as an unknown packet type.
+    """
+    if len(body) > max_bytes:
+        raise FrameTooLarge(f"payload is too large: {len(body)} bytes, the limit is {max_bytes}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedFrame("payload is not UTF-8") from None
+    if not text:
+        return []
+    packets = text.split(RECORD_SEPARATOR, MAX_POLLING_PACKETS)
+    if len(packets) > MAX_POLLING_PACKETS:
+        raise MalformedFrame(f"more than {MAX_POLLING_PACKETS} packets in one payload")
+    for packet in packets:
+        check_packet(packet)
+    return packets
 
 
 # --- outgoing event bodies ----------------------------------------------------------------------

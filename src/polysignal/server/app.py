@@ -74,6 +74,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
             lease_ttl=settings.server.id_lease_ttl,
             max_frame_bytes=settings.limits.max_frame_bytes,
             send_buffer_bytes=settings.limits.send_buffer_bytes,
+            max_connections_per_ip=settings.limits.max_connections_per_ip,
             rate_limit=settings.limits.rate_limit,
             rate_burst=settings.limits.rate_burst,
             shutdown_timeout=settings.server.shutdown_timeout,

@@ -6,12 +6,13 @@
 * ``POST /app``: app tokens (docs/protocols/rooms.md, "POST /app"); ``GET /demo``: the browser
   demo with a local socket.io client.
 
-The protocol's rules are ``core/rooms.py``'s state machine; this hub is its executor. socket.io's
-handlers check what is the transport's business (handshake, per-address limit, rate limit, the
-session token of every event, the shape of its data) and feed the machine; the machine's effects
-are carried out here: emits to local sockets, messages to other nodes by the backend's direct
-delivery (docs/protocols/rooms.md, "Many nodes"), lookups of a room's node, and the leases of
-room names (``backends/lease.py``).
+The protocol's rules are ``core/rooms.py``'s state machine; this hub is its executor. What is the
+transport's business is checked before the machine sees anything: by ``server/socketio_compat.py``
+(engine.io sessions per address, send queues in bytes, packets the libraries cannot decode) and by
+socket.io's handlers here (the handshake token, the rate limit, the session token of every event,
+the shape of its data), which then feed the machine. Its effects are carried out here: emits to
+local sockets, messages to other nodes by the backend's direct delivery (docs/protocols/rooms.md,
+"Many nodes"), lookups of a room's node, and the leases of room names (``backends/lease.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import orjson
 import socketio
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from polysignal.backends.base import Backend, Claim
 from polysignal.backends.lease import MIN_TTL, Leases
@@ -63,7 +65,8 @@ class Shared:
 
     lease_ttl: float  # ID_LEASE_TTL: the leases of room names
     max_frame_bytes: int  # MAX_FRAME_BYTES: socket.io's maxHttpBufferSize
-    send_buffer_bytes: int  # SEND_BUFFER_BYTES: bounds engine.io's send queue
+    send_buffer_bytes: int  # SEND_BUFFER_BYTES: bounds engine.io's send queue, in bytes
+    max_connections_per_ip: int  # MAX_CONNECTIONS_PER_IP: engine.io sessions per address
     rate_limit: float  # RATE_LIMIT, events per second of one socket
     rate_burst: int  # RATE_BURST
     shutdown_timeout: float  # SHUTDOWN_TIMEOUT
@@ -88,7 +91,6 @@ class RoomsHub:
         shared: Shared,
         backend: Backend,
         node_id: str,
-        addresses: AddressCounter,
         secret: str,
         password: str,
         stopping: Callable[[], bool] = lambda: False,
@@ -97,7 +99,9 @@ class RoomsHub:
         self.shared = shared
         self.backend = backend
         self.node_id = node_id
-        self.addresses = addresses
+        # engine.io sessions per client address, from the handshake on (whatever the front door
+        # counts of TCP connections): long-polling sessions need no connection of their own.
+        self.sessions = AddressCounter(shared.max_connections_per_ip)
         self.secret = secret.encode()
         self.password = password
         self.stopping = stopping
@@ -110,6 +114,7 @@ class RoomsHub:
             core.RoomLimits(
                 rooms_per_socket=settings.rooms_max_per_socket,
                 pending_per_room=settings.rooms_max_pending,
+                pending_per_socket=settings.rooms_max_pending_per_socket,
                 name_length=settings.rooms_max_name_length,
             ),
         )
@@ -118,7 +123,8 @@ class RoomsHub:
         self.background = Background(log)
         self._throttle = Throttle()
         self.sio = compat.BoundedServer(
-            max_queued=max(64, shared.send_buffer_bytes // 1024),
+            max_queued_bytes=shared.send_buffer_bytes,
+            sessions=self.sessions,
             async_mode="aiohttp",
             # Events of one socket are handled in order (SDP before its ICE candidates).
             async_handlers=False,
@@ -238,11 +244,6 @@ class RoomsHub:
             # (docs/protocols/rooms.md, "Errors and limits").
             raise socketio.exceptions.ConnectionRefusedError(proto.TOKEN_NOT_VALID)
         address = compat.remote_address(environ)
-        if not self.addresses.acquire(address):
-            log.warning("refused %s: %d connections from it", address, self.addresses.limit)
-            raise socketio.exceptions.ConnectionRefusedError(
-                "too many connections from this address"
-            )
         bucket = TokenBucket(self.shared.rate_limit, self.shared.rate_burst, time.monotonic())
         self.conns[sid] = _Conn(address, bucket)
         self.machine.handle(core.Connected(sid))
@@ -252,7 +253,6 @@ class RoomsHub:
         conn = self.conns.pop(sid, None)
         if conn is None:
             return
-        self.addresses.release(conn.address)
         log.debug("socket %s gone (%s)", sid, reason)
         try:
             await self.feed(core.Disconnected(sid))
@@ -339,7 +339,12 @@ class RoomsHub:
                 form = await request.json(loads=orjson.loads)
             else:
                 form = await request.post()
-        except (ValueError, UnicodeDecodeError):
+        except web.RequestPayloadError:  # its content or transfer encoding does not decode
+            response = _api_error(400, "Request body is not valid JSON or form data")
+            return await compat.answer_and_close(request, response)
+        except (ValueError, LookupError, HttpProcessingError):
+            # Not JSON, not UTF-8, an unknown charset, a multipart body without its boundary
+            # or with malformed part headers: the client's error, answered, never a traceback.
             return _api_error(400, "Request body is not valid JSON or form data")
         if not isinstance(form, dict) and not hasattr(form, "get"):
             return _api_error(400, "Request body must be an object")
@@ -416,7 +421,6 @@ def setup(
         shared,
         node.backend,
         node.node_id,
-        node.addresses,
         *secrets,
         stopping=lambda: node.stopping,
     )
