@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import aiohttp
 import pytest
 
-from rawws import ACCEPT, connect, frame, request, upgraded
-from support import UNIT, node_settings, running_server, until
+from rawws import ACCEPT, Raw, close, connect, frame, request, upgraded
+from support import UNIT, assert_log_bounded, node_settings, running_server, until, until_true
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -272,3 +273,162 @@ async def test_refused_and_closed_requests_hold_no_address_slot():
         assert srv.node.addresses.count("127.0.0.1") == 0
         await srv.ws()
         assert srv.node.addresses.count("127.0.0.1") == 1
+
+
+# --- every connection holds its address's slot, whatever it carries -------------------------
+
+
+async def refused(port: int) -> bool:
+    """Whether a new connection is answered 429 before it sends anything."""
+    raw = await connect(port)
+    try:
+        response = await raw.response()
+    except (TimeoutError, asyncio.IncompleteReadError):
+        return False
+    finally:
+        await raw.aclose()
+    assert response.status == 429
+    assert response.body == b"too many connections from this address\n"
+    return True
+
+
+async def admitted(port: int) -> Raw:
+    """A connection that is served (its WebSocket upgrade answered 101)."""
+    raw = await connect(port)
+    raw.send(request())
+    assert (await raw.response()).status == 101
+    return raw
+
+
+async def test_the_address_limit_counts_requests_still_being_read():
+    """Half-open requests hold a slot: at the limit, the next connection is refused 429 at
+    once; a slot comes back when one of them goes."""
+    async with running_server(node_settings(max_connections_per_ip=3)) as srv:
+        slow = [await connect(srv.port) for _ in range(3)]
+        for raw in slow:
+            raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        await until_true(lambda: refused(srv.port))
+        await slow[0].aclose()
+        raw = await until_admitted(srv.port)
+        raw.send(frame(b'{"type":"ping"}'))
+        assert await raw.frame() == PONG
+
+
+async def until_admitted(port: int) -> Raw:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3 * UNIT
+    while True:
+        raw = await connect(port)
+        raw.send(request())
+        try:
+            if (await raw.response()).status == 101:
+                return raw
+        except (TimeoutError, asyncio.IncompleteReadError):
+            pass
+        await raw.aclose()
+        assert loop.time() < deadline, "no slot came back"
+        await asyncio.sleep(0.02)
+
+
+async def test_the_limit_is_exact_and_counts_every_kind_of_connection(caplog):
+    """Two WebSockets and a kept-alive HTTP connection fill a limit of 3; the fourth is
+    refused (logged once however often it is tried), and each kind gives its slot back."""
+    async with running_server(node_settings(max_connections_per_ip=3)) as srv:
+        first, second = await admitted(srv.port), await admitted(srv.port)
+        http = await connect(srv.port)
+        http.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await http.response()).body == b"okay"  # kept alive
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="polysignal"):
+            for _ in range(5):
+                assert await refused(srv.port)
+        assert_log_bounded(caplog.records)
+        assert [r.getMessage() for r in caplog.records] == [
+            "refused 127.0.0.1: 3 connections from it"
+        ]
+        await http.aclose()
+        third = await until_admitted(srv.port)
+        assert await refused(srv.port)
+        first.send(close())
+        assert await first.close_frame() == (1000, "")
+        fourth = await until_admitted(srv.port)
+        for raw in (second, third, fourth):
+            raw.send(frame(b'{"type":"ping"}'))
+            assert await raw.frame() == PONG
+
+
+async def test_a_websocket_on_a_kept_alive_connection_holds_one_slot():
+    async with running_server(node_settings(max_connections_per_ip=2)) as srv:
+        raw = await connect(srv.port)
+        raw.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await raw.response()
+        raw.send(request())
+        assert (await raw.response()).status == 101
+        other = await admitted(srv.port)  # the upgraded connection counts once
+        assert await refused(srv.port)
+        raw.send(close())
+        assert await raw.close_frame() == (1000, "")
+        assert await raw.eof() == b""
+        again = await until_admitted(srv.port)
+        for ws in (other, again):
+            ws.send(frame(b'{"type":"ping"}'))
+            assert await ws.frame() == PONG
+
+
+async def test_a_later_request_trickled_on_a_kept_alive_connection_is_cut():
+    """aiohttp reads later requests without a clock: the front door times them too."""
+    timeout = 0.5 * UNIT
+    async with running_server(node_settings(header_timeout=timeout)) as srv:
+        raw = await connect(srv.port)
+        raw.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await raw.response()).body == b"okay"
+        started = time.monotonic()
+
+        async def trickle() -> None:
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                raw.send(bytes([byte]))
+                await asyncio.sleep(0.05 * UNIT)
+
+        sender = asyncio.get_running_loop().create_task(trickle())
+        try:
+            assert await raw.eof(timeout=5 * UNIT) == b""
+        finally:
+            sender.cancel()
+        assert timeout <= time.monotonic() - started < timeout + 2 * UNIT
+
+
+async def test_a_kept_alive_connection_idle_between_requests_is_not_timed():
+    """The clock starts at a request's first byte, not while the connection is idle."""
+    async with running_server(node_settings(header_timeout=0.3 * UNIT)) as srv:
+        raw = await connect(srv.port)
+        raw.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await raw.response()
+        await asyncio.sleep(0.6 * UNIT)  # idle, longer than the header timeout
+        raw.send(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await raw.response()).body == b"ready"
+
+
+async def test_malformed_requests_behind_the_door_are_answered_400_and_logged_once(server, caplog):
+    """What aiohttp parses (bodies, later requests on a kept-alive connection) is refused 400
+    without an ERROR traceback per request: one INFO line per interval."""
+    caplog.set_level(logging.DEBUG)
+    bad = [
+        # A chunked body whose chunk size is not hex.
+        b"POST /app HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nab\r\n0\r\n\r\n",
+        # A malformed request line after a good request on the same connection.
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nNOT HTTP AT ALL\r\n\r\n",
+    ]
+    for _ in range(5):
+        for data in bad:
+            raw = await connect(server.port)
+            raw.send(data)
+            response = await raw.response()
+            if response.status == 200:  # the good request first
+                response = await raw.response()
+            assert response.status == 400
+            await raw.aclose()
+    records = [r for r in caplog.records if r.name.startswith(("aiohttp", "polysignal"))]
+    assert_log_bounded(records)
+    assert [r.getMessage() for r in records if r.levelno >= logging.INFO] == [
+        "malformed HTTP request (Invalid character in chunk size:): answered 400"
+    ]

@@ -20,12 +20,15 @@ from __future__ import annotations
 import logging
 
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
 
 from polysignal.backends import Backend, create_backend
 from polysignal.config import Settings
+from polysignal.logs import Throttle, more
 from polysignal.server import rooms
 from polysignal.server.driver import Driver
-from polysignal.server.frontdoor import FrontDoor, upgrade_from_http
+from polysignal.server.frontdoor import FrontDoor, Served, upgrade_from_http
 from polysignal.server.node import Node
 from polysignal.server.relay import RelayHub
 from polysignal.server.signalfire import CLIENT_SCRIPT, CLIENT_SCRIPT_PATH, SignalFireHub
@@ -40,9 +43,41 @@ RELAY_KEY = web.AppKey("relay", RelayHub)
 SIGNALFIRE_KEY = web.AppKey("signalfire", SignalFireHub)
 
 
+class MalformedRequests(logging.Filter):
+    """On aiohttp's server logger: a request aiohttp could not parse (a bad chunked body, a bad
+    request line on a kept-alive connection, ...) is the client's error, answered 400 by
+    aiohttp. It leaves one INFO line per interval (``polysignal.http``), not an ERROR traceback
+    per request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttle = Throttle()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        held = self.throttle.allow("malformed")
+        if held is not None:
+            http_log.info(
+                "malformed HTTP request (%s): answered %d%s",
+                (exc.message or type(exc).__name__).splitlines()[0][:200],
+                exc.code,
+                more(held),
+            )
+        return False
+
+
+http_log = logging.getLogger("polysignal.http")
+MALFORMED_REQUESTS = MalformedRequests()
+
+
 def create_app(settings: Settings, backend: Backend | None = None) -> web.Application:
     """Build one node: its protocols and the aiohttp app behind its front door. The backend
     starts and stops with the app (``server/runner.py`` serves it)."""
+    server_log = logging.getLogger("aiohttp.server")
+    if MALFORMED_REQUESTS not in server_log.filters:
+        server_log.addFilter(MALFORMED_REQUESTS)
     node = Node(settings, backend if backend is not None else create_backend(settings))
     app = http_app(node, max(settings.limits.max_frame_bytes, 1 << 20))
     signalfire = app[SIGNALFIRE_KEY] = SignalFireHub(
@@ -88,13 +123,28 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
 def http_app(node: Node, client_max_size: int = 1 << 20) -> web.Application:
     """The aiohttp app of ``node``, with its front door, the backend's start and stop, and the
     closing of every connection at shutdown. Routes are added by the caller."""
-    app = web.Application(client_max_size=client_max_size)
+    app = web.Application(client_max_size=client_max_size, middlewares=[request_clock])
     app[NODE_KEY] = node
     app[DOOR_KEY] = FrontDoor(node)
     app.on_startup.append(_start_backend)
     app.on_shutdown.append(_close_connections)
     app.on_cleanup.append(_close_backend)
     return app
+
+
+@web.middleware
+async def request_clock(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tell the front door when a request's headers are in and when it is done, so it times
+    each later request's headers on a connection aiohttp keeps alive (``Served``)."""
+    transport = request.transport
+    served = transport.get_protocol() if transport is not None else None
+    if not isinstance(served, Served):
+        return await handler(request)
+    served.request_started()
+    try:
+        return await handler(request)
+    finally:
+        served.request_done()
 
 
 def add_health_routes(app: web.Application) -> None:

@@ -19,8 +19,16 @@ A connection aiohttp has kept alive may still ask for a WebSocket later: aiohttp
 that request back (``upgrade_from_http``), and the same ``Connection`` serves it, fed through
 aiohttp's protocol instead of the transport.
 
+Every TCP connection holds one of its address's ``MAX_CONNECTIONS_PER_IP`` slots from the
+moment it is accepted until it closes, whatever it carries: a request still being read, a
+WebSocket of any protocol, a connection aiohttp serves (socket.io included). One past the limit
+is answered 429 at once. The slot goes with the transport: to the ``Connection`` of a WebSocket,
+or to ``Served``, the thin protocol that hands aiohttp its bytes and gives the slot back when
+the connection closes.
+
 Nothing here holds a task or a timer per connection: one sweep per node closes requests whose
-headers have not arrived within ``HEADER_TIMEOUT`` (408).
+headers have not arrived within ``HEADER_TIMEOUT`` (408), the first request of a connection and
+every later one aiohttp reads on a connection it kept alive.
 """
 
 from __future__ import annotations
@@ -69,7 +77,7 @@ class FrontDoor:
         self.linger = settings.server.linger
         # Connections whose request is still being read, or which linger after a refusal, with
         # the time by which they must be done.
-        self.pending: dict[Intake, float] = {}
+        self.pending: dict[Intake | Served, float] = {}
         self.throttle = Throttle()
         self._sweep: asyncio.Task[None] | None = None
 
@@ -118,8 +126,7 @@ class FrontDoor:
         """Check ``request`` (its ``Sec-WebSocket-Version`` and ``-Key`` given) and pick its
         protocol: (driver, the 101 response), or HandshakeError.
 
-        On success the request's address holds one of its connection slots; the caller gives
-        it back (``node.addresses.release``) if the upgrade does not complete.
+        The request's connection already holds its address's slot (``Intake``, ``Served``).
         """
         node = self.node
         if method != "GET":
@@ -131,16 +138,6 @@ class FrontDoor:
         if driver is None:
             raise HandshakeError(404, "no protocol is served on this path")
         request.subprotocol = choose_subprotocol(request.offered, driver.handler.subprotocols)
-        if not node.addresses.acquire(request.address):
-            held = self.throttle.allow(("limit", request.address))
-            if held is not None:
-                log.warning(
-                    "refused %s: %d connections from it%s",
-                    request.address,
-                    node.addresses.limit,
-                    more(held),
-                )
-            raise HandshakeError(429, "too many connections from this address")
         return driver, switching_protocols(key, request.subprotocol)
 
     def accept(
@@ -158,10 +155,10 @@ class FrontDoor:
         try:
             hook = driver.handler.accept(request)
         except HandshakeError as exc:
-            self.node.addresses.release(request.address)
             intake.refuse(exc.status, exc.message, exc.headers)
             return
         if hook is None:
+            intake.handed = True
             self.upgrade(driver, request, response, transport, rest)
             return
         transport.pause_reading()
@@ -184,32 +181,26 @@ class FrontDoor:
         refusal = await self.run_hook(driver, request, hook)
         if refusal is not None:
             intake.refuse(refusal.status, refusal.message, refusal.headers)
-        elif transport.is_closing():
-            self.node.addresses.release(request.address)
-        else:
+        elif not transport.is_closing():  # closed meanwhile: the intake gave its slot back
+            intake.handed = True
             transport.resume_reading()
             self.upgrade(driver, request, response, transport, rest)
 
     async def run_hook(
         self, driver: Driver, request: Handshake, hook: Awaitable[None]
     ) -> HandshakeError | None:
-        """Await a protocol's ``accept`` hook: None to go on, else the refusal to answer (the
-        address's slot is then given back)."""
+        """Await a protocol's ``accept`` hook: None to go on, else the refusal to answer."""
         try:
             await hook
         except HandshakeError as exc:
             refusal = exc
         except BackendUnavailable:
             refusal = HandshakeError(503, "the service is unavailable; try again")
-        except asyncio.CancelledError:
-            self.node.addresses.release(request.address)
-            raise
         except Exception:
             log.exception("%s: accepting a WebSocket failed", driver.protocol)
             refusal = HandshakeError(500, "internal error")
         else:
             return None
-        self.node.addresses.release(request.address)
         return refusal
 
     def upgrade(
@@ -232,7 +223,18 @@ class FrontDoor:
 class Intake(asyncio.Protocol):
     """One connection while its first request is read; gone once the request is routed."""
 
-    __slots__ = ("complete", "door", "headers", "lingering", "parser", "raw", "transport", "url")
+    __slots__ = (
+        "address",
+        "complete",
+        "door",
+        "handed",
+        "headers",
+        "lingering",
+        "parser",
+        "raw",
+        "transport",
+        "url",
+    )
 
     def __init__(self, door: FrontDoor) -> None:
         self.door = door
@@ -243,11 +245,24 @@ class Intake(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
         self.lingering = False
+        self.address: str | None = None  # while it holds its address's slot
+        self.handed = False  # the transport (and its slot) went to a Connection or to aiohttp
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         door = self.door
+        address = peer_address(transport)
+        addresses = door.node.addresses
+        if not addresses.acquire(address):
+            held = door.throttle.allow("limit")  # one key: addresses are unbounded
+            if held is not None:
+                log.warning(
+                    "refused %s: %d connections from it%s", address, addresses.limit, more(held)
+                )
+            self.refuse(429, "too many connections from this address")
+            return
+        self.address = address
         if door.timeout > 0:
             door.pending[self] = time.monotonic() + door.timeout
 
@@ -286,6 +301,9 @@ class Intake(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._drop()
+        if self.address is not None and not self.handed:
+            self.door.node.addresses.release(self.address)
+        self.address = None
 
     # --- httptools callbacks ---
     def on_url(self, url: bytes) -> None:
@@ -368,12 +386,9 @@ class Intake(asyncio.Protocol):
             self._hand_over()
             return
         query = url.query
+        assert self.address is not None  # a refused connection reads no request
         request = Handshake(
-            path,
-            query.decode("latin-1") if query else "",
-            self.headers,
-            peer_address(transport),
-            offered,
+            path, query.decode("latin-1") if query else "", self.headers, self.address, offered
         )
         try:
             driver, response = door.prepare(
@@ -387,12 +402,78 @@ class Intake(asyncio.Protocol):
     def _hand_over(self) -> None:
         """aiohttp serves this connection from now on, starting with what was read so far."""
         transport = self.transport
-        assert transport is not None and self.door.http is not None
-        handler = self.door.http()
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        handler.data_received(self.raw)
+        assert transport is not None and self.door.http is not None and self.address is not None
+        served = Served(self.door, self.door.http(), self.address)
+        self.handed = True
+        transport.set_protocol(served)
+        served.connection_made(transport)
+        served.data_received(self.raw)
         self.raw = b""
+
+
+class Served(asyncio.Protocol):
+    """A connection aiohttp serves: its bytes go to aiohttp's protocol; this keeps the
+    address's slot until the connection closes, and the clock of each later request's headers
+    (aiohttp has none): from the first byte after a request is done, ``HEADER_TIMEOUT`` for the
+    next one's headers to arrive (``request_clock`` in ``server/app.py`` says when they have)."""
+
+    __slots__ = ("address", "door", "handler", "in_request", "transport")
+
+    def __init__(self, door: FrontDoor, handler: asyncio.Protocol, address: str) -> None:
+        self.door = door
+        self.handler = handler
+        self.address: str | None = address
+        self.transport: asyncio.Transport | None = None
+        self.in_request = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        door = self.door
+        if not self.in_request and door.timeout > 0 and self not in door.pending:
+            door.pending[self] = time.monotonic() + door.timeout
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.door.pending.pop(self, None)
+        if self.address is not None:
+            self.door.node.addresses.release(self.address)
+            self.address = None
+        self.handler.connection_lost(exc)  # type: ignore[arg-type]
+
+    # --- aiohttp's requests ---
+    def request_started(self) -> None:
+        self.in_request = True
+        self.door.pending.pop(self, None)
+
+    def request_done(self) -> None:
+        self.in_request = False
+
+    def give_slot(self) -> None:
+        """A WebSocket took the connection over: its ``Connection`` gives the slot back."""
+        self.address = None
+
+    def expire(self) -> bool:
+        """The next request's headers did not arrive in time: close (aiohttp may be writing,
+        so no 408 can be inserted)."""
+        self.shut()
+        return True
+
+    def shut(self) -> None:
+        self.door.pending.pop(self, None)
+        if self.transport is not None:
+            self.transport.close()
 
 
 def peer_address(transport: asyncio.BaseTransport) -> str:
@@ -433,6 +514,8 @@ async def upgrade_from_http(door: FrontDoor, request: web.Request) -> web.Stream
     is), until it closes."""
     transport = request.transport
     assert transport is not None
+    served = transport.get_protocol()
+    assert isinstance(served, Served)  # every connection enters through the front door
     headers = [(name.lower(), value) for name, value in request.raw_headers]
     _, version, key, offered = scan_upgrade(headers)
     handshake = Handshake(
@@ -452,6 +535,7 @@ async def upgrade_from_http(door: FrontDoor, request: web.Request) -> web.Stream
         refusal = await door.run_hook(driver, handshake, hook)
         if refusal is not None:
             return _error_response(refusal)
+    served.give_slot()
     transport.write(response)
     conn = driver.connect(transport, handshake)
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
