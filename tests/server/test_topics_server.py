@@ -196,6 +196,35 @@ async def test_topic_limits():
         await sync(ws)
 
 
+async def test_the_connections_of_one_address_share_a_topic_budget():
+    async with running_server(node_settings(max_topics_per_address=3)) as srv:
+        first, second, publisher = await srv.ws(), await srv.ws(), await srv.ws()
+        await subscribe(first, "a", "b")
+        await sync(first)
+        await subscribe(second, "c", "d")  # "c" is the 3rd: accepted; "d" refused
+        assert await receive_json(second) == {
+            "type": "error",
+            "message": "subscribe: 1 topic(s) refused, the connections of one address may "
+            "hold at most 3 topics",
+        }
+        await sync(second)
+        await publisher.send_str('{"type":"publish","topic":"d","data":1}')
+        await publisher.send_str('{"type":"publish","topic":"c","data":2}')
+        assert (await receive_json(second))["data"] == 2  # subscribed to c, not to d
+        await first.close()
+        for _ in range(int(100 * UNIT)):  # until first's close is handled: its slots are back
+            await subscribe(second, "d")
+            await second.send_str('{"type":"ping"}')
+            if await receive_json(second) == {"type": "pong"}:
+                break  # no refusal came before the pong
+            assert await receive_json(second) == {"type": "pong"}
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the closed connection's topics were never given back")
+        await publisher.send_str('{"type":"publish","topic":"d","data":3}')
+        assert (await receive_json(second))["data"] == 3
+
+
 async def test_flood_is_rate_limited_and_server_keeps_serving():
     async with running_server(node_settings(rate_limit=50, rate_burst=20)) as srv:
         flooder, other = await srv.ws(), await srv.ws()

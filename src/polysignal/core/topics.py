@@ -5,6 +5,10 @@ The reverse index makes removing a closed connection cost O(its own topics), as 
 Every mutation returns the topics whose *local* subscriber count changed, so the caller can tell
 the backend (presence, channel subscriptions) without recounting. A topic already held is not
 subscribed twice (docs/protocols/topics.md, "Messages").
+
+Two bounds: topics per subscriber (``MAX_TOPICS_PER_CONNECTION``) and topics held by all the
+subscribers of one client address together (``MAX_TOPICS_PER_ADDRESS``), so that one address
+with many connections cannot hold more than its share of the node's memory.
 """
 
 from __future__ import annotations
@@ -20,34 +24,65 @@ S = TypeVar("S", bound=Hashable)
 class TopicRegistry(Generic[S]):
     """Local subscriptions of one node."""
 
-    def __init__(self, max_topics_per_subscriber: int = 0) -> None:
+    def __init__(self, max_topics_per_subscriber: int = 0, max_topics_per_address: int = 0) -> None:
         self.max_topics_per_subscriber = max_topics_per_subscriber
+        self.max_topics_per_address = max_topics_per_address
         self._subscribers: dict[str, set[S]] = {}
         self._topics: dict[S, set[str]] = {}
+        self._address: dict[S, str] = {}  # of subscribers holding topics, when given
+        self._held: dict[str, int] = {}  # address -> topics its subscribers hold together
 
-    def subscribe(self, subscriber: S, topics: Iterable[str]) -> list[str]:
-        """Add ``subscriber`` to each topic; return the topics it newly joined.
+    def subscribe(self, subscriber: S, topics: Iterable[str], address: str = "") -> list[str]:
+        """Add ``subscriber`` (of client ``address``, if given) to each topic; return the topics
+        it newly joined.
 
-        Topics it already holds are no-ops (never counted twice). Raises LimitExceeded, after
-        subscribing as many as fit, when the per-subscriber limit would be passed.
+        Topics it already holds are no-ops (never counted twice). Raises TopicLimitExceeded,
+        after subscribing as many as fit, when a limit would be passed.
         """
         own = self._topics.setdefault(subscriber, set())
+        per_subscriber = self.max_topics_per_subscriber
+        per_address = self.max_topics_per_address if address else 0
+        held = self._held.get(address, 0)
         added: list[str] = []
         refused = 0
+        scope = ""
         for topic in topics:
             if topic in own:
                 continue
-            if self.max_topics_per_subscriber and len(own) >= self.max_topics_per_subscriber:
-                refused += 1
+            if per_subscriber and len(own) >= per_subscriber:
+                refused, scope = refused + 1, scope or "connection"
+                continue
+            if per_address and held >= per_address:
+                refused, scope = refused + 1, scope or "address"
                 continue
             own.add(topic)
             self._subscribers.setdefault(topic, set()).add(subscriber)
             added.append(topic)
+            held += 1
+        if address and added:
+            self._held[address] = held
+            self._address[subscriber] = address
         if not own:
             del self._topics[subscriber]
         if refused:
-            raise TopicLimitExceeded(added, refused, self.max_topics_per_subscriber)
+            limit = per_subscriber if scope == "connection" else per_address
+            raise TopicLimitExceeded(added, refused, limit, scope)
         return added
+
+    def _release(self, subscriber: S, count: int, forget: bool) -> None:
+        """``subscriber`` holds ``count`` topics fewer (``forget``: none any more)."""
+        address = self._address.pop(subscriber, None) if forget else self._address.get(subscriber)
+        if address is None or not count:
+            return
+        left = self._held[address] - count
+        if left:
+            self._held[address] = left
+        else:
+            del self._held[address]
+
+    def held_by(self, address: str) -> int:
+        """Topics the subscribers of ``address`` hold together."""
+        return self._held.get(address, 0)
 
     def unsubscribe(self, subscriber: S, topics: Iterable[str]) -> list[str]:
         """Remove ``subscriber`` from each topic it holds; return the topics it left."""
@@ -62,6 +97,7 @@ class TopicRegistry(Generic[S]):
                 removed.append(topic)
         if not own:
             del self._topics[subscriber]
+        self._release(subscriber, len(removed), forget=not own)
         return removed
 
     def remove(self, subscriber: S) -> list[str]:
@@ -71,6 +107,7 @@ class TopicRegistry(Generic[S]):
             return []
         for topic in own:
             self._drop(topic, subscriber)
+        self._release(subscriber, len(own), forget=True)
         return list(own)
 
     def _drop(self, topic: str, subscriber: S) -> None:
@@ -103,11 +140,14 @@ class TopicRegistry(Generic[S]):
 
 
 class TopicLimitExceeded(LimitExceeded):
-    """Some topics were refused because the subscriber holds the maximum already."""
+    """Some topics were refused because the subscriber, or its address, holds the maximum."""
 
-    def __init__(self, added: list[str], refused: int, limit: int) -> None:
+    def __init__(
+        self, added: list[str], refused: int, limit: int, scope: str = "connection"
+    ) -> None:
+        holder = "a connection" if scope == "connection" else "the connections of one address"
         super().__init__(
-            f"subscribe: {refused} topic(s) refused, a connection may hold at most {limit} topics"
+            f"subscribe: {refused} topic(s) refused, {holder} may hold at most {limit} topics"
         )
         self.added = added
         self.refused = refused

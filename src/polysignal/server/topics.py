@@ -29,7 +29,8 @@ class TopicsHub(Handler):
     def __init__(self, node: Node) -> None:
         self.node = node
         self.registry: TopicRegistry[Connection] = TopicRegistry(
-            node.settings.topics.max_topics_per_connection
+            node.settings.topics.max_topics_per_connection,
+            node.settings.topics.max_topics_per_address,
         )
         self.limits = proto.TopicLimits(node.settings.topics.max_topic_length)
         self.echo = node.settings.topics.echo
@@ -65,7 +66,7 @@ class TopicsHub(Handler):
     # --- commands ---
     def subscribe(self, conn: Connection, cmd: proto.Subscribe) -> None:
         try:
-            added = self.registry.subscribe(conn, cmd.topics)
+            added = self.registry.subscribe(conn, cmd.topics, conn.address)
         except TopicLimitExceeded as exc:
             added = exc.added
             conn.send_text(proto.encode_error(exc.message))
