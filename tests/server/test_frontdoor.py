@@ -414,7 +414,8 @@ async def test_malformed_requests_behind_the_door_are_answered_400_and_logged_on
     caplog.set_level(logging.DEBUG)
     bad = [
         # A chunked body whose chunk size is not hex.
-        b"POST /app HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nab\r\n0\r\n\r\n",
+        b"POST /app HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"ZZZ\r\nab\r\n0\r\n\r\n",
         # A malformed request line after a good request on the same connection.
         b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nNOT HTTP AT ALL\r\n\r\n",
     ]
