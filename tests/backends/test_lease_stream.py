@@ -73,7 +73,7 @@ async def test_take_evicts_the_holder_and_tells_its_node(cluster: Cluster):
 
 async def test_renewal_keeps_a_lease_past_its_ttl(cluster: Cluster):
     a, b = await cluster.node("a"), await cluster.node("b")
-    la = Leases(a, 1.0)
+    la = Leases(a, 1.0 * UNIT)
     key = cluster.key()
     lease = await la.claim(key)
     assert lease is not None

@@ -432,7 +432,11 @@ async def test_worker_restarted_and_orphans_stop(r, env, uid, session):
         async def workers_gone() -> bool:
             return not any(pid_alive(pid) for pid in pids.values())
 
-        await eventually(workers_gone, "orphaned workers stopped", timeout=30 * UNIT)
+        try:
+            await eventually(workers_gone, "orphaned workers stopped", timeout=30 * UNIT)
+        except AssertionError as exc:  # what the workers logged says where they are stuck
+            alive = [pid for pid in pids.values() if pid_alive(pid)]
+            raise AssertionError(f"{exc}; alive: {alive}; log:\n{node.log()[-6000:]}") from None
         closes = await asyncio.gather(*readers)
         assert {(m.type, m.data) for m in closes} == {(aiohttp.WSMsgType.CLOSE, 1001)}
         counts = await r.hgetall(f"topic:presence:{topic}")

@@ -223,8 +223,12 @@ class Cluster(Backend):
         self._closing = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: a client library that swallowed the cancellation must not hold the stop.
+            done, _ = await asyncio.wait((self._task,), timeout=STOP_TIMEOUT)
+            if not done:
+                self.log.warning(
+                    "the %s connection did not stop within %gs", self.bus.name, STOP_TIMEOUT
+                )
         was_connected = self._connected
         self._on_disconnect()
         for task in list(self._tasks):
