@@ -41,7 +41,14 @@ def test_the_check_sees_a_forbidden_import(tmp_path):
 
 DRIVER_FILES = [
     SRC / "server" / name
-    for name in ("connection.py", "driver.py", "topics.py", "relay.py", "signalfire.py")
+    for name in (
+        "connection.py",
+        "driver.py",
+        "topics.py",
+        "relay.py",
+        "signalfire.py",
+        "peerjs.py",
+    )
 ]
 """The connection, the driver and every protocol handler on it: aiohttp only serves plain HTTP
 (and socket.io) behind the front door."""

@@ -450,6 +450,70 @@ class SignalFireSettings:
     )
 
 
+def parse_origins(_: str, raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class PeerJsSettings:
+    """The PeerJS protocol (the `peerjs` client, server `peer` 1.0.2)."""
+
+    peerjs_path: str = setting(
+        "/",
+        "PEERJS_PATH",
+        "Mount path of PeerJS: `GET {path}`, `{path}{key}/id`, `{path}{key}/peers`, and the "
+        "WebSocket on `{path}peerjs` (the client's `path` option).",
+    )
+    peerjs_key: str = setting("peerjs", "PEERJS_KEY", "The key clients must give (`key`).")
+    peerjs_concurrent_limit: int = setting(
+        5000,
+        "PEERJS_CONCURRENT_LIMIT",
+        "Clients one node holds at once; more are refused with the original's ERROR.",
+    )
+    peerjs_allow_discovery: bool = setting(
+        False, "PEERJS_ALLOW_DISCOVERY", "Serve `GET {path}{key}/peers` (else 401)."
+    )
+    peerjs_alive_timeout: float = setting(
+        60.0,
+        "PEERJS_ALIVE_TIMEOUT",
+        "Seconds a client may send nothing (its heartbeat comes every 5) before it is closed; "
+        "0 = never.",
+    )
+    peerjs_expire_timeout: float = setting(
+        5.0,
+        "PEERJS_EXPIRE_TIMEOUT",
+        "Seconds a message for an id that is not connected waits; then its sender gets EXPIRE.",
+    )
+    peerjs_stale_after: float = setting(
+        10.0,
+        "PEERJS_STALE_AFTER",
+        "Seconds without a frame after which a client no longer blocks its id: a connection "
+        "with another token takes the id over (two 5 s heartbeats missed).",
+    )
+    peerjs_queue_messages: int = setting(
+        64,
+        "PEERJS_QUEUE_MESSAGES",
+        "Messages queued for one id that is not connected; one more gets its sender EXPIRE.",
+    )
+    peerjs_queue_bytes: int = setting(
+        256 * 1024,
+        "PEERJS_QUEUE_BYTES",
+        "Bytes of messages queued for one id that is not connected; past it, EXPIRE at once.",
+    )
+    peerjs_queue_node_bytes: int = setting(
+        64 << 20,
+        "PEERJS_QUEUE_NODE_BYTES",
+        "Bytes of messages one node queues for all ids together; past it, EXPIRE at once.",
+    )
+    peerjs_cors_origins: tuple[str, ...] = setting(
+        (),
+        "PEERJS_CORS_ORIGINS",
+        "Comma-separated origins the HTTP routes allow (CORS); empty = any origin.",
+        parse=parse_origins,
+        shown="(any)",
+    )
+
+
 @dataclass(frozen=True)
 class RoomsSettings:
     """The rooms protocol (wrtc-signal over socket.io)."""
@@ -502,6 +566,7 @@ GROUPS: tuple[tuple[str, type], ...] = (
     ("redis", RedisSettings),
     ("relay", RelaySettings),
     ("signalfire", SignalFireSettings),
+    ("peerjs", PeerJsSettings),
     ("rooms", RoomsSettings),
 )
 
@@ -523,6 +588,7 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
     signalfire: SignalFireSettings = field(default_factory=SignalFireSettings)
+    peerjs: PeerJsSettings = field(default_factory=PeerJsSettings)
     rooms: RoomsSettings = field(default_factory=RoomsSettings)
 
     @classmethod
@@ -610,6 +676,13 @@ class Settings:
             )
         if not self.signalfire.signalfire_path.startswith("/"):
             raise ConfigError("SIGNALFIRE_PATH: must start with '/'")
+        peerjs = self.peerjs
+        if not peerjs.peerjs_path.startswith("/"):
+            raise ConfigError("PEERJS_PATH: must start with '/'")
+        if not peerjs.peerjs_key:
+            raise ConfigError("PEERJS_KEY: must not be empty (clients always send a key)")
+        if peerjs.peerjs_expire_timeout <= 0:
+            raise ConfigError("PEERJS_EXPIRE_TIMEOUT: must be more than 0")
 
 
 # --- docs/configuration.md ----------------------------------------------------------------------

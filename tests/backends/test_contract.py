@@ -267,6 +267,28 @@ async def test_claim_lookup_release(cluster: Cluster):
     assert await b.claim(key, "tok-2", 30)
 
 
+async def test_claimed_lists_the_clusters_keys_by_prefix(cluster: Cluster):
+    """Every node's claims under a prefix, glob characters taken literally, expired ones not,
+    at most ``limit`` (PeerJS's ``/peers``)."""
+    a, b = await cluster.node("a"), await cluster.node("b")
+    prefix = cluster.key("list*[?]\\:")
+    assert await a.claimed(prefix, 10) == []
+    assert await a.claim(prefix + "x", "t", 30)
+    assert await b.claim(prefix + "y:z", "t", 30)
+    assert await a.claim(prefix + "gone", "t", 0.2)
+    assert await a.claim(cluster.key("listX"), "t", 30), "a glob's * would match this"
+    assert await a.claim(cluster.key("lis"), "t", 30)
+
+    async def expired() -> bool:
+        return await b.lookup(prefix + "gone") is None
+
+    await eventually(expired, "lease expiry", timeout=3)
+    assert sorted(await b.claimed(prefix, 10)) == [prefix + "x", prefix + "y:z"]
+    assert len(await a.claimed(prefix, 1)) == 1
+    assert await a.release(prefix + "x", "t")
+    assert await a.claimed(prefix, 10) == [prefix + "y:z"]
+
+
 async def test_takeover_by_the_same_token_moves_the_claim(cluster: Cluster):
     """A peer reconnecting to another node keeps its id: same token, new node."""
     a, b = await cluster.node("a"), await cluster.node("b")

@@ -316,13 +316,29 @@ async def test_health_paths(server):
             ("/health", 200, "okay"),
             ("/anything/else", 200, "okay"),
             ("/readyz", 200, "ready"),
-            ("/", 426, None),
         ]:
             async with http.get(server.url + path) as resp:
                 assert resp.status == status, path
                 if text:
                     assert await resp.text() == text
                     assert resp.content_type == "text/plain"
+
+
+async def test_plain_get_on_the_root_is_426_unless_peerjs_is_mounted_there():
+    """The topics protocol's WebSocket path answers a plain GET 426, as Flow-Like; with
+    PEERJS_PATH on `/` (the default) the root describes the PeerJS server instead, and a
+    WebSocket there is still the topics protocol."""
+    async with (
+        running_server(node_settings(peerjs_path="/p/")) as srv,
+        srv.session.get(srv.url + "/") as resp,
+    ):
+        assert (resp.status, resp.headers["Upgrade"]) == (426, "websocket")
+    async with running_server() as srv:
+        async with srv.session.get(srv.url + "/") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["name"] == "PeerJS Server"
+        ws = await srv.ws("/")
+        await sync(ws)
 
 
 async def test_graceful_shutdown_closes_peers_with_1001():

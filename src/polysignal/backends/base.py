@@ -10,12 +10,13 @@ the backend carries what must cross nodes:
   ``topic_clients`` answers the cluster-wide count.
 
 * direct delivery: ``send_direct`` hands bytes to a named node's handler for ``kind``.
-* id claims: ``claim``/``renew``/``release``/``lookup`` of cluster-wide ids with TTL leases and
-  owner tokens (a registry id -> node). While the backing service is unreachable these raise
-  ``BackendUnavailable``; a lease that cannot be released expires by itself. When the service
-  comes back, this node's claims are claimed again before anything else, and new claims and
-  lookups wait until the other nodes have had time to do the same (``on_claim_lost`` tells of a
-  claim found held by another holder meanwhile); see docs/redis.md, "Faults".
+* id claims: ``claim``/``renew``/``release``/``lookup`` (and ``claimed``, a listing by prefix)
+  of cluster-wide ids with TTL leases and owner tokens (a registry id -> node). While the
+  backing service is unreachable these raise ``BackendUnavailable``; a lease that cannot be
+  released expires by itself. When the service comes back, this node's claims are claimed again
+  before anything else, and new claims and lookups wait until the other nodes have had time to
+  do the same (``on_claim_lost`` tells of a claim found held by another holder meanwhile); see
+  docs/redis.md, "Faults".
 
 Topics live in namespaces, one per protocol that uses them (``TOPICS`` for the topics protocol,
 whose Redis keys are Flow-Like's ``topic:presence:{topic}``); the same topic name in two
@@ -189,6 +190,11 @@ class Backend(ABC):
     @abstractmethod
     async def lookup(self, key: str) -> Claim | None:
         """Who holds ``key``, or None (waits, as a new claim does, while the backend settles)."""
+
+    @abstractmethod
+    async def claimed(self, prefix: str, limit: int) -> list[str]:
+        """The claimed keys that start with ``prefix``, cluster-wide, at most ``limit`` of them,
+        in no particular order (a listing: SCAN on Redis, so keep it off hot paths)."""
 
     # --- helpers for implementations: the one guard around what other nodes send ---
     def _deliver_topic(self, namespace: str, topic: str, frame: bytes) -> None:

@@ -422,6 +422,11 @@ class Cluster(Backend):
         await self._settled()
         return await self.store.lookup(self.names.claim(key))
 
+    async def claimed(self, prefix: str, limit: int) -> list[str]:
+        await self._settled()
+        base = len(self.names.claim(""))
+        return [key[base:] for key in await self.store.claimed(self.names.claim(prefix), limit)]
+
     async def _settled(self) -> None:
         """Wait while the store settles: it came back empty, and until ``settle_grace`` after
         the first node noticed, only the claims the nodes held before are claimed (each node's

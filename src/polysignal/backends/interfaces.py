@@ -106,6 +106,11 @@ class LeaseStore(ABC):
         """The node and token holding ``key``, or None."""
 
     @abstractmethod
+    async def claimed(self, prefix: str, limit: int) -> list[str]:
+        """The keys held now that start with ``prefix``, at most ``limit`` of them, in no
+        particular order."""
+
+    @abstractmethod
     async def reclaim(
         self, claims: Mapping[str, tuple[str, float]], releases: Mapping[str, str], node_id: str
     ) -> dict[str, Claim | None]:

@@ -230,6 +230,16 @@ class MemoryLink(Bus, LeaseStore):
         self._reachable()
         return self.net.holder(key)
 
+    async def claimed(self, prefix: str, limit: int) -> list[str]:
+        self._reachable()
+        found: list[str] = []
+        for key in list(self.net.claims):
+            if len(found) >= limit:
+                break
+            if key.startswith(prefix) and self.net.holder(key) is not None:
+                found.append(key)
+        return found
+
     async def reclaim(
         self, claims: Mapping[str, tuple[str, float]], releases: Mapping[str, str], node_id: str
     ) -> dict[str, Claim | None]:

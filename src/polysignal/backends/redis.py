@@ -273,6 +273,18 @@ class RedisLink(Bus, LeaseStore):
             return None
         return Claim(_text(node), _text(token))
 
+    async def claimed(self, prefix: str, limit: int) -> list[str]:
+        client = self._store_client()
+        found: dict[str, None] = {}  # SCAN may return a key twice
+        try:
+            async for key in client.scan_iter(match=_glob(prefix) + "*", count=1000):
+                found[_text(key)] = None
+                if len(found) >= limit:
+                    break
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable(f"Redis: {describe(exc)}") from exc
+        return list(found)
+
     async def reclaim(
         self, claims: Mapping[str, tuple[str, float]], releases: Mapping[str, str], node_id: str
     ) -> dict[str, Claim | None]:
@@ -441,6 +453,11 @@ def _counts(raw: list[bytes]) -> dict[str, int]:
 
 def _ignore(channel: bytes, data: bytes) -> None:
     return None
+
+
+def _glob(text: str) -> str:
+    """``text`` as a literal in a Redis glob pattern (SCAN's MATCH)."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
 
 
 def _text(value: bytes | str) -> str:

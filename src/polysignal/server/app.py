@@ -4,11 +4,14 @@ Every request enters through the front door (``server/frontdoor.py``); the route
 README's "HTTP and WebSocket routes" table:
 
 * WebSocket offering ``Signal-Fire@3``/``@2`` (any path), or any on ``/signal-fire``: Signal-Fire
+* WebSocket on ``/peerjs`` (``{PEERJS_PATH}peerjs``): PeerJS
 * WebSocket on ``/introduction/{id}`` or ``/connection/{a}/{b}/{key}``: relay
 * any other WebSocket (outside ``/socket.io/``): topics
 * ``/socket.io/``, ``POST /app``, ``GET /demo``: rooms, on aiohttp and python-socketio
+* plain ``GET {PEERJS_PATH}``, ``{PEERJS_PATH}{key}/id``, ``{PEERJS_PATH}{key}/peers``: PeerJS
 * ``GET /readyz``: 200 when the backend is usable, else 503
-* plain ``GET /``: 426 Upgrade Required; any other plain GET: ``200 okay`` (health)
+* plain ``GET /`` (when ``PEERJS_PATH`` is elsewhere): 426 Upgrade Required; any other plain
+  GET: ``200 okay`` (health)
 
 WebSocket routes are tried in that order (subprotocol before path); the topics protocol takes
 what no other claims. The same routes answer a WebSocket that reaches aiohttp on a connection it
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import logging
 
+import orjson
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
@@ -26,10 +30,12 @@ from aiohttp.typedefs import Handler
 from polysignal.backends import Backend, create_backend
 from polysignal.config import Settings
 from polysignal.logs import Throttle, more
+from polysignal.protocols.peerjs import SERVER_INFO
 from polysignal.server import rooms
 from polysignal.server.driver import Driver
 from polysignal.server.frontdoor import FrontDoor, Served, upgrade_from_http
 from polysignal.server.node import Node
+from polysignal.server.peerjs import PeerJsHub
 from polysignal.server.relay import RelayHub
 from polysignal.server.signalfire import CLIENT_SCRIPT, CLIENT_SCRIPT_PATH, SignalFireHub
 from polysignal.server.topics import TopicsHub
@@ -41,6 +47,7 @@ DOOR_KEY = web.AppKey("door", FrontDoor)
 TOPICS_KEY = web.AppKey("topics", TopicsHub)
 RELAY_KEY = web.AppKey("relay", RelayHub)
 SIGNALFIRE_KEY = web.AppKey("signalfire", SignalFireHub)
+PEERJS_KEY = web.AppKey("peerjs", PeerJsHub)
 
 
 class MalformedRequests(logging.Filter):
@@ -87,6 +94,9 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
         id_lease_ttl=settings.server.id_lease_ttl,
         ice_servers=settings.server.ice_servers,
     )
+    peerjs = app[PEERJS_KEY] = PeerJsHub(
+        settings.peerjs, node.backend, node.node_id, id_lease_ttl=settings.server.id_lease_ttl
+    )
     relay = app[RELAY_KEY] = RelayHub(
         settings.relay,
         node.backend,
@@ -96,11 +106,14 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
     )
     topics = app[TOPICS_KEY] = TopicsHub(node)
     node.add_route(signalfire.matches, Driver(signalfire, node))
+    node.add_route(peerjs.matches, Driver(peerjs, node))
     node.add_route(relay.matches, Driver(relay, node))
     node.fallback = Driver(topics, node)
     node.shutdown_hooks.append(signalfire.stop)
+    node.shutdown_hooks.append(peerjs.stop)
     node.shutdown_hooks.append(relay.stop)
     app.router.add_get(CLIENT_SCRIPT_PATH, _client_script)
+    add_peerjs_routes(app, peerjs)
     rooms.setup(
         app,
         node,
@@ -147,9 +160,72 @@ async def request_clock(request: web.Request, handler: Handler) -> web.StreamRes
         served.request_done()
 
 
+def add_peerjs_routes(app: web.Application, hub: PeerJsHub) -> None:
+    """PeerJS's plain HTTP routes under ``PEERJS_PATH`` (docs/protocols/peerjs.md), each with
+    CORS and its preflight. A WebSocket upgrade that reaches one of them (on a connection
+    aiohttp kept alive) is served by the node's WebSocket routes, as on any path."""
+    prefix = hub.prefix
+    routes: list[tuple[str, Handler]] = [(prefix, _peerjs_info)]
+    if prefix != "/":
+        routes.append((prefix.rstrip("/"), _peerjs_info))
+    routes += [(prefix + "{key}/id", _peerjs_id), (prefix + "{key}/peers", _peerjs_peers)]
+    for path, handler in routes:
+        app.router.add_get(path, _or_websocket(handler))
+        app.router.add_route(hdrs.METH_OPTIONS, path, _peerjs_preflight)
+
+
+def _or_websocket(handler: Handler) -> Handler:
+    async def route(request: web.Request) -> web.StreamResponse:
+        if is_websocket(request):
+            return await upgrade_from_http(request.app[DOOR_KEY], request)
+        return _cors(request, await handler(request))
+
+    return route
+
+
+def _cors(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """CORS as the original's ``cors`` package: the allowed origin echoed, ``Vary: Origin``."""
+    origin = request.app[PEERJS_KEY].allowed_origin(request.headers.get(hdrs.ORIGIN))
+    if origin is not None:
+        response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+    response.headers.add(hdrs.VARY, hdrs.ORIGIN)
+    return response
+
+
+async def _peerjs_preflight(request: web.Request) -> web.StreamResponse:
+    response = web.Response(status=204)
+    response.headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = "GET,HEAD,PUT,PATCH,POST,DELETE"
+    asked = request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS)
+    if asked:
+        response.headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = asked
+        response.headers.add(hdrs.VARY, hdrs.ACCESS_CONTROL_REQUEST_HEADERS)
+    return _cors(request, response)
+
+
+async def _peerjs_info(request: web.Request) -> web.StreamResponse:
+    return web.json_response(SERVER_INFO, dumps=_compact)
+
+
+async def _peerjs_id(request: web.Request) -> web.StreamResponse:
+    return web.Response(text=request.app[PEERJS_KEY].new_id(), content_type="text/html")
+
+
+async def _peerjs_peers(request: web.Request) -> web.StreamResponse:
+    hub = request.app[PEERJS_KEY]
+    if not hub.settings.peerjs_allow_discovery:
+        return web.Response(status=401, text="Unauthorized", content_type="text/plain")
+    return web.json_response(await hub.peers(), dumps=_compact)
+
+
+def _compact(value: object) -> str:
+    """JSON as the original's ``res.send`` writes it (``JSON.stringify``: no spaces)."""
+    return orjson.dumps(value).decode()
+
+
 def add_health_routes(app: web.Application) -> None:
     """``/readyz``, ``/healthz``, and the catch-all: a WebSocket that reached aiohttp is served
-    by the node's protocols, a plain GET on ``/`` is 426, any other plain GET is health."""
+    by the node's protocols, a plain GET on ``/`` is 426 (unless PeerJS is mounted there), any
+    other plain GET is health."""
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/healthz", _healthz)
     # Registered last so every protocol's own routes win.
