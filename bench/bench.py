@@ -1,12 +1,14 @@
 """polysignal's benchmark: the topics protocol against y-webrtc's Node server and Bun, side by side;
-the relay protocol's pipes and Signal-Fire on polysignal, optionally against an older commit.
+the PeerJS protocol against the original PeerJS server (npm ``peer``); the relay protocol's pipes
+and Signal-Fire on polysignal, optionally against an older commit.
 
 Run it with ``bench/run`` (see bench/README.md). For every round, every scenario and every target,
 it starts a fresh server pinned to one core, drives it with ``loadgen.mjs`` (Node, raw TCP
 WebSocket client) pinned to the other core, and stops the server by its PID. It prints a Markdown
-table of the medians over the rounds with each figure's ratio to Node (or, where Node has no
-figure, to the baseline given with ``--baseline``), and writes the raw results as JSON to
-bench/results/. Every target address is 127.0.0.1; every wait is bounded.
+table of the medians over the rounds with each figure's ratio to its reference (Node; ``peer`` for
+the PeerJS rows; where the reference has no figure, the baseline given with ``--baseline``), and
+writes the raw results as JSON to bench/results/. Every target address is 127.0.0.1; every wait
+is bounded.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 Y_WEBRTC_SERVER = BENCH / "node_modules" / "y-webrtc" / "bin" / "server.js"
 BUN = BENCH / "node_modules" / ".bin" / "bun"
+PEER_SERVER = BENCH / "node_modules" / "peer" / "dist" / "bin" / "peerjs.js"
 LOADGEN = BENCH / "loadgen.mjs"
 
 # Server and generator on different cores; a one-core machine can only share it (and says so).
@@ -58,13 +61,23 @@ POLYSIGNAL_ENV = {
 # Set for one scenario only, on top of POLYSIGNAL_ENV. S8 drives each Signal-Fire connection far
 # past the default rate limit (200 messages/s, burst 400), which would refuse most requests:
 # RATE_LIMIT=0 switches the limit off. Pipes (S6, S7) are not rate limited.
-POLYSIGNAL_SCENARIO_ENV: dict[str, dict[str, str]] = {"S8": {"RATE_LIMIT": "0"}}
+# S10 does the same to each PeerJS connection (`peer` has no rate limit).
+POLYSIGNAL_SCENARIO_ENV: dict[str, dict[str, str]] = {
+    "S8": {"RATE_LIMIT": "0"},
+    "S10": {"RATE_LIMIT": "0"},
+}
 
 TOPICS_SCENARIOS = ("S1", "S2", "S3", "S4")
-"""The topics protocol: every target serves it."""
-POLYSIGNAL_SCENARIOS = (*TOPICS_SCENARIOS, "S6", "S7", "S8")
+"""The topics protocol: y-webrtc's server (Node, Bun) and polysignal serve it."""
+PEERJS_SCENARIOS = ("S9", "S10", "S11")
+"""The PeerJS protocol: the original PeerJS server (npm ``peer``) and polysignal serve it."""
+POLYSIGNAL_SCENARIOS = (*TOPICS_SCENARIOS, "S6", "S7", "S8", *PEERJS_SCENARIOS)
 """S6-S8 (relay pipes, Signal-Fire): only polysignal speaks these protocols."""
 SCENARIOS = POLYSIGNAL_SCENARIOS
+
+# S9's idle PeerJS clients: fewer than `peer`'s concurrent_limit (5,000 clients, its default), so
+# both servers run at their default limits.
+PEERJS_IDLE_COUNT = 4000
 
 Json = dict[str, Any]
 
@@ -165,6 +178,31 @@ def scenario_configs(d: Durations) -> dict[str, Json]:
             "warmupSeconds": d.loop_warmup_seconds,
             "maxSeconds": 90,
         },
+        # S9: idle PeerJS clients, each registered (OPEN), no heartbeat during the measurement.
+        "S9": {
+            "scenario": "peerjs-idle",
+            "count": PEERJS_IDLE_COUNT,
+            "parallel": 200,
+            "maxSeconds": 150,
+        },
+        # S10: PeerJS relay, 100 pairs sending CANDIDATE messages both ways, at most 4
+        # undelivered per direction; HEARTBEAT every 5 s from every client.
+        "S10": {
+            "scenario": "peerjs-relay",
+            "pairs": 100,
+            "window": 4,
+            "latencyEvery": 2,
+            "seconds": d.loop_seconds,
+            "warmupSeconds": d.loop_warmup_seconds,
+            "maxSeconds": 90,
+        },
+        # S11: PeerJS churn, connect (to OPEN) + close cycles, 100 at a time, a new id each.
+        "S11": {
+            "scenario": "peerjs-churn",
+            "concurrency": 100,
+            "seconds": d.churn_seconds,
+            "maxSeconds": 60,
+        },
     }
 
 
@@ -187,6 +225,7 @@ class Target:
     command: Command
     needs_redis: bool = False
     baseline: bool = False  # the --baseline commit, run whatever --targets says
+    health_path: str = "/healthz"  # answers 200 once the server is ready
 
 
 def python_bin() -> str:
@@ -219,6 +258,18 @@ def node_command(port: int, index: int, scenario: str) -> tuple[list[str], dict[
 
 def bun_command(port: int, index: int, scenario: str) -> tuple[list[str], dict[str, str]]:
     return [str(BUN), str(Y_WEBRTC_SERVER)], {"PORT": str(port)}
+
+
+def peer_command(port: int, index: int, scenario: str) -> tuple[list[str], dict[str, str]]:
+    """The original PeerJS server's CLI (``PeerServer`` of npm ``peer``), its defaults but for the
+    address: WebSocket at /peerjs, key ``peerjs``, concurrent_limit 5000, alive_timeout 60 s."""
+    args = ["--host", "127.0.0.1", "--port", str(port), "--path", "/", "--key", "peerjs"]
+    return ["node", str(PEER_SERVER), *args], {}
+
+
+def serves_peerjs(src: Path) -> bool:
+    """Whether a polysignal source tree has the PeerJS protocol (a ``peerjs*.py`` module)."""
+    return any((src / "polysignal").glob("**/peerjs*.py"))
 
 
 # --- the baseline: an older commit in its own worktree ----------------------------------------
@@ -345,7 +396,7 @@ class RedisServer:
             self.process = None
 
 
-TARGET_NAMES = ("node", "bun", "polysignal", "polysignal-redis", "polysignal-redis-2")
+TARGET_NAMES = ("node", "bun", "peer", "polysignal", "polysignal-redis", "polysignal-redis-2")
 
 
 def targets(redis: RedisServer, baseline: Baseline | None = None) -> list[Target]:
@@ -355,12 +406,23 @@ def targets(redis: RedisServer, baseline: Baseline | None = None) -> list[Target
     ]
     if bun_works():
         found.append(Target("bun", "y-webrtc server.js on Bun", 1, TOPICS_SCENARIOS, bun_command))
+    if PEER_SERVER.exists():
+        found.append(
+            Target(
+                "peer",
+                "peer 1.0.2, the original PeerJS server, on Node",
+                1,
+                PEERJS_SCENARIOS,
+                peer_command,
+                health_path="/",
+            )
+        )
     found.append(
         Target(
             "polysignal",
             "polysignal (memory backend)",
             1,
-            POLYSIGNAL_SCENARIOS,
+            polysignal_scenarios(ROOT / "src"),
             polysignal_command(lambda: "memory://"),
         )
     )
@@ -371,7 +433,7 @@ def targets(redis: RedisServer, baseline: Baseline | None = None) -> list[Target
                 baseline.name,
                 f"polysignal at {baseline.short} ({baseline.ref}), memory backend",
                 1,
-                POLYSIGNAL_SCENARIOS,
+                polysignal_scenarios(baseline.worktree / "src"),
                 polysignal_command(lambda: "memory://", baseline.pythonpath),
                 baseline=True,
             )
@@ -396,6 +458,13 @@ def targets(redis: RedisServer, baseline: Baseline | None = None) -> list[Target
             ),
         ]
     return found
+
+
+def polysignal_scenarios(src: Path) -> tuple[str, ...]:
+    """Every scenario polysignal runs; the PeerJS ones only if that source has the protocol."""
+    if serves_peerjs(src):
+        return POLYSIGNAL_SCENARIOS
+    return tuple(s for s in POLYSIGNAL_SCENARIOS if s not in PEERJS_SCENARIOS)
 
 
 def bun_works() -> bool:
@@ -431,7 +500,10 @@ def wait_for_port(port: int, timeout: float) -> None:
 
 
 def wait_for_http(
-    port: int, timeout: float, process: subprocess.Popen[bytes] | None = None
+    port: int,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    path: str = "/healthz",
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -441,7 +513,7 @@ def wait_for_http(
                 f"(its output is in {RESULTS / 'servers.log'})"
             )
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -493,7 +565,7 @@ def servers(
                 )
                 started.append((port, process))
         for port, process in started:
-            wait_for_http(port, 30.0, process)
+            wait_for_http(port, 30.0, process, target.health_path)
         yield started
     finally:
         for _, process in started:
@@ -515,7 +587,8 @@ def last_json(stdout: str, stderr: str) -> Json:
 
 
 def run_idle(config: Json, pids: list[int], timeout: float) -> Json:
-    """S3: measure the servers' RSS before connecting and once every connection is subscribed."""
+    """S3, S9: measure the servers' RSS before connecting and once every connection is subscribed
+    (S3) or registered (S9)."""
     time.sleep(1.0)
     before = sum(rss_bytes(pid) for pid in pids)
     args = ["taskset", "-c", GENERATOR_CPU, "node", str(LOADGEN), json.dumps(config)]
@@ -576,7 +649,19 @@ class Run:
             ]
             for scenario in self.scenarios:
                 if not any(scenario in t.scenarios for t in chosen):
-                    print(f"{scenario}: no selected target runs it (S6-S8 run on polysignal only)")
+                    print(
+                        f"{scenario}: no selected target runs it "
+                        "(S6-S8 run on polysignal only, S9-S11 on peer and polysignal)"
+                    )
+                skipped = [
+                    t.name
+                    for t in chosen
+                    if scenario in PEERJS_SCENARIOS
+                    and t.name.startswith("polysignal")
+                    and scenario not in t.scenarios
+                ]
+                if skipped:
+                    print(f"{scenario}: no PeerJS protocol in {', '.join(skipped)}, skipped there")
             if any(t.needs_redis for t in chosen):
                 if wait_for_redis_backend():
                     redis.start()
@@ -621,7 +706,7 @@ class Run:
                     "serverPids": pids,
                 }
                 timeout = float(base["maxSeconds"]) + 30.0
-                if scenario == "S3":
+                if scenario in ("S3", "S9"):
                     return run_idle(config, pids, timeout)
                 return run_generator(config, timeout)
         except (OSError, subprocess.SubprocessError, TimeoutError, ValueError, RuntimeError) as exc:
@@ -690,6 +775,35 @@ def summary(scenario: str, r: Json) -> str:
                 f"{', ' + trouble if trouble else ''} "
                 f"(gen CPU {r['generatorCpu']:.2f}, server CPU {r['serverCpu']:.2f})"
             )
+        case "S9":
+            trouble = ", ".join(
+                f"{r[k]} {k}" for k in ("failed", "closedByServer", "unexpected") if r.get(k)
+            )
+            first = f" (first: {str(r['firstError'])[:120]})" if r.get("firstError") else ""
+            return (
+                f"{r['open']} open, {r['kibPerConnection']} KiB/conn, connect all "
+                f"{r['connectSeconds']} s{', ' + trouble if trouble else ''}{first} "
+                f"(gen CPU {r['generatorCpu']:.2f})"
+            )
+        case "S10":
+            trouble = ", ".join(
+                f"{r[k]} {k}"
+                for k in ("lost", "badFrames", "unexpected", "closedSockets")
+                if r.get(k)
+            )
+            first = r.get("firstBad") or r.get("firstUnexpected")
+            return (
+                f"{r['deliveredPerSecond']:.0f} delivered/s, p50 {r['p50Ms']} ms "
+                f"p99 {r['p99Ms']} ms{', ' + trouble if trouble else ''}"
+                f"{f' (first: {str(first)[:120]})' if first else ''} "
+                f"(gen CPU {r['generatorCpu']:.2f}, server CPU {r['serverCpu']:.2f})"
+            )
+        case "S11":
+            first = f" (first: {str(r['firstError'])[:120]})" if r.get("firstError") else ""
+            return (
+                f"{r['cyclesPerSecond']:.0f} cycles/s, {r['errors']} errors{first} "
+                f"(gen CPU {r['generatorCpu']:.2f}, server CPU {r['serverCpu']:.2f})"
+            )
     return json.dumps(r)[:300]
 
 
@@ -706,6 +820,7 @@ class Metric:
     label: str
     pick: Callable[[Json], float | None]
     higher_is_better: bool
+    reference: str = "node"  # whose figure the row's ratios are to (when it has one)
 
 
 METRICS = (
@@ -763,6 +878,27 @@ METRICS = (
     ),
     Metric("S8", "S8 p50 ms", _pick("p50Ms"), False),
     Metric("S8", "S8 p99 ms", _pick("p99Ms"), False),
+    # S9-S11: the PeerJS protocol, ratios to the original PeerJS server (npm peer).
+    Metric("S9", "S9 KiB per idle PeerJS connection", _pick("kibPerConnection"), False, "peer"),
+    Metric("S9", "S9 s to connect 4k", _pick("connectSeconds"), False, "peer"),
+    Metric("S10", "S10 PeerJS delivered msg/s", _pick("deliveredPerSecond"), True, "peer"),
+    Metric(
+        "S10",
+        "S10 delivered per server CPU-second",
+        lambda r: _per_cpu(r["deliveredPerSecond"], r["serverCpu"]),
+        True,
+        "peer",
+    ),
+    Metric("S10", "S10 p50 ms", _pick("p50Ms"), False, "peer"),
+    Metric("S10", "S10 p99 ms", _pick("p99Ms"), False, "peer"),
+    Metric("S11", "S11 PeerJS churn cycles/s", _pick("cyclesPerSecond"), True, "peer"),
+    Metric(
+        "S11",
+        "S11 cycles per server CPU-second",
+        lambda r: _per_cpu(r["cyclesPerSecond"], r["serverCpu"]),
+        True,
+        "peer",
+    ),
 )
 
 
@@ -778,6 +914,9 @@ GENERATOR_CPU_OF: dict[str, Callable[[Json], float]] = {
     "S6": lambda r: float(r["generatorCpu"]),
     "S7": lambda r: float(r["generatorCpu"]),
     "S8": lambda r: float(r["generatorCpu"]),
+    "S9": lambda r: float(r["generatorCpu"]),
+    "S10": lambda r: float(r["generatorCpu"]),
+    "S11": lambda r: float(r["generatorCpu"]),
 }
 SERVER_CPU_OF: dict[str, Callable[[Json], float]] = {
     "S1": lambda r: float(r["atMax"]["serverCpu"]),
@@ -787,6 +926,9 @@ SERVER_CPU_OF: dict[str, Callable[[Json], float]] = {
     "S6": lambda r: float(r["serverCpu"]),
     "S7": lambda r: float(r["serverCpu"]),
     "S8": lambda r: float(r["serverCpu"]),
+    "S9": lambda r: float(r["serverCpu"]),
+    "S10": lambda r: float(r["serverCpu"]),
+    "S11": lambda r: float(r["serverCpu"]),
 }
 
 
@@ -845,12 +987,16 @@ def fmt(value: float | None) -> str:
 
 
 def reference_for(
-    table: dict[str, dict[str, float | None]], label: str, baseline: str | None
+    table: dict[str, dict[str, float | None]],
+    label: str,
+    baseline: str | None,
+    reference: str = "node",
 ) -> str | None:
-    """Whose figure a row's ratios are to: Node's, or where Node has none (S6-S8, which only
-    polysignal serves, or Node not run) the baseline's."""
-    if table.get("node", {}).get(label) is not None:
-        return "node"
+    """Whose figure a row's ratios are to: its reference's (Node's; peer's for the PeerJS rows),
+    or where that has none (S6-S8, which only polysignal serves, or the reference not run) the
+    baseline's."""
+    if table.get(reference, {}).get(label) is not None:
+        return reference
     if baseline is not None and table.get(baseline, {}).get(label) is not None:
         return baseline
     return None
@@ -861,7 +1007,7 @@ def markdown(table: dict[str, dict[str, float | None]], baseline: str | None = N
     header = "| figure | " + " | ".join(names) + " |"
     lines = [header, "|---|" + "---:|" * len(names)]
     for metric in METRICS:
-        reference = reference_for(table, metric.label, baseline)
+        reference = reference_for(table, metric.label, baseline, metric.reference)
         ref = table[reference].get(metric.label) if reference is not None else None
         cells = []
         for name in names:
@@ -872,8 +1018,10 @@ def markdown(table: dict[str, dict[str, float | None]], baseline: str | None = N
             cells.append(cell)
         if any(c != "-" for c in cells):
             label = metric.label
-            if reference is not None and reference != "node" and len(names) > 1:
+            if reference is not None and reference == baseline and len(names) > 1:
                 label += " (x to baseline)"
+            elif reference is not None and reference != "node" and len(names) > 1:
+                label += f" (x to {reference})"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for kind in ("gen CPU", "server CPU"):
         for scenario in SCENARIOS:
@@ -890,6 +1038,7 @@ def target_checks(table: dict[str, dict[str, float | None]]) -> list[str]:
     poly = table.get("polysignal", {})
     bun = table.get("bun", {})
     redis1 = table.get("polysignal-redis", {})
+    peer = table.get("peer", {})
     base = next((row for name, row in table.items() if name.startswith("polysignal@")), {})
     checks: list[str] = []
 
@@ -929,6 +1078,33 @@ def target_checks(table: dict[str, dict[str, float | None]]) -> list[str]:
             lambda v: v >= 0.95,
             "x",
         )
+    check(
+        "S9 PeerJS memory per idle connection <= peer's",
+        ratio(
+            poly.get("S9 KiB per idle PeerJS connection"),
+            peer.get("S9 KiB per idle PeerJS connection"),
+        ),
+        lambda v: v <= 1.0,
+        "x",
+    )
+    check(
+        "S10 PeerJS relays per server CPU-second >= 2x peer",
+        ratio(
+            poly.get("S10 delivered per server CPU-second"),
+            peer.get("S10 delivered per server CPU-second"),
+        ),
+        lambda v: v >= 2.0,
+        "x",
+    )
+    check(
+        "S11 PeerJS churn per server CPU-second (no target; reported)",
+        ratio(
+            poly.get("S11 cycles per server CPU-second"),
+            peer.get("S11 cycles per server CPU-second"),
+        ),
+        lambda v: True,
+        "x",
+    )
     check(
         "S5 Redis, 1 node >= 0.7x memory backend S1",
         ratio(redis1.get(s1), poly.get(s1)),
@@ -978,7 +1154,14 @@ per pipe) or 64 KiB (S7, at most 2), one-way latency from A's send to B's receip
 Signal-Fire pairs, each sending offers (200-character SDP) with at most 4 not yet both acked and
 relayed, latency from A's send to B's receipt of the relay. For S8 only, polysignal runs with
 `RATE_LIMIT=0` (no per-connection message rate limit): its default of 200 messages/s with a burst
-of 400 would refuse most of the requests; pipes are not rate limited."""
+of 400 would refuse most of the requests; pipes are not rate limited.
+S9-S11 are the PeerJS protocol, on `peer` 1.0.2 (the original PeerJS server, its CLI at its
+defaults: WebSocket at /peerjs, key `peerjs`, concurrent_limit 5000) and polysignal; their ratios
+are to `peer`. S9: 4,000 idle clients, each registered (OPEN), server RSS growth per client. S10:
+100 pairs of clients sending each other CANDIDATE messages (a 302-byte frame), at most 4
+undelivered per direction, HEARTBEAT every 5 s from every client; polysignal runs it with
+`RATE_LIMIT=0`, as S8 (`peer` has no rate limit). S11: 100 concurrent loops of connect, OPEN,
+close, a new id each cycle."""
 
 
 def notes(baseline: Baseline | None) -> str:
@@ -999,7 +1182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)} (S6-S8 run on polysignal only)",
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (S6-S8 run on polysignal only, "
+        "S9-S11 on peer and polysignal)",
     )
     parser.add_argument(
         "--targets",

@@ -1,5 +1,5 @@
 // The load generator: drives the topics protocol (y-webrtc / Flow-Like), the relay protocol's
-// pipes and Signal-Fire over raw TCP sockets.
+// pipes, Signal-Fire and the PeerJS protocol over raw TCP sockets.
 //
 //   node loadgen.mjs '<json config>'
 //
@@ -20,7 +20,13 @@
 //           pipe (S6, S7)
 //   signalfire  Signal-Fire on /signal-fire: pairs of clients, each A sends offers to its B, at
 //           most `window` requests outstanding per pair (S8)
+//   peerjs-idle   the PeerJS protocol: count clients, each registered (OPEN); READY and stdin as
+//           for idle (S9)
+//   peerjs-relay  pairs of PeerJS clients sending CANDIDATE messages to each other, at most
+//           `window` undelivered per direction (S10)
+//   peerjs-churn  connect (to OPEN) + close cycles at a fixed concurrency (S11)
 
+import { randomUUID } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import net from 'node:net'
 import { performance } from 'node:perf_hooks'
@@ -46,26 +52,34 @@ const now = () => performance.now()
 
 // --- CPU accounting ---
 const TICKS = 100 // USER_HZ on Linux
-const serverCpuSeconds = () => {
-  let total = 0
+// The servers' user and system CPU seconds.
+const serverCpuTimes = () => {
+  let user = 0
+  let system = 0
   for (const pid of serverPids) {
     try {
       const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
       const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
-      total += (Number(fields[11]) + Number(fields[12])) / TICKS
+      user += Number(fields[11]) / TICKS
+      system += Number(fields[12]) / TICKS
     } catch {
       // the server is gone: its CPU stays as last read
     }
   }
-  return total
+  return { user, system }
 }
-const cpuMark = () => ({ wall: now(), own: process.cpuUsage(), server: serverCpuSeconds() })
+const cpuMark = () => ({ wall: now(), own: process.cpuUsage(), server: serverCpuTimes() })
 const cpuSince = mark => {
   const wall = (now() - mark.wall) / 1000
   const own = process.cpuUsage(mark.own)
+  const server = serverCpuTimes()
+  const user = server.user - mark.server.user
+  const system = server.system - mark.server.system
   return {
     generatorCpu: round((own.user + own.system) / 1e6 / wall, 3),
-    serverCpu: round((serverCpuSeconds() - mark.server) / wall, 3)
+    serverCpu: round((user + system) / wall, 3),
+    // the share of the server's CPU spent in the kernel (system calls, loopback TCP)
+    serverSystemShare: user + system > 0 ? round(system / (user + system), 3) : null
   }
 }
 
@@ -911,7 +925,336 @@ async function signalfire () {
   }
 }
 
-const scenarios = { fanout, idle, churn, pipes, signalfire }
+// --- S9-S11: the PeerJS protocol ---
+// A client opens ws://host:port{path}?key=<key>&id=<id>&token=<token>&version=1.5.4 (path
+// /peerjs: the server's path / plus "peerjs"); the server answers {"type":"OPEN"} once the id is
+// registered (or {"type":"ERROR"|"ID-TAKEN",..} and closes). A client sends
+// {"type":"OFFER"|"ANSWER"|"CANDIDATE","dst":<id>,"payload":..} and the server delivers
+// {"type":..,"src":<sender>,"dst":..,"payload":..} to dst; {"type":"HEARTBEAT"} every 5 s keeps a
+// client alive (the PeerJS client's pingInterval). Ids are UUIDs, as GET {path}peerjs/id hands
+// out; tokens are random base-36 strings, as the PeerJS client makes them.
+const PEERJS_VERSION = '1.5.4'
+const peerjsPath = () => config.path || '/peerjs'
+const peerjsKey = () => config.key || 'peerjs'
+const peerjsToken = () => Math.random().toString(36).slice(2)
+const peerjsQuery = (id, token) =>
+  `?key=${peerjsKey()}&id=${id}&token=${token}&version=${PEERJS_VERSION}`
+const OPEN_MARK = Buffer.from('"OPEN"')
+const PEERJS_REFUSALS = [Buffer.from('"ERROR"'), Buffer.from('"ID-TAKEN"')]
+const HEARTBEAT = clientText('{"type":"HEARTBEAT"}')
+const has = (buf, mark, start, end) => {
+  const at = buf.indexOf(mark, start)
+  return at >= 0 && at + mark.length <= end
+}
+// A CANDIDATE payload as the PeerJS client sends one for a data connection.
+const CANDIDATE_PAYLOAD = {
+  candidate: {
+    candidate: 'candidate:842163049 1 udp 1677729535 192.0.2.1 3478 typ srflx raddr 0.0.0.0 ' +
+      'rport 0 generation 0 ufrag abcd network-cost 999',
+    sdpMLineIndex: 0,
+    sdpMid: '0'
+  },
+  type: 'data',
+  connectionId: 'dc_abc123'
+}
+const sameJson = (a, b) => {
+  if (a === b) return true
+  if (typeof a !== 'object' || typeof b !== 'object' || a === null || b === null) return false
+  const keys = Object.keys(a)
+  if (keys.length !== Object.keys(b).length) return false
+  return keys.every(k => Object.hasOwn(b, k) && sameJson(a[k], b[k]))
+}
+
+// Open `count` PeerJS clients (at most `parallel` handshakes at a time), each until its OPEN.
+// `onFrame(buf, start, end, at, peer)` gets every frame after a client's OPEN.
+const connectPeerjs = (count, parallel, ids, onFrame, timeoutMs) => {
+  const opened = new Array(count).fill(null)
+  const refused = []
+  const onText = (buf, start, end, at, peer) => {
+    const i = peer.index
+    if (opened[i] !== true) {
+      if (has(buf, OPEN_MARK, start, end)) {
+        const resolve = opened[i]
+        opened[i] = true
+        if (resolve) resolve()
+      } else {
+        refused.push(buf.toString('utf8', start, Math.min(end, start + 200)))
+      }
+      return
+    }
+    onFrame(buf, start, end, at, peer)
+  }
+  const path = peerjsPath()
+  return connectAll(
+    count, parallel, i => urls[i % urls.length] + path + peerjsQuery(ids[i], peerjsToken()),
+    onText,
+    (peer, i) => opened[i] === true ? undefined : new Promise((resolve, reject) => {
+      opened[i] = resolve
+      peer.socket.once('close', () => reject(new Error(
+        `closed before OPEN${refused.length ? ': ' + refused[refused.length - 1] : ''}`)))
+    }),
+    timeoutMs
+  ).then(result => ({ ...result, refused }))
+}
+
+// S9: idle PeerJS clients, each OPENed; READY when all are, closed when a line arrives on stdin.
+async function peerjsIdle () {
+  const count = config.count
+  const ids = Array.from({ length: count }, () => randomUUID())
+  const t0 = now()
+  const mark = cpuMark()
+  let unexpected = 0
+  const { peers: sockets, failed, firstError, refused } = await connectPeerjs(
+    count, config.parallel || 200, ids, () => { unexpected++ }, 120000)
+  const connectSeconds = (now() - t0) / 1000
+  const cpu = cpuSince(mark)
+  const open = sockets.filter(peer => !peer.closed).length
+  console.log('READY')
+  const lines = createInterface({ input: process.stdin })
+  await Promise.race([new Promise(resolve => lines.once('line', resolve)), sleep(60000)])
+  lines.close()
+  const closedByServer = sockets.filter(peer => peer.closed).length
+  await closeAll(sockets)
+  return {
+    scenario: 'peerjs-idle', count, open, failed, firstError, refused: refused.slice(0, 3),
+    closedByServer, unexpected, connectSeconds: round(connectSeconds, 3), ...cpu
+  }
+}
+
+// S10: `pairs` pairs of PeerJS clients; each client sends CANDIDATE messages to its partner, at
+// most `window` per direction sent and not yet delivered (a closed loop both ways: a client sends
+// its next when the partner has received one). Messages over one socket keep their order through
+// the server, so a direction's send times are a ring of `window` entries, read back in order for
+// the latency. The first delivery of each direction and every `checkEvery`-th are parsed and
+// checked in full (type, src, dst, payload as sent); every delivery's length is checked against
+// the first one's.
+async function peerjsRelay () {
+  const pairs = config.pairs
+  const window = config.window
+  const latencyEvery = config.latencyEvery || 1
+  const checkEvery = config.checkEvery || 64
+  const heartbeatMs = config.heartbeatMs || 5000
+  let budget = config.maxMessages || 50000000 // messages the loop may send, at most
+  if (!(window >= 1)) throw new Error('window must be at least 1')
+  const count = 2 * pairs
+  const partner = c => (c < pairs ? c + pairs : c - pairs)
+  const ids = Array.from({ length: count }, () => randomUUID())
+  // Client c's frame to its partner, built once and written as is (never changed).
+  const texts = ids.map((_, c) => JSON.stringify({
+    type: 'CANDIDATE', dst: ids[partner(c)], payload: CANDIDATE_PAYLOAD
+  }))
+  const frames = texts.map(text => clientText(text))
+  const sent = new Float64Array(count) // by sender
+  const received = new Float64Array(count) // by sender: its messages the partner received
+  const sendTimes = new Float64Array(count * window)
+  const lengths = new Int32Array(count) // by sender: the checked length of its deliveries
+  let running = false
+  let recording = false
+  let delivered = 0
+  let badFrames = 0
+  let firstBad = null
+  let unexpected = 0
+  let firstUnexpected = null
+  let heartbeats = 0
+  let latencies = []
+  let progress = 0
+  let sockets = null
+  const CANDIDATE_MARK = Buffer.from('"CANDIDATE"')
+
+  const corked = new Uint8Array(count)
+  const uncork = c => {
+    corked[c] = 0
+    sockets[c].socket.uncork()
+  }
+  const pump = c => {
+    const socket = sockets[c].socket
+    while (running && budget > 0 && sent[c] - received[c] < window) {
+      budget--
+      sendTimes[c * window + (sent[c] % window)] = now()
+      sent[c]++
+      if (!corked[c]) {
+        corked[c] = 1
+        socket.cork()
+        process.nextTick(uncork, c)
+      }
+      socket.write(frames[c])
+    }
+  }
+  const check = (buf, start, end, c, d) => {
+    let message = null
+    try { message = JSON.parse(buf.toString('utf8', start, end)) } catch {}
+    const ok = message !== null && message.type === 'CANDIDATE' && message.src === ids[c] &&
+      message.dst === ids[d] && sameJson(message.payload, CANDIDATE_PAYLOAD)
+    if (!ok) {
+      badFrames++
+      if (firstBad === null) firstBad = buf.toString('utf8', start, Math.min(end, start + 300))
+    }
+    return ok
+  }
+  const onFrame = (buf, start, end, at, peer) => {
+    progress++
+    const d = peer.index
+    const c = partner(d)
+    if (!has(buf, CANDIDATE_MARK, start, end)) {
+      unexpected++
+      if (firstUnexpected === null) {
+        firstUnexpected = buf.toString('utf8', start, Math.min(end, start + 300))
+      }
+      return
+    }
+    const n = received[c]++
+    delivered++
+    if (lengths[c] === 0) {
+      if (check(buf, start, end, c, d)) lengths[c] = end - start
+    } else if (end - start !== lengths[c]) {
+      badFrames++
+      if (firstBad === null) firstBad = buf.toString('utf8', start, Math.min(end, start + 300))
+    } else if (delivered % checkEvery === 0) {
+      check(buf, start, end, c, d)
+    }
+    if (recording && delivered % latencyEvery === 0) {
+      latencies.push(at - sendTimes[c * window + (n % window)])
+    }
+    pump(c)
+  }
+  const connected = await connectPeerjs(count, 100, ids, onFrame, 60000)
+  if (connected.failed) {
+    throw new Error(`${connected.failed} of ${count} clients failed: ${connected.firstError}`)
+  }
+  sockets = connected.peers
+  // The PeerJS client's heartbeat, every 5 s from each client (spread over the interval).
+  let beat = 0
+  const beater = setInterval(() => {
+    for (let k = 0; k < Math.ceil(count / 10); k++) {
+      const peer = sockets[beat++ % count]
+      if (!peer.closed) { peer.socket.write(HEARTBEAT); heartbeats++ }
+    }
+  }, heartbeatMs / 10)
+
+  running = true
+  for (let c = 0; c < count; c++) pump(c)
+  const { before, after, windowSeconds, cpu } = await measureWindow(
+    config.warmupSeconds, config.seconds, () => ({ delivered }),
+    on => { if (on) latencies = []; recording = on })
+  running = false
+  const inFlight = () => {
+    let n = 0
+    for (let c = 0; c < count; c++) n += sent[c] - received[c]
+    return n
+  }
+  await drain(() => inFlight() === 0, () => progress, 2000, 10000)
+  clearInterval(beater)
+  const closedSockets = sockets.filter(peer => peer.closed).length
+  await closeAll(sockets)
+  return {
+    scenario: 'peerjs-relay',
+    pairs,
+    window,
+    messageBytes: texts[0].length,
+    deliveredPerSecond: round((after.delivered - before.delivered) / windowSeconds),
+    ...latency(latencies),
+    windowSeconds: round(windowSeconds, 3),
+    messagesSent: sent.reduce((x, y) => x + y, 0),
+    messagesDelivered: delivered,
+    heartbeats,
+    lost: inFlight(),
+    badFrames,
+    firstBad,
+    unexpected,
+    firstUnexpected,
+    closedSockets,
+    ...cpu
+  }
+}
+
+// S11: churn: `concurrency` loops of connect, OPEN, close (closing handshake, then the server
+// closes TCP), each cycle with a new id, for `seconds`.
+async function peerjsChurn () {
+  const concurrency = config.concurrency
+  const seconds = config.seconds
+  const maxCycles = config.maxCycles || 1000000
+  const path = peerjsPath()
+  const tokens = Array.from({ length: concurrency }, peerjsToken)
+  let cycles = 0
+  let errors = 0
+  let firstError = null
+  const start = now()
+  const stop = Math.min(start + seconds * 1000, deadline)
+  const mark = cpuMark()
+  const ports = urls.map(url => Number(new URL(url).port))
+  const fail = text => {
+    errors++
+    if (firstError === null) firstError = text
+  }
+  const cycle = (w, n) => new Promise(resolve => {
+    const port = ports[(w + n) % ports.length]
+    let onChunk = null
+    const socket = net.connect({
+      port,
+      host: '127.0.0.1',
+      onread: { buffer: READ_BUFFER, callback: (bytes, buf) => { onChunk(buf.subarray(0, bytes)) } }
+    })
+    const timer = setTimeout(() => { socket.destroy(); resolve('timeout') }, 5000)
+    let state = 0 // 0 handshake, 1 waiting for OPEN, 2 closing
+    let data = null
+    let refusal = null
+    socket.setNoDelay(true)
+    socket.on('connect', () => socket.write(HANDSHAKE(port, path + peerjsQuery(randomUUID(), tokens[w]))))
+    onChunk = chunk => {
+      // What arrives before the close is small; it is kept (copied: the read buffer is shared).
+      data = data === null ? Buffer.from(chunk) : Buffer.concat([data, chunk])
+      if (state === 0) {
+        const end = data.indexOf(HEAD_END)
+        if (end < 0) return
+        if (data.compare(STATUS_101, 0, STATUS_101.length, 0, STATUS_101.length) !== 0) {
+          refusal = data.toString('latin1', 0, 60)
+          socket.destroy()
+          return
+        }
+        state = 1
+        data = data.subarray(end + 4)
+      }
+      if (state === 1) {
+        if (data.includes(OPEN_MARK)) {
+          state = 2
+          socket.write(CLOSE_FRAME)
+        } else if (PEERJS_REFUSALS.some(mark => data.includes(mark))) {
+          refusal = data.toString('utf8', 0, 200)
+          socket.destroy()
+        }
+      }
+    }
+    socket.on('error', () => {})
+    socket.on('close', () => {
+      clearTimeout(timer)
+      resolve(state === 2 ? null : (refusal || `closed in state ${state}`))
+    })
+  })
+  const worker = async w => {
+    for (let n = 0; now() < stop && cycles + errors < maxCycles; n++) {
+      const error = await cycle(w, n)
+      if (error === null) cycles++
+      else fail(error)
+    }
+  }
+  await Promise.all(Array.from({ length: concurrency }, (_, w) => worker(w)))
+  const wall = (now() - start) / 1000
+  return {
+    scenario: 'peerjs-churn', concurrency, cycles, errors, firstError,
+    cyclesPerSecond: round(cycles / wall), ...cpuSince(mark)
+  }
+}
+
+const scenarios = {
+  fanout,
+  idle,
+  churn,
+  pipes,
+  signalfire,
+  'peerjs-idle': peerjsIdle,
+  'peerjs-relay': peerjsRelay,
+  'peerjs-churn': peerjsChurn
+}
 const run = scenarios[config.scenario]
 if (!run) throw new Error(`unknown scenario ${config.scenario}`)
 const guard = setTimeout(() => {
