@@ -15,7 +15,8 @@ from serverless.awslocal import ws_event
 
 pytestmark = pytest.mark.timeout(120)
 
-scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=12)
+# Integers within 64 bits: orjson (which writes the bodies) refuses larger ones.
+scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=12)
 values = st.recursive(
     scalars,
     lambda inner: (
