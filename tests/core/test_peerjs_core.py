@@ -479,3 +479,23 @@ def test_clear_forgets_every_queue():
             Release("a", proto.token_digest("a", "t")),
         ]
     )
+
+
+def test_sooner_is_raised_only_when_the_next_deadline_may_come_sooner():
+    """The hub re-arms its timer only on ``sooner``: a new client or a new queue raise it; a
+    relay, which only moves its sender's deadline later, and a second message for a queue that
+    exists do not."""
+    node = machine(alive_timeout=60.0, expire_timeout=5.0)
+    a = join(node, "a", now=0.0)
+    assert node.sooner and node.next_deadline() == 60.0
+    node.sooner = False
+    b = join(node, "b", now=1.0)
+    assert node.sooner
+    node.sooner = False
+    node.on_message(a, msg(type="OFFER", dst="b", payload=1), 2.0)
+    assert not node.sooner and node.next_deadline() == 61.0  # b's, now the oldest
+    assert offline(node, b, "c", 3.0, payload=1) == ()
+    assert node.sooner and node.next_deadline() == 3.0 + min(QUEUE_RECHECK, 5.0)
+    node.sooner = False
+    assert offline(node, b, "c", 3.1, payload=2) == ()
+    assert not node.sooner

@@ -180,6 +180,10 @@ class PeerJsNode:
         self._queues: dict[str, _Queue] = {}  # by creation, oldest first
         self._checks: dict[str, float] = {}  # id -> next lookup, soonest first
         self.queued_bytes = 0
+        # Set when an event may have made ``next_deadline`` sooner (a new client, a new queue);
+        # the hub re-arms its timer then, and only then: a relayed message only moves its
+        # sender's deadline later, so the busiest path never computes it.
+        self.sooner = False
 
     # --- queries ---
     def next_deadline(self) -> float | None:
@@ -237,6 +241,7 @@ class PeerJsNode:
         self._clients[client.id] = client
         self._by_conn[conn] = client
         self._seen[client] = None
+        self.sooner = True
         effects.append(Claim(conn, client.id, token))
         return effects
 
@@ -428,6 +433,7 @@ class PeerJsNode:
         if queue is None:
             queue = self._queues[dst] = _Queue(now)
             self._checks[dst] = now + min(QUEUE_RECHECK, self.expire_timeout)
+            self.sooner = True
         queue.frames.append((src, frame))
         queue.size += cost
         self.queued_bytes += cost

@@ -184,10 +184,23 @@ class PeerJsHub(Handler):
     # --- carrying effects out ---
     def _feed(self, effects: Effects) -> Result:
         """Carry ``effects`` out: at once up to the first that must wait, the rest in the
-        coroutine returned. Then make the timer stand for the machine's next deadline."""
-        result = self._apply(effects) if effects else None
-        self.timer.arm()
+        coroutine returned. Then, if the machine's next deadline may be sooner, re-arm the
+        timer for it."""
+        result = None
+        if effects:
+            first = effects[0]
+            if len(effects) == 1 and type(first) is Send:  # a relay: the busiest path
+                cast(Connection, first.conn).send_text(first.payload)
+            else:
+                result = self._apply(effects)
+        self._rearm()
         return result
+
+    def _rearm(self) -> None:
+        machine = self.machine
+        if machine.sooner:
+            machine.sooner = False
+            self.timer.arm()
 
     def _apply(self, effects: Effects) -> Result:
         for index, effect in enumerate(effects):
@@ -223,7 +236,7 @@ class PeerJsHub(Handler):
                 self._at_once(effect)
             if follow:
                 queue.extendleft(reversed(follow))
-            self.timer.arm()
+            self._rearm()
 
     # --- claims ---
     def _lease_token(self, token: str) -> str:
