@@ -5,6 +5,11 @@ environment."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import errno
+import logging
+import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -71,21 +76,111 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings_from(args)
     except ConfigError as exc:
-        print(f"polysignal: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return fail(f"configuration error: {exc}")
+    server = settings.server
+    if args.command == "serve":
+        # Before anything starts: a port in use or a host that is not this machine's is one
+        # line, not a traceback after the backend has started (docs/operations.md, Logs).
+        problem = check_listen(server.host, server.port, reuse_port=server.workers > 1)
+        if problem is not None:
+            return fail(f"cannot listen: {problem}")
     from polysignal import logs
 
-    logs.configure(settings.server.log_level)
+    logs.configure(server.log_level, server.log_format)
+    if settings.rooms.rooms_dev:
+        _log_dev_host(server.host, explicit=args.host is not None or bool(os.environ.get("HOST")))
     if args.command == "serve":
-        if settings.server.workers > 1:  # N processes sharing the port (server/workers.py)
+        if server.workers > 1:  # N processes sharing the port (server/workers.py)
             from polysignal.server.workers import run_workers
 
             return run_workers(settings)
-        from polysignal.server.runner import run
-
-        run(settings)
-        return 0
+        return _serve(settings)
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def fail(message: str) -> int:
+    """A startup error: one line on stderr, exit status 2."""
+    print(f"polysignal: {message}", file=sys.stderr)
+    return 2
+
+
+_LISTEN_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+
+
+def listen_error(host: str, port: int, exc: OSError) -> str | None:
+    """What is wrong with ``HOST``/``PORT`` when binding them failed with ``exc``, in one line
+    naming the setting; None for an error that is not about them."""
+    if isinstance(exc, socket.gaierror):
+        reason = exc.strerror or str(exc)
+        return f"HOST {host}: not an IP address or a name that resolves ({reason})"
+    if exc.errno == errno.EADDRINUSE:
+        return f"PORT {port}: address already in use"
+    if exc.errno == errno.EACCES:
+        return f"PORT {port}: permission denied (ports below 1024 need privileges)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"HOST {host}: not an address of this machine"
+    return None
+
+
+def check_listen(host: str, port: int, *, reuse_port: bool = False) -> str | None:
+    """Bind ``host:port`` as the server will (``SO_REUSEADDR``, and ``SO_REUSEPORT`` for
+    ``--workers``), then let it go: what is wrong (``listen_error``), or None. Port 0 (any free
+    port) is only resolved."""
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            if port == 0:
+                break
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+    except OSError as exc:
+        problem = listen_error(host, port, exc)
+        return problem if problem is not None else f"HOST {host}, PORT {port}: {exc}"
+    return None
+
+
+def _serve(settings: Settings) -> int:
+    """One node in this process until SIGTERM/SIGINT (``runner.run``), with a port taken between
+    ``check_listen`` and the bind still reported as one line."""
+    from polysignal.server.runner import loop_factory, serve
+
+    listening = False
+
+    def on_listening(_port: int) -> None:
+        nonlocal listening
+        listening = True
+
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(serve(settings, on_listening=on_listening))
+    except OSError as exc:
+        problem = (
+            None if listening else listen_error(settings.server.host, settings.server.port, exc)
+        )
+        if problem is None:
+            raise
+        return fail(f"cannot listen: {problem}")
+    return 0
+
+
+def _log_dev_host(host: str, *, explicit: bool) -> None:
+    """Say where ``ROOMS_DEV=1``, whose secrets are printed, listens (``config.DEV_HOST``)."""
+    log = logging.getLogger("polysignal.rooms")
+    if explicit:
+        log.warning(
+            "ROOMS_DEV=1 with HOST=%s set explicitly: the development secrets are usable from "
+            "every network that reaches it",
+            host,
+        )
+    else:
+        log.info("ROOMS_DEV=1: listening on %s only; set HOST to listen elsewhere", host)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ Field names are unique across groups, so ``Settings.of(max_frame_bytes=1024)`` a
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import uuid
@@ -139,6 +140,65 @@ def parse_optional(_: str, raw: str) -> str | None:
     return raw.strip() or None
 
 
+DEV_HOST = "127.0.0.1"
+"""Where ``ROOMS_DEV=1`` listens when ``HOST`` is not set: its secrets are printed."""
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+
+
+def parse_log_level(name: str, raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in LOG_LEVELS:
+        raise ConfigError(f"{name}: expected DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+    return value
+
+
+def parse_log_format(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"{name}: expected text or json, got {raw!r}")
+    return value
+
+
+def check_backend_url(name: str, url: str) -> None:
+    """Raise ConfigError (naming ``name``: BACKEND or REDIS_URL) unless ``url`` is a backend URL
+    polysignal can use: ``memory://``; ``redis://`` or ``rediss://`` with a host, an optional
+    port number and an optional database number (``/0`` or ``?db=0``); ``unix://`` with the
+    socket's path. The URL is shown as the logs show it (``redact_url``)."""
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # parses it: not a number, or out of range, raises ValueError
+    except ValueError as exc:  # the message never carries the URL, which may hold a password
+        raise ConfigError(f"{name}: {shown} is not a valid URL ({exc})") from None
+    scheme = parts.scheme
+    usage = "use memory://, redis://host:port/db, rediss://host:port/db or unix:///path"
+    if scheme not in ("memory", "redis", "rediss", "unix"):
+        raise ConfigError(f"{name}: unsupported scheme {scheme!r} in {shown} ({usage})")
+    if not url[len(scheme) + 1 :].startswith("//"):
+        raise ConfigError(f"{name}: {shown} is missing '//' after '{scheme}:' ({usage})")
+    if scheme == "memory":
+        if parts.netloc or parts.path.strip("/") or parts.query:
+            raise ConfigError(f"{name}: {shown}: the memory backend takes nothing after memory://")
+        return
+    if scheme == "unix":
+        if not parts.path or parts.path == "/":
+            raise ConfigError(f"{name}: {shown} names no socket path (unix:///path/redis.sock)")
+    else:
+        if not parts.hostname:
+            raise ConfigError(f"{name}: {shown} names no host ({scheme}://host:port/db)")
+        if port == 0:
+            raise ConfigError(f"{name}: {shown}: port 0 is not a Redis port")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ConfigError(f"{name}: {shown}: database {db!r} is not a number")
+    for item in parts.query.split("&") if parts.query else ():
+        key, _, value = item.partition("=")
+        if key == "db" and not value.isdigit():
+            raise ConfigError(f"{name}: {shown}: database {value!r} is not a number")
+
+
 def parse_ice_servers(name: str, raw: str) -> tuple[dict[str, Any], ...]:
     try:
         value = json.loads(raw)
@@ -149,6 +209,68 @@ def parse_ice_servers(name: str, raw: str) -> tuple[dict[str, Any], ...]:
     if not isinstance(value, list) or not all(isinstance(s, dict) for s in value):
         raise ConfigError(f"{name}: expected a JSON list of RTCIceServer objects")
     return tuple(value)
+
+
+def parse_networks(name: str, raw: str) -> tuple[str, ...]:
+    """A comma-separated list of CIDRs (a bare address is one host), each checked."""
+    networks = []
+    for item in raw.split(","):
+        text = item.strip()
+        if not text:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{name}: {text!r} is not an IP network (CIDR)") from None
+    return tuple(networks)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def parse_allowed_origins(name: str, raw: str) -> tuple[str, ...]:
+    """A comma-separated list of origins (``scheme://host[:port]``), ``*`` or ``null``, each
+    checked and written as a browser sends it: lower case, without a default port."""
+    origins = []
+    for item in raw.split(","):
+        text = item.strip()
+        if text in ("*", "null"):
+            origins.append(text)
+            continue
+        if not text:
+            continue
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{name}: {text!r} has a port out of range") from None
+        if (
+            not parts.scheme
+            or not parts.hostname
+            or parts.username is not None
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+        ):
+            raise ConfigError(
+                f"{name}: {text!r} is not an origin (scheme://host[:port], `*` or `null`)"
+            )
+        scheme = parts.scheme.lower()
+        host = parts.hostname
+        if ":" in host:  # IPv6
+            host = f"[{host}]"
+        shown = f"{scheme}://{host}"
+        if port is not None and port != _DEFAULT_PORTS.get(scheme):
+            shown += f":{port}"
+        origins.append(shown)
+    return tuple(origins)
+
+
+def parse_proxy_header(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("x-forwarded-for", "forwarded"):
+        raise ConfigError(f"{name}: expected X-Forwarded-For or Forwarded, got {raw!r}")
+    return value
 
 
 _PARSERS: dict[Any, Parser] = {
@@ -226,11 +348,29 @@ class ServerSettings:
         "`memory://` (one process) or `redis://host:port/db`; a `REDIS_URL` alone selects Redis.",
     )
     log_level: str = setting(
-        "INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", parse=parse_upper
+        "INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", parse=parse_log_level
+    )
+    log_format: str = setting(
+        "text",
+        "LOG_FORMAT",
+        "`text` (one readable line per record) or `json` (one JSON object per line; "
+        "docs/operations.md, Logs).",
+        parse=parse_log_format,
+    )
+    access_log: bool = setting(
+        True,
+        "ACCESS_LOG",
+        "One INFO line per plain HTTP request aiohttp serves (health probes at DEBUG); 0 = off.",
     )
     workers: int = setting(1, "WORKERS", "Processes sharing the port (needs Redis).")
     shutdown_timeout: float = setting(
         5.0, "SHUTDOWN_TIMEOUT", "Seconds a graceful stop waits for peers to close."
+    )
+    drain_seconds: float = setting(
+        0.0,
+        "DRAIN_SECONDS",
+        "Seconds a node keeps serving after SIGTERM with `/readyz` at 503, before it closes its"
+        " peers (a second SIGTERM ends the drain at once). 0 = stop at once.",
     )
     header_timeout: float = setting(
         10.0,
@@ -263,6 +403,60 @@ class ServerSettings:
         "ID_LEASE_TTL",
         "Seconds a claimed id (Signal-Fire and relay peer ids, rooms room names) lives in the "
         "cluster unless renewed (every third of it). At least 1.",
+    )
+    metrics_port: int = setting(
+        0,
+        "METRICS_PORT",
+        "Also serve `/metrics` and `/stats` on this port (0 = only on `PORT`).",
+    )
+    metrics_allow: tuple[str, ...] = setting(
+        ("127.0.0.0/8", "::1/128"),
+        "METRICS_ALLOW",
+        "Comma-separated CIDRs allowed to read `/metrics` (others get 403).",
+        parse=parse_networks,
+        shown="127.0.0.0/8,::1/128",
+    )
+    admin_token: Secret = setting(
+        Secret(""),
+        "ADMIN_TOKEN",
+        "Bearer token `/stats` asks for; unset: `/stats` answers loopback addresses only.",
+    )
+
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        "TRUSTED_PROXIES",
+        "Comma-separated CIDRs of the proxies in front of the node (IPv4 and IPv6). From them"
+        " the client address is read from PROXY_HEADER; from anyone else that header is ignored."
+        " Every per-address limit and log line uses that address.",
+        parse=parse_networks,
+        shown="(none)",
+    )
+    proxy_header: str = setting(
+        "x-forwarded-for",
+        "PROXY_HEADER",
+        "The header trusted proxies append the client address to: `X-Forwarded-For` (its"
+        " rightmost untrusted hop) or `Forwarded` (RFC 7239 `for=`); the other is ignored.",
+        parse=parse_proxy_header,
+        shown="X-Forwarded-For",
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        ("*",),
+        "ALLOWED_ORIGINS",
+        "Comma-separated origins (`https://app.example.com`) whose pages may open a WebSocket"
+        " (every protocol, socket.io included) and socket.io's CORS; others get 403. A request"
+        " without `Origin` (not a browser) is allowed. `*` = any.",
+        parse=parse_allowed_origins,
+        shown="*",
+    )
+    tls_cert: str | None = setting(
+        None,
+        "TLS_CERT",
+        "PEM certificate chain file: with TLS_KEY, the port serves https:// and wss:// only;"
+        " both are read again on SIGHUP.",
+        parse=parse_optional,
+    )
+    tls_key: str | None = setting(
+        None, "TLS_KEY", "PEM private key file of TLS_CERT.", parse=parse_optional
     )
 
     def __post_init__(self) -> None:
@@ -555,7 +749,19 @@ class RoomsSettings:
     rooms_dev: bool = setting(
         False,
         "ROOMS_DEV",
-        "Run the rooms protocol with printed development secrets when unset.",
+        "Run the rooms protocol with printed development secrets when unset; listens on "
+        "127.0.0.1 unless `HOST` is set.",
+    )
+    app_max_failures: int = setting(
+        5,
+        "APP_MAX_FAILURES",
+        "Wrong passwords one client address may send `POST /app` per APP_FAILURE_WINDOW; "
+        "more are answered 429 with `Retry-After`. 0 = no limit.",
+    )
+    app_failure_window: float = setting(
+        60.0,
+        "APP_FAILURE_WINDOW",
+        "Seconds over which APP_MAX_FAILURES counts a client address's wrong passwords.",
     )
 
 
@@ -611,7 +817,12 @@ class Settings:
         # A REDIS_URL alone selects the redis backend (docs/configuration.md).
         if "backend_url" not in values and env.get("REDIS_URL"):
             values["backend_url"] = env["REDIS_URL"]
+            if overrides.get("backend_url") is None:
+                check_backend_url("REDIS_URL", env["REDIS_URL"])
         values.update({k: v for k, v in overrides.items() if v is not None})
+        # Development secrets stay on this machine unless HOST says otherwise.
+        if values.get("rooms_dev") and "host" not in values:
+            values["host"] = DEV_HOST
         settings = cls.of(**values)
         settings.validate()
         return settings
@@ -642,10 +853,24 @@ class Settings:
     def validate(self) -> None:
         server, limits, relay = self.server, self.limits, self.relay
         scheme = self.backend_scheme
-        if scheme not in ("memory", "redis", "rediss", "unix"):
+        check_backend_url("BACKEND", server.backend_url)
+        if server.log_level not in LOG_LEVELS:
             raise ConfigError(
-                f"BACKEND: unsupported scheme {scheme!r} (use memory:// or redis://host:port)"
+                f"LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {server.log_level!r}"
             )
+        if server.log_format not in LOG_FORMATS:
+            raise ConfigError(f"LOG_FORMAT: expected text or json, got {server.log_format!r}")
+        rooms = self.rooms
+        if not rooms.rooms_dev and bool(rooms.app_secret) != bool(rooms.app_pass):
+            given, missing = ("APP_SECRET", "APP_PASS")
+            if not rooms.app_secret:
+                given, missing = missing, given
+            raise ConfigError(
+                f"APP_SECRET and APP_PASS: {given} is set but {missing} is not; the rooms "
+                "protocol needs both (or neither, to stay off; ROOMS_DEV=1 for development)"
+            )
+        if rooms.app_max_failures and rooms.app_failure_window <= 0:
+            raise ConfigError("APP_FAILURE_WINDOW: must be more than 0 (or APP_MAX_FAILURES=0)")
         if not 0 < server.port < 65536 and server.port != 0:
             raise ConfigError(f"PORT: {server.port} is not a TCP port")
         if server.workers < 1:
@@ -683,6 +908,14 @@ class Settings:
             raise ConfigError("PEERJS_KEY: must not be empty (clients always send a key)")
         if peerjs.peerjs_expire_timeout <= 0:
             raise ConfigError("PEERJS_EXPIRE_TIMEOUT: must be more than 0")
+        # TLS: both files or neither (docs/operations/edge.md).
+        if bool(server.tls_cert) != bool(server.tls_key):
+            given, missing = ("TLS_CERT", "TLS_KEY") if server.tls_cert else ("TLS_KEY", "TLS_CERT")
+            raise ConfigError(f"{missing}: must be set with {given} (set both, or neither)")
+        if server.tls_cert and server.tls_key:  # unreadable files: a startup error, not later
+            from polysignal.server.tls import load_context
+
+            load_context(server.tls_cert, server.tls_key)
 
 
 # --- docs/configuration.md ----------------------------------------------------------------------

@@ -45,6 +45,7 @@ to its owner (``on_claim_lost``), never overwritten.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import math
@@ -115,6 +116,35 @@ class _Remote:
         return sum(self.counts.values())
 
 
+PUBLISH_SAMPLE = 16
+"""One publish in this many is timed from ``publish`` to its write's completion (the publish
+latency histogram of ``/metrics``): one clock read per sampled publish, none for the others."""
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
+)  # fmt: skip
+"""Upper bounds, in seconds, of the publish latency histogram's buckets."""
+
+
+class LatencyHistogram:
+    """Durations counted in fixed buckets (``counts[i]``: at most ``bounds[i]``, the last one
+    above every bound), their sum and count: what a Prometheus histogram exports, kept as plain
+    numbers that ``/metrics`` reads at scrape time."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+
 @dataclass(slots=True)
 class _Out:
     """One outbox entry: a publish, or (channel None) a marker resolved when flushed.
@@ -127,6 +157,7 @@ class _Out:
     data: bytes
     future: asyncio.Future[Any] | None = None
     topic: Key | None = None
+    at: float = 0.0  # when a sampled publish was made (monotonic), else 0
 
 
 class Cluster(Backend):
@@ -198,6 +229,10 @@ class Cluster(Backend):
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.dropped_publishes = 0
+        # For ``/metrics`` (server/metrics.py), read at scrape time.
+        self.connects = 0  # connections made to the bus; each after the first is a reconnect
+        self.publish_latency = LatencyHistogram()
+        self._publish_seq = 0
         self._drop_reported = False
         bus.listen(self._on_message)
 
@@ -256,6 +291,10 @@ class Cluster(Backend):
     @property
     def ready(self) -> bool:
         return self._connected and not self._closing
+
+    def outbox(self) -> tuple[int, int]:
+        """Entries and bytes waiting in the outbox for the writer (``/metrics``)."""
+        return len(self._outbox), self._outbox_bytes
 
     async def sync(self) -> None:
         """Flush this node's writes, then wait until its own reader has seen a marker sent
@@ -365,8 +404,10 @@ class Cluster(Backend):
 
     def _enqueue_publish(self, topic: str, frame: bytes, namespace: str) -> None:
         channel = topic_channel(self.prefix, namespace, topic)
+        seq = self._publish_seq = self._publish_seq + 1
+        at = time.monotonic() if seq % PUBLISH_SAMPLE == 0 else 0.0
         # The origin envelope is added when the frame is sent (most are not: see the writer).
-        self._enqueue(_Out(channel, frame, None, (namespace, topic)))
+        self._enqueue(_Out(channel, frame, None, (namespace, topic), at))
 
     # --- direct delivery ---
     async def send_direct(self, node_id: str, kind: str, payload: bytes) -> bool:
@@ -545,6 +586,7 @@ class Cluster(Backend):
                 await self._assert_all(announce=True)
                 reclaimed = await self._reassert_claims()
                 self._connected = True
+                self.connects += 1
                 self._rejoining = False
                 self._rejoined.set()
                 self._up.set()
@@ -668,6 +710,11 @@ class Cluster(Backend):
             channels.append(item.channel)
             payloads.append(item.data if item.topic is None else own + item.data)
         replies = await self.bus.publish(channels, payloads) if sent else []
+        done = 0.0
+        for item in sent:
+            if item.at:
+                done = done or time.monotonic()
+                self.publish_latency.observe(done - item.at)
         self._outbox_bytes -= sum(len(i.data) for i in items)
         if not self._drained.is_set() and (
             len(self._outbox) < OUTBOX_MAX_ITEMS // 2

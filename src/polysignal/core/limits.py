@@ -37,11 +37,13 @@ class AddressCounter:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.refused = 0  # acquisitions refused so far (the per-address refusals metric)
         self._counts: dict[str, int] = {}
 
     def acquire(self, address: str) -> bool:
         count = self._counts.get(address, 0)
         if self.limit and count >= self.limit:
+            self.refused += 1
             return False
         self._counts[address] = count + 1
         return True

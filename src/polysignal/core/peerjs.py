@@ -180,6 +180,8 @@ class PeerJsNode:
         self._queues: dict[str, _Queue] = {}  # by creation, oldest first
         self._checks: dict[str, float] = {}  # id -> next lookup, soonest first
         self.queued_bytes = 0
+        # Decoded frames by their ``type`` (``/metrics``; counted here, where it is known).
+        self.received: dict[str, int] = {}
         # Set when an event may have made ``next_deadline`` sooner (a new client, a new queue);
         # the hub re-arms its timer then, and only then: a relayed message only moves its
         # sender's deadline later, so the busiest path never computes it.
@@ -203,6 +205,10 @@ class PeerJsNode:
 
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self._clients
+
+    def held(self) -> int:
+        """The ids held by this node's clients (``/metrics``)."""
+        return len(self._clients)
 
     def queued(self, peer_id: str) -> int:
         """How many messages wait here for ``peer_id``."""
@@ -331,6 +337,8 @@ class PeerJsNode:
             message = proto.decode(data)
         except BadMessage as exc:
             return (Send(conn, proto.encode_error(exc.message)),)
+        received = self.received
+        received[message.type] = received.get(message.type, 0) + 1
         if message.type is MessageType.HEARTBEAT:
             return ()
         dst = message.dst

@@ -316,6 +316,10 @@ class RoomsMachine:
         self._moved: dict[str, tuple[str, str]] = {}
 
     # --- what the machine knows (for the hub's logs and for tests) ---
+    def held(self) -> tuple[int, int]:
+        """This node's sockets, and the rooms with at least one of them in (``/metrics``)."""
+        return len(self._sockets), len(self._local)
+
     def rooms_of(self, sid: str) -> tuple[str, ...]:
         """The rooms local socket ``sid`` is in, in join order."""
         sock = self._sockets.get(sid)

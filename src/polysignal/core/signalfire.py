@@ -271,8 +271,14 @@ class SignalFireNode:
         self._new_id = new_id
         self._peers: dict[str, _Peer] = {}
         self._by_conn: dict[Conn, _Peer] = {}
+        # Decoded requests by their ``cmd`` (``/metrics``; counted here, where it is known).
+        self.received: dict[str, int] = {}
 
     # --- queries ---
+    def held(self) -> int:
+        """The ids held by this node's peers (``/metrics``)."""
+        return len(self._peers)
+
     def next_deadline(self) -> float | None:
         """When ``on_timer`` is next due (None: no session is pending)."""
         due = self.sessions._due
@@ -354,6 +360,8 @@ class SignalFireNode:
             return (Close(conn, exc.close_code, exc.message),)
         if isinstance(parsed, proto.Ignored):
             return ()  # unknown commands get no reply at all
+        received = self.received
+        received[parsed.cmd] = received.get(parsed.cmd, 0) + 1
         peer = self._by_conn.get(conn)
         if peer is None or not peer.claimed:
             return ()  # not welcomed, or its id is lost: it is closing

@@ -10,6 +10,8 @@ README's "HTTP and WebSocket routes" table:
 * ``/socket.io/``, ``POST /app``, ``GET /demo``: rooms, on aiohttp and python-socketio
 * plain ``GET {PEERJS_PATH}``, ``{PEERJS_PATH}{key}/id``, ``{PEERJS_PATH}{key}/peers``: PeerJS
 * ``GET /readyz``: 200 when the backend is usable, else 503
+* ``GET /metrics`` (Prometheus, from ``METRICS_ALLOW``) and ``GET /stats`` (JSON, behind
+  ``ADMIN_TOKEN`` or from loopback): ``server/metrics.py``; also on ``METRICS_PORT`` when set
 * plain ``GET /`` (when ``PEERJS_PATH`` is elsewhere): 426 Upgrade Required; any other plain
   GET: ``200 okay`` (health)
 
@@ -32,8 +34,10 @@ from polysignal.config import Settings
 from polysignal.logs import Throttle, more
 from polysignal.protocols.peerjs import SERVER_INFO
 from polysignal.server import rooms
+from polysignal.server.drain import draining
 from polysignal.server.driver import Driver
-from polysignal.server.frontdoor import FrontDoor, Served, upgrade_from_http
+from polysignal.server.frontdoor import FrontDoor, Served, client_address, upgrade_from_http
+from polysignal.server.metrics import Metrics
 from polysignal.server.node import Node
 from polysignal.server.peerjs import PeerJsHub
 from polysignal.server.relay import RelayHub
@@ -48,6 +52,8 @@ TOPICS_KEY = web.AppKey("topics", TopicsHub)
 RELAY_KEY = web.AppKey("relay", RelayHub)
 SIGNALFIRE_KEY = web.AppKey("signalfire", SignalFireHub)
 PEERJS_KEY = web.AppKey("peerjs", PeerJsHub)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+METRICS_SERVER_KEY = web.AppKey("metrics_server", web.AppRunner)
 
 
 class MalformedRequests(logging.Filter):
@@ -129,14 +135,58 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
             ice_servers=settings.server.ice_servers or (),
         ),
     )
+    add_metrics_routes(app, node)
     add_health_routes(app)
     return app
+
+
+def add_metrics_routes(app: web.Application, node: Node) -> Metrics:
+    """``/metrics`` and ``/stats`` on the node's port, and on ``METRICS_PORT`` when set."""
+    metrics = app[METRICS_KEY] = Metrics(node, lambda: app.get(rooms.ROOMS_KEY))
+    app.router.add_get("/metrics", metrics.metrics)
+    app.router.add_get("/stats", metrics.stats)
+    app.on_startup.append(_start_metrics)
+    app.on_cleanup.append(_stop_metrics)
+    return metrics
+
+
+async def _start_metrics(app: web.Application) -> None:
+    metrics = app[METRICS_KEY]
+    metrics.start()
+    server = metrics.node.settings.server
+    if not server.metrics_port:
+        return
+    side = web.Application()
+    side.router.add_get("/metrics", metrics.metrics)
+    side.router.add_get("/stats", metrics.stats)
+    runner = web.AppRunner(side, handle_signals=False, access_log=None)
+    await runner.setup()
+    # Workers share the port as they share the main one; any of them answers for all.
+    site = web.TCPSite(
+        runner, server.host, server.metrics_port, reuse_port=metrics.directory is not None or None
+    )
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(exc.errno, f"METRICS_PORT {server.metrics_port}: {exc.strerror}") from None
+    app[METRICS_SERVER_KEY] = runner
+    log.info("metrics on http://%s:%d/metrics", server.host, server.metrics_port)
+
+
+async def _stop_metrics(app: web.Application) -> None:
+    runner = app.get(METRICS_SERVER_KEY)
+    if runner is not None:
+        await runner.cleanup()
+    await app[METRICS_KEY].stop()
 
 
 def http_app(node: Node, client_max_size: int = 1 << 20) -> web.Application:
     """The aiohttp app of ``node``, with its front door, the backend's start and stop, and the
     closing of every connection at shutdown. Routes are added by the caller."""
-    app = web.Application(client_max_size=client_max_size, middlewares=[request_clock])
+    app = web.Application(
+        client_max_size=client_max_size, middlewares=[client_address, request_clock]
+    )
     app[NODE_KEY] = node
     app[DOOR_KEY] = FrontDoor(node)
     app.on_startup.append(_start_backend)
@@ -184,8 +234,14 @@ def _or_websocket(handler: Handler) -> Handler:
 
 
 def _cors(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-    """CORS as the original's ``cors`` package: the allowed origin echoed, ``Vary: Origin``."""
-    origin = request.app[PEERJS_KEY].allowed_origin(request.headers.get(hdrs.ORIGIN))
+    """CORS as the original's ``cors`` package: the allowed origin echoed, ``Vary: Origin``.
+    The origins are ``PEERJS_CORS_ORIGINS``'s, else ``ALLOWED_ORIGINS``'s (any, by default)."""
+    hub = request.app[PEERJS_KEY]
+    asked = request.headers.get(hdrs.ORIGIN)
+    if hub.settings.peerjs_cors_origins:
+        origin = hub.allowed_origin(asked)
+    else:
+        origin = asked if asked and request.app[DOOR_KEY].origins.allows(asked) else None
     if origin is not None:
         response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
     response.headers.add(hdrs.VARY, hdrs.ORIGIN)
@@ -256,7 +312,11 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
+    """200 while the node takes new clients; 503 while its backend is unusable, from the start
+    of a drain (``server/drain.py``: it still serves meanwhile) and while it stops."""
     node = request.app[NODE_KEY]
+    if draining(request.app):
+        return web.Response(status=503, text="draining", content_type="text/plain")
     if node.backend.ready and not node.stopping:
         return web.Response(text="ready", content_type="text/plain")
     return web.Response(status=503, text="not ready", content_type="text/plain")

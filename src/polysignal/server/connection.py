@@ -63,6 +63,9 @@ FAIL_GRACE = 2.0
 
 _EMPTY_CLOSE = build_frame(b"", OP_CLOSE)
 
+NO_STATUS = 1005
+"""The close code of a close frame that carried none (RFC 6455 §7.4.1)."""
+
 
 class WriteBatch:
     """The connections sent frames during this event-loop iteration; flushed at its end."""
@@ -110,12 +113,15 @@ class Connection(TokenBucket, asyncio.Protocol):
         "address",
         "alive",
         "busy",
+        "close_code",
         "closing",
         "driver",
         "id",
         "lost",
         "max_buffer",
         "max_frame",
+        "peer_id",
+        "started",
         "state",
         "transport",
     )
@@ -141,7 +147,12 @@ class Connection(TokenBucket, asyncio.Protocol):
         self.lost = False  # the transport is gone
         self.alive = True  # any bytes since the node's last ping sweep
         self.busy = False  # a handler coroutine of this connection is running (driver.py)
-        TokenBucket.__init__(self, rate, burst, time.monotonic())
+        self.started = now = time.monotonic()
+        TokenBucket.__init__(self, rate, burst, now)
+        # The protocol's id of its peer once known (a hub sets it), for the log lines.
+        self.peer_id: str | None = None
+        # The close code of its closing handshake: the one sent first, by either side.
+        self.close_code: int | None = None
         self._last_rate_report = 0.0
         self._batch = batch
         self._pending: list[bytes] | None = None
@@ -165,9 +176,20 @@ class Connection(TokenBucket, asyncio.Protocol):
     def protocol(self) -> str:
         return self.driver.protocol
 
+    def log_extra(self) -> dict[str, Any]:
+        """The context of a log line about this connection (``extra=``): its id (a counter per
+        node process), protocol, remote address and the protocol's peer id (None until known)."""
+        return {
+            "conn_id": self.id,
+            "protocol": self.driver.protocol,
+            "remote": self.address,
+            "peer_id": self.peer_id,
+        }
+
     # --- input ---
     def data_received(self, chunk: bytes) -> None:
         self.alive = True
+        self.driver.bytes_in += len(chunk)
         if self._skip:
             if len(chunk) <= self._skip:
                 self._skip -= len(chunk)
@@ -190,6 +212,7 @@ class Connection(TokenBucket, asyncio.Protocol):
                 if not self.closing:
                     self.driver.message(self, payload, opcode == OP_BINARY)
             elif opcode == OP_PING:
+                self.driver.control_out += 1
                 self.send_frame(build_frame(payload, OP_PONG))
             elif opcode == OP_CLOSE:
                 self._close_received(payload)
@@ -215,8 +238,10 @@ class Connection(TokenBucket, asyncio.Protocol):
             code, _ = parse_close(payload)
         except FrameError as exc:
             reply = close_frame(exc.close_code, exc.message)
+            self.close_code = exc.close_code
         else:
             reply = _EMPTY_CLOSE if code is None else close_frame(code)
+            self.close_code = NO_STATUS if code is None else code
         self.flush()  # frames queued before the peer's close still go out, then the answer
         self._sent_close = True
         self.transport.write(reply)
@@ -286,7 +311,7 @@ class Connection(TokenBucket, asyncio.Protocol):
         pending = self._pending
         if pending is None:
             if len(frame) >= WRITE_THROUGH_BYTES:
-                return self._write(frame)
+                return self._write(frame, 1)
             self._pending = [frame]
             self._pending_bytes = len(frame)
             self._batch.add(self)
@@ -306,15 +331,21 @@ class Connection(TokenBucket, asyncio.Protocol):
         # After the closing frame nothing may be sent (RFC 6455 §5.5.1).
         if self._sent_close or self.transport.is_closing():
             return
-        self._write(pending[0] if len(pending) == 1 else b"".join(pending))
+        self._write(pending[0] if len(pending) == 1 else b"".join(pending), len(pending))
 
-    def _write(self, data: bytes) -> bool:
+    def _write(self, data: bytes, frames: int) -> bool:
+        """Write ``data``, ``frames`` whole frames, and count them (``/metrics``): per write,
+        not per frame, so a batch of frames costs one count."""
         self.transport.write(data)
+        driver = self.driver
+        driver.frames_out += frames
+        driver.bytes_out += len(data)
         return self._check_buffer()
 
     def _check_buffer(self) -> bool:
         """Cut a peer that does not read (1013) once its unsent bytes pass the limit."""
         if self.transport.get_write_buffer_size() > self.max_buffer:
+            self.driver.slow_cuts += 1
             log.warning("%r is not reading: %d bytes unsent, closing", self, self.max_buffer)
             self.close(CloseCode.TRY_AGAIN_LATER, "send buffer full", grace=1.0)
             return False
@@ -331,7 +362,11 @@ class Connection(TokenBucket, asyncio.Protocol):
             self.closing = True
             return False
         self.flush()
-        transport.writelines((frame_header(len(payload), opcode), payload))
+        header = frame_header(len(payload), opcode)
+        transport.writelines((header, payload))
+        driver = self.driver
+        driver.frames_out += 1
+        driver.bytes_out += len(header) + len(payload)
         return self._check_buffer()
 
     def send_text(self, payload: bytes | str) -> bool:
@@ -378,6 +413,8 @@ class Connection(TokenBucket, asyncio.Protocol):
         self.closing = True
         self.flush()
         self._sent_close = True
+        if self.close_code is None:
+            self.close_code = code
         transport = self.transport
         if transport.is_closing():
             return

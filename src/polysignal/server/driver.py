@@ -22,6 +22,11 @@ The driver is the one place that maps an exception to its answer and its log lin
 (WARNING, at most once per interval); anything else is a bug (ERROR with a traceback, at most
 once per interval per place) answered generically. No handler writes its own read loop or its
 own error ladder.
+
+It also keeps its protocol's numbers for ``/metrics`` (``server/metrics.py``): plain integers
+the connection and the driver add to on the paths they already take, read only when scraped,
+so that counting costs a message no more than an attribute increment. A connection's opening
+and closing are logged at INFO, with its context (``Connection.log_extra``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from collections import deque
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
@@ -46,6 +52,13 @@ Result = Awaitable[None] | None
 
 _CLOSED = object()
 """Marks, among a busy connection's held messages, that its transport is gone."""
+
+ABNORMAL = 1006
+"""The close code of a connection that ended without a closing handshake (RFC 6455 §7.1.5)."""
+
+OPEN_LINE = "%r open on %s"
+CLOSE_LINE = "%r closed (code %s) after %.3fs"
+"""The INFO lines of a connection's opening and closing (with ``Connection.log_extra``)."""
 
 
 @dataclass(slots=True)
@@ -108,6 +121,17 @@ class Handler:
     def rate_limited(self, conn: Connection, data: bytes, binary: bool, report: bool) -> Answer:
         return Close(1008, "rate limit exceeded")
 
+    def held(self) -> dict[str, int]:
+        """What the protocol holds on this node now (``topics``, ``ids``, ...), for
+        ``/metrics`` and ``/stats``; read at scrape time."""
+        return {}
+
+    def typed_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Messages received and sent so far by kind, for the kinds the protocol tells apart
+        (a small fixed set); ``/metrics`` counts the rest of the driver's totals as
+        ``other``. Read at scrape time only."""
+        return {}, {}
+
 
 class Driver:
     """Runs one protocol's ``Handler`` for every connection of that protocol on a node."""
@@ -120,6 +144,18 @@ class Driver:
         self.max_frame = max_frame or settings.limits.max_frame_bytes
         self.log = logging.getLogger(f"polysignal.{handler.protocol}")
         self.throttle = Throttle()
+        # Counters, read at scrape time (server/metrics.py); the connection adds to some.
+        self.opened = 0
+        self.closed_count = 0
+        self.messages_in = 0
+        self.frames_out = 0  # every frame written, pings and pongs included
+        self.control_out = 0  # of those, pings and pongs
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.rate_limited_count = 0
+        self.slow_cuts = 0
+        self.errors: dict[str, int] = {"client": 0, "backend": 0, "internal": 0}
+        self.close_codes: dict[int | None, int] = {}
 
     # --- lifecycle ---
     def connect(self, transport: asyncio.Transport, request: Handshake) -> Connection:
@@ -137,16 +173,30 @@ class Driver:
             node.batch,
         )
         node.opened(conn)
-        if self.log.isEnabledFor(logging.DEBUG):
-            self.log.debug("%r open on %s", conn, request.path)
+        self.opened += 1
         self._run(conn, self._call(conn, self.handler.on_open, conn, request))
+        log = self.log
+        if log.isEnabledFor(logging.INFO):
+            # After ``on_open``: a protocol that knows its peer's id at once has set it.
+            log.info(OPEN_LINE, conn, request.path[:200], extra=conn.log_extra())
         return conn
 
     def closed(self, conn: Connection) -> None:
         """The transport of ``conn`` is gone (called once, by the connection)."""
         self.node.forgot(conn)
-        if self.log.isEnabledFor(logging.DEBUG):
-            self.log.debug("%r closed", conn)
+        self.closed_count += 1
+        code = conn.close_code
+        codes = self.close_codes
+        codes[code] = codes.get(code, 0) + 1
+        log = self.log
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                CLOSE_LINE,
+                conn,
+                ABNORMAL if code is None else code,
+                time.monotonic() - conn.started,
+                extra=conn.log_extra(),
+            )
         if conn.busy:
             self._hold(conn, _CLOSED)
         else:
@@ -155,6 +205,7 @@ class Driver:
     # --- messages ---
     def message(self, conn: Connection, data: bytes, binary: bool) -> None:
         """One data message from ``conn``'s client, in the order they came."""
+        self.messages_in += 1
         if conn.busy:
             self._hold(conn, (data, binary))
             return
@@ -165,6 +216,7 @@ class Driver:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%r message %s", conn, elide(data))
         if not conn.allow_message():
+            self.rate_limited_count += 1
             report = conn.should_report_rate_limit()
             if report:
                 held = self.throttle.allow("rate")
@@ -239,14 +291,18 @@ class Driver:
     def fail(self, conn: Connection, error: Exception) -> None:
         """Log ``error`` by its kind and answer it the protocol's way."""
         log = self.log
+        errors = self.errors
         if isinstance(error, ClientError):
+            errors["client"] += 1
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%r: %s", conn, error.message)
         elif isinstance(error, BackendUnavailable):
+            errors["backend"] += 1
             held = self.throttle.allow("backend")
             if held is not None:
                 log.warning("%r: the cluster is unavailable (%s)%s", conn, error, more(held))
         else:
+            errors["internal"] += 1
             held = self.throttle.allow(_place(error))
             if held is not None:
                 log.error("%r: unexpected error%s", conn, more(held), exc_info=error)

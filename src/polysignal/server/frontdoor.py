@@ -26,6 +26,16 @@ is answered 429 at once. The slot goes with the transport: to the ``Connection``
 or to ``Served``, the thin protocol that hands aiohttp its bytes and gives the slot back when
 the connection closes.
 
+Behind a proxy (``TRUSTED_PROXIES``, ``server/edge.py``) the address is the client's, read from
+the request head: a connection from a trusted proxy takes no slot of the proxy's address; once
+its head is in, it takes a slot of the client's address (429 past the limit), and the
+``Connection``, the log lines and aiohttp's ``request.remote`` (``client_address``) name the
+client. A connection aiohttp keeps alive (which a proxy may reuse for several clients) holds the
+slot of its first request's client, moved to the client of a WebSocket asked for on it later.
+
+A WebSocket upgrade whose ``Origin`` is not in ``ALLOWED_ORIGINS`` is refused with 403, whatever
+its protocol (socket.io's included, which aiohttp serves), before any protocol sees it.
+
 Nothing here holds a task or a timer per connection: one sweep per node closes requests whose
 headers have not arrived within ``HEADER_TIMEOUT`` (408), the first request of a connection and
 every later one aiohttp reads on a connection it kept alive.
@@ -43,9 +53,10 @@ from typing import TYPE_CHECKING
 
 import httptools
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from polysignal.core.errors import BackendUnavailable
-from polysignal.logs import Throttle, more
+from polysignal.logs import CLIENT_KEY, Throttle, more
 from polysignal.protocols.websocket import (
     HandshakeError,
     check_handshake,
@@ -55,6 +66,7 @@ from polysignal.protocols.websocket import (
     switching_protocols,
 )
 from polysignal.server.driver import Driver, Handshake
+from polysignal.server.edge import ORIGIN_REFUSED, AllowedOrigins, TrustedProxies
 
 if TYPE_CHECKING:
     from polysignal.server.connection import Connection
@@ -75,6 +87,8 @@ class FrontDoor:
         self.max_headers = settings.limits.max_headers
         self.timeout = settings.server.header_timeout
         self.linger = settings.server.linger
+        self.proxies = TrustedProxies(settings.server.trusted_proxies, settings.server.proxy_header)
+        self.origins = AllowedOrigins(settings.server.allowed_origins)
         # Connections whose request is still being read, or which linger after a refusal, with
         # the time by which they must be done.
         self.pending: dict[Intake | Served, float] = {}
@@ -132,6 +146,7 @@ class FrontDoor:
         if method != "GET":
             raise HandshakeError(405, "a WebSocket upgrade must be a GET", (("Allow", "GET"),))
         key = check_handshake(http_version, version, key)
+        self.check_origin(request.header("origin"), request.address)
         if node.stopping:
             raise HandshakeError(503, "shutting down")
         driver = node.route(request)
@@ -139,6 +154,34 @@ class FrontDoor:
             raise HandshakeError(404, "no protocol is served on this path")
         request.subprotocol = choose_subprotocol(request.offered, driver.handler.subprotocols)
         return driver, switching_protocols(key, request.subprotocol)
+
+    def check_origin(self, origin: str | None, address: str) -> None:
+        """Refuse (403) a WebSocket upgrade from a page whose origin is not allowed."""
+        if self.origins.allows(origin):
+            return
+        held = self.throttle.allow("origin")
+        if held is not None:
+            shown = repr(origin[:100]) if origin is not None else "?"
+            log.info(
+                "refused a WebSocket upgrade from %s: origin %s not in ALLOWED_ORIGINS%s",
+                address,
+                shown,
+                more(held),
+            )
+        raise HandshakeError(403, ORIGIN_REFUSED)
+
+    def take_slot(self, address: str) -> bool:
+        """Count one more connection of ``address``; False (logged once per interval) past
+        ``MAX_CONNECTIONS_PER_IP``."""
+        addresses = self.node.addresses
+        if addresses.acquire(address):
+            return True
+        held = self.throttle.allow("limit")  # one key: addresses are unbounded
+        if held is not None:
+            log.warning(
+                "refused %s: %d connections from it%s", address, addresses.limit, more(held)
+            )
+        return False
 
     def accept(
         self,
@@ -231,6 +274,7 @@ class Intake(asyncio.Protocol):
         "headers",
         "lingering",
         "parser",
+        "peer",
         "raw",
         "transport",
         "url",
@@ -245,24 +289,18 @@ class Intake(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
         self.lingering = False
-        self.address: str | None = None  # while it holds its address's slot
+        self.peer = "unknown"  # the TCP peer (a trusted proxy, or the client itself)
+        self.address: str | None = None  # the client's, while it holds its address's slot
         self.handed = False  # the transport (and its slot) went to a Connection or to aiohttp
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         door = self.door
-        address = peer_address(transport)
-        addresses = door.node.addresses
-        if not addresses.acquire(address):
-            held = door.throttle.allow("limit")  # one key: addresses are unbounded
-            if held is not None:
-                log.warning(
-                    "refused %s: %d connections from it%s", address, addresses.limit, more(held)
-                )
-            self.refuse(429, "too many connections from this address")
+        peer = self.peer = peer_address(transport)
+        # A trusted proxy's connection counts against its client, named in the request head.
+        if not door.proxies.trusts(peer) and not self._take_slot(peer):
             return
-        self.address = address
         if door.timeout > 0:
             door.pending[self] = time.monotonic() + door.timeout
 
@@ -357,6 +395,13 @@ class Intake(asyncio.Protocol):
         self.refuse(408, f"the request did not arrive within {self.door.timeout:g}s")
         return True
 
+    def _take_slot(self, address: str) -> bool:
+        if not self.door.take_slot(address):
+            self.refuse(429, "too many connections from this address")
+            return False
+        self.address = address
+        return True
+
     def _refuse_malformed(self) -> None:
         held = self.door.throttle.allow("malformed")
         if held is not None:
@@ -371,6 +416,14 @@ class Intake(asyncio.Protocol):
         method = parser.get_method()
         http_version = parser.get_http_version()
         self._drop()
+        door = self.door
+        if self.address is None:  # from a trusted proxy: count its client
+            name = door.proxies.header_bytes
+            values = [value.decode("latin-1") for found, value in self.headers if found == name]
+            if not self._take_slot(door.proxies.client(self.peer, values)):
+                return
+        address = self.address
+        assert address is not None
         websocket, version, key, offered = scan_upgrade(self.headers)
         if not websocket:
             self._hand_over()
@@ -381,14 +434,18 @@ class Intake(asyncio.Protocol):
             self._hand_over()
             return
         path = url.path.decode("latin-1")
-        door = self.door
         if door.node.served_by_http(path):
+            # socket.io's WebSocket: aiohttp serves it, once its origin is allowed here.
+            try:
+                door.check_origin(_header(self.headers, b"origin"), address)
+            except HandshakeError as exc:
+                self.refuse(exc.status, exc.message, exc.headers)
+                return
             self._hand_over()
             return
         query = url.query
-        assert self.address is not None  # a refused connection reads no request
         request = Handshake(
-            path, query.decode("latin-1") if query else "", self.headers, self.address, offered
+            path, query.decode("latin-1") if query else "", self.headers, address, offered
         )
         try:
             driver, response = door.prepare(
@@ -403,7 +460,7 @@ class Intake(asyncio.Protocol):
         """aiohttp serves this connection from now on, starting with what was read so far."""
         transport = self.transport
         assert transport is not None and self.door.http is not None and self.address is not None
-        served = Served(self.door, self.door.http(), self.address)
+        served = Served(self.door, self.door.http(), self.address, self.peer)
         self.handed = True
         transport.set_protocol(served)
         served.connection_made(transport)
@@ -417,12 +474,16 @@ class Served(asyncio.Protocol):
     (aiohttp has none): from the first byte after a request is done, ``HEADER_TIMEOUT`` for the
     next one's headers to arrive (``request_clock`` in ``server/app.py`` says when they have)."""
 
-    __slots__ = ("address", "door", "handler", "in_request", "transport")
+    __slots__ = ("address", "door", "handler", "in_request", "peer", "proxied", "transport")
 
-    def __init__(self, door: FrontDoor, handler: asyncio.Protocol, address: str) -> None:
+    def __init__(
+        self, door: FrontDoor, handler: asyncio.Protocol, address: str, peer: str | None = None
+    ) -> None:
         self.door = door
         self.handler = handler
         self.address: str | None = address
+        self.peer = peer if peer is not None else address  # the TCP peer
+        self.proxied = door.proxies.trusts(self.peer)  # each request names its client
         self.transport: asyncio.Transport | None = None
         self.in_request = False
 
@@ -460,6 +521,18 @@ class Served(asyncio.Protocol):
     def request_done(self) -> None:
         self.in_request = False
 
+    def move_slot(self, address: str) -> bool:
+        """Hold a slot of ``address`` instead of the one held: a trusted proxy may send the
+        requests of several clients on one connection. False (the slot stays) when
+        ``address`` has none left."""
+        if self.address is None or address == self.address:
+            return True
+        if not self.door.take_slot(address):
+            return False
+        self.door.node.addresses.release(self.address)
+        self.address = address
+        return True
+
     def give_slot(self) -> None:
         """A WebSocket took the connection over: its ``Connection`` gives the slot back."""
         self.address = None
@@ -474,6 +547,36 @@ class Served(asyncio.Protocol):
         self.door.pending.pop(self, None)
         if self.transport is not None:
             self.transport.close()
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for found, value in headers:
+        if found == name:
+            return value.decode("latin-1")
+    return None
+
+
+@web.middleware
+async def client_address(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Make ``request.remote`` the client's address when a trusted proxy forwarded the request
+    (``TRUSTED_PROXIES``): the handlers get a clone of the request with that ``remote``."""
+    client = client_of(request)
+    if client is not None and client != request.remote:
+        request[CLIENT_KEY] = client  # for aiohttp's access logger, which sees this request
+        request = request.clone(remote=client)
+    return await handler(request)
+
+
+def client_of(request: web.BaseRequest) -> str | None:
+    """The client's address of ``request`` through trusted proxies: read from each request,
+    since a proxy may send the requests of several clients on one connection it keeps alive.
+    (aiohttp's access logger sees the request itself, not ``client_address``'s clone.)"""
+    transport = request.transport
+    served = transport.get_protocol() if transport is not None else None
+    if isinstance(served, Served) and served.proxied:
+        proxies = served.door.proxies
+        return proxies.client(served.peer, request.headers.getall(proxies.header, []))
+    return request.remote
 
 
 def peer_address(transport: asyncio.BaseTransport) -> str:
@@ -518,14 +621,17 @@ async def upgrade_from_http(door: FrontDoor, request: web.Request) -> web.Stream
     assert isinstance(served, Served)  # every connection enters through the front door
     headers = [(name.lower(), value) for name, value in request.raw_headers]
     _, version, key, offered = scan_upgrade(headers)
+    address = served.peer
+    if served.proxied:
+        name = door.proxies.header_bytes
+        values = [value.decode("latin-1") for found, value in headers if found == name]
+        address = door.proxies.client(address, values)
     handshake = Handshake(
-        request.rel_url.raw_path,
-        request.rel_url.raw_query_string,
-        headers,
-        peer_address(transport),
-        offered,
+        request.rel_url.raw_path, request.rel_url.raw_query_string, headers, address, offered
     )
     http_version = f"{request.version.major}.{request.version.minor}"
+    if not served.move_slot(handshake.address):  # the Connection gives this slot back
+        return _error_response(HandshakeError(429, "too many connections from this address"))
     try:
         driver, response = door.prepare(handshake, request.method, http_version, version, key)
         hook = driver.handler.accept(handshake)

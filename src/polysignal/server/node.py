@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
@@ -32,6 +33,7 @@ class Node:
         self.settings = settings
         self.backend = backend
         self.node_id = settings.server.node_id
+        self.started = time.time()  # for ``/stats`` and ``/metrics``
         self.connections: set[Connection] = set()
         self.addresses = AddressCounter(settings.limits.max_connections_per_ip)
         self.batch = WriteBatch()
@@ -58,6 +60,13 @@ class Node:
             if matches(request):
                 return driver
         return self.fallback
+
+    def drivers(self) -> list[Driver]:
+        """Every protocol's driver, the fallback's last."""
+        drivers = [driver for _, driver in self.routes]
+        if self.fallback is not None:
+            drivers.append(self.fallback)
+        return drivers
 
     def served_by_http(self, path: str) -> bool:
         """True when requests on ``path`` stay with the aiohttp application."""
@@ -98,6 +107,7 @@ class Node:
                     conn.close(CloseCode.GOING_AWAY, "ping timeout", grace=1.0)
                     continue
                 conn.alive = False
+                conn.driver.control_out += 1  # not a data message (``/metrics``)
                 conn.send_frame(PING_FRAME)
 
     # --- shutdown ---

@@ -127,6 +127,8 @@ class PeerJsHub(Handler):
 
     # --- the driver's callbacks ---
     def on_open(self, conn: Connection, request: Handshake) -> Result:
+        # The id the client asks for, in its log lines (the claim confirms it).
+        conn.peer_id = proto.parse_query(request.query).id[: proto.MAX_PARAMETER_LENGTH] or None
         return self._feed(self.machine.on_open(conn, request.query, self.timer.now()))
 
     def on_message(self, conn: Connection, data: bytes, binary: bool) -> Result:
@@ -135,6 +137,13 @@ class PeerJsHub(Handler):
 
     def on_close(self, conn: Connection) -> Result:
         return self._feed(self.machine.on_close(conn))
+
+    def typed_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        received = self.machine.received
+        return {str(kind).lower(): received.get(kind, 0) for kind in proto.MessageType}, {}
+
+    def held(self) -> dict[str, int]:
+        return {"ids": self.machine.held()}
 
     def answer(self, conn: Connection, error: Exception) -> Answer:
         """Bad input is answered by the machine itself; what reaches here is a fault of the
@@ -248,6 +257,7 @@ class PeerJsHub(Handler):
         """Claim the id; a holder with another token is asked about and taken over if stale,
         one with the same token (the same client on another node) at once. True when the id
         is the client's."""
+        cast(Connection, effect.conn).peer_id = effect.peer_id
         key = effect.key
         token = self._lease_token(effect.token)
         on_lost = partial(self._lost, effect.peer_id, effect.token)

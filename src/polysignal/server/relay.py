@@ -106,6 +106,7 @@ class RelayHub(Handler):
             wait_timeout=settings.relay_backpressure_timeout,
         )
         self._settled: dict[str, asyncio.Event] = {}  # end id -> its rendezvous finished
+        self.pipe_frames_in = 0  # frames received on pipe ends (``/metrics``)
         self._matching: dict[str, asyncio.Future[bool]] = {}
         self.background = Background(log)
         self.timer = DeadlineTimer(self.machine.next_deadline, self._on_timer, self.background)
@@ -129,11 +130,13 @@ class RelayHub(Handler):
         endpoint = proto.parse_endpoint(request.path, self.limits)
         if isinstance(endpoint, proto.IntroductionPath):
             token = secrets.token_hex(8)
+            conn.peer_id = endpoint.peer
             sock, effects = self.machine.peer_opened(conn, endpoint.peer, token)
             conn.state = sock
             return self._run(effects)
         assert endpoint is not None  # the matcher said so
         a, b, key = endpoint.local, endpoint.remote, endpoint.document
+        conn.peer_id = a
         # Pipes carry document sync: larger frames, and no message rate limit; a writer waits
         # (``drained``) once half the reader's send buffer is unsent.
         conn.max_frame = self.settings.relay_max_frame_bytes
@@ -147,6 +150,7 @@ class RelayHub(Handler):
     def on_message(self, conn: Connection, data: bytes, binary: bool) -> Result:
         state = conn.state
         if isinstance(state, PipeEnd):
+            self.pipe_frames_in += 1
             return self._run(self.machine.end_frame(state, OP_BINARY if binary else OP_TEXT, data))
         if isinstance(state, PeerSocket):
             encoding = Encoding.MSGPACK if binary else Encoding.JSON
@@ -166,6 +170,12 @@ class RelayHub(Handler):
 
     def answer(self, conn: Connection, error: Exception) -> Answer:
         return proto.answer(error)
+
+    def typed_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        return {"pipe": self.pipe_frames_in}, {}
+
+    def held(self) -> dict[str, int]:
+        return {"ids": len(self.machine.peers), "pipes": len(self.machine.ends)}
 
     def rate_limited(self, conn: Connection, data: bytes, binary: bool, report: bool) -> Answer:
         return CloseAnswer(

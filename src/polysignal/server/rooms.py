@@ -20,7 +20,9 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +44,7 @@ from polysignal.logs import Throttle, elide, more
 from polysignal.protocols import rooms as proto
 from polysignal.protocols.rooms import ClientEvent, ClusterMessage, ServerEvent
 from polysignal.server import socketio_compat as compat
+from polysignal.server.edge import AllowedOrigins
 from polysignal.server.executor import Background
 from polysignal.server.node import Node
 
@@ -94,6 +97,7 @@ class RoomsHub:
         secret: str,
         password: str,
         stopping: Callable[[], bool] = lambda: False,
+        origins: AllowedOrigins | None = None,
     ) -> None:
         self.settings = settings
         self.shared = shared
@@ -122,13 +126,15 @@ class RoomsHub:
         self.conns: dict[str, _Conn] = {}
         self.background = Background(log)
         self._throttle = Throttle()
+        self.app_failures = PasswordFailures(settings.app_max_failures, settings.app_failure_window)
         self.sio = compat.BoundedServer(
             max_queued_bytes=shared.send_buffer_bytes,
             sessions=self.sessions,
             async_mode="aiohttp",
             # Events of one socket are handled in order (SDP before its ICE candidates).
             async_handlers=False,
-            cors_allowed_origins="*",
+            # ALLOWED_ORIGINS: only a listed origin is echoed (with credentials) once it is set.
+            cors_allowed_origins=(origins or AllowedOrigins()).for_engineio(),
             max_http_buffer_size=shared.max_frame_bytes,
             logger=False,
             engineio_logger=False,
@@ -332,7 +338,20 @@ class RoomsHub:
     # --- HTTP ---
     async def post_app(self, request: web.Request) -> web.Response:
         """``POST /app`` (form or JSON): ``app`` and ``password`` -> an app token
-        (docs/protocols/rooms.md, "POST /app")."""
+        (docs/protocols/rooms.md, "POST /app").
+
+        Wrong passwords are counted per client address: past ``APP_MAX_FAILURES`` within
+        ``APP_FAILURE_WINDOW`` the address is answered 429 with ``Retry-After`` (the seconds until
+        its oldest failure leaves the window), whatever it sends. Each failure and each refusal
+        is a WARNING with the address (``PasswordFailures``)."""
+        failures = self.app_failures
+        address = request.remote or "unknown"
+        wait = failures.retry_after(address)
+        if wait is not None:
+            failures.log_refusal(address, wait)
+            response = _api_error(429, TOO_MANY_FAILURES)
+            response.headers["Retry-After"] = str(wait)
+            return response
         form: Any
         try:
             if request.content_type == "application/json":
@@ -350,6 +369,7 @@ class RoomsHub:
             return _api_error(400, "Request body must be an object")
         password = form.get("password")
         if not isinstance(password, str) or not _same(password, self.password):
+            failures.record(address)
             return _api_error(401, proto.UNAUTHORIZED_HTTP)
         app = form.get("app")
         if not isinstance(app, str) or not app:
@@ -382,6 +402,85 @@ def _same(given: str, expected: str) -> bool:
 def _api_error(status: int, message: str) -> web.Response:
     """The original's ``ErrorHandler`` body: ``{status, error, response: false}``."""
     return web.json_response({"status": status, "error": message, "response": False}, status=status)
+
+
+TOO_MANY_FAILURES = "Too many wrong passwords from this address; retry later"
+"""The error of ``POST /app`` from an address past ``APP_MAX_FAILURES`` (429)."""
+
+
+class PasswordFailures:
+    """The wrong passwords of ``POST /app`` per client address, over a sliding window of
+    ``window`` seconds: at ``limit`` of them, the address waits until the oldest leaves the
+    window (``limit`` 0: never). Memory stays bounded: at most ``limit`` times per address, and
+    addresses whose failures all left the window are dropped once per window.
+
+    Every failure is logged at WARNING with its address and its count, up to ``limit`` lines per
+    10 s (then aggregated: "(N more like it)"); refusals once per 10 s with their count."""
+
+    def __init__(
+        self, limit: int, window: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        self.by_address: dict[str, deque[float]] = {}
+        self.swept = clock()
+        self.failure_lines = Throttle(burst=max(limit, 1))
+        self.refusal_lines = Throttle()
+
+    def retry_after(self, address: str) -> int | None:
+        """Whole seconds until ``address`` may try again; None when it may now."""
+        if not self.limit:
+            return None
+        now = self.clock()
+        times = self._recent(address, now)
+        if len(times) < self.limit:
+            return None
+        return max(1, math.ceil(times[0] + self.window - now))
+
+    def record(self, address: str) -> None:
+        """A wrong password from ``address``: counted (when limited) and logged."""
+        now = self.clock()
+        count = 0
+        if self.limit:
+            self._sweep(now)
+            times = self.by_address.setdefault(address, deque())
+            times.append(now)
+            count = len(times)
+        held = self.failure_lines.allow("wrong")
+        if held is None:
+            return
+        of = f" ({count} of {self.limit} within {self.window:g}s)" if count else ""
+        log.warning("POST /app: wrong password%s%s", of, more(held), extra={"remote": address})
+
+    def log_refusal(self, address: str, wait: int) -> None:
+        held = self.refusal_lines.allow("refused")
+        if held is not None:
+            log.warning(
+                "POST /app refused (429, retry after %ds): %d wrong passwords within %gs%s",
+                wait,
+                self.limit,
+                self.window,
+                more(held),
+                extra={"remote": address},
+            )
+
+    def _recent(self, address: str, now: float) -> deque[float]:
+        times = self.by_address.get(address)
+        if times is None:
+            return deque()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self.by_address[address]
+        return times
+
+    def _sweep(self, now: float) -> None:
+        if now - self.swept < self.window:
+            return
+        self.swept = now
+        for address in [a for a, t in self.by_address.items() if t[-1] <= now - self.window]:
+            del self.by_address[address]
 
 
 def secrets_for(settings: RoomsSettings) -> tuple[str, str] | None:
@@ -423,6 +522,7 @@ def setup(
         node.node_id,
         *secrets,
         stopping=lambda: node.stopping,
+        origins=AllowedOrigins(node.settings.server.allowed_origins),
     )
     app[ROOMS_KEY] = hub
     hub.sio.attach(app, socketio_path="socket.io")

@@ -1,8 +1,9 @@
 """Running a node: listen, serve until SIGTERM/SIGINT, shut down gracefully.
 
-Shutdown order: stop accepting (the listening socket closes), drop requests still being read,
-close every WebSocket with 1001, run the protocols' shutdown hooks, then close the backend,
-which removes this node's presence and claims from the cluster at once.
+Shutdown order: drain first when ``DRAIN_SECONDS`` > 0 (``/readyz`` 503, everything else
+served as before; ``server/drain.py``), then stop accepting (the listening socket closes), drop
+requests still being read, close every WebSocket with 1001, run the protocols' shutdown hooks,
+then close the backend, which removes this node's presence and claims from the cluster at once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from collections.abc import Callable
 from aiohttp import web
 
 from polysignal.config import Settings, redact_url
+from polysignal.logs import access_log_options
 from polysignal.server.app import DOOR_KEY, NODE_KEY, create_app
+from polysignal.server.drain import DRAIN_KEY, Drain
+from polysignal.server.tls import Tls
 
 log = logging.getLogger("polysignal.server")
 
@@ -31,11 +35,12 @@ class NodeServer:
         self.runner = web.AppRunner(
             app,
             handle_signals=False,
-            access_log=None,
             shutdown_timeout=self.node.settings.server.shutdown_timeout,
+            **access_log_options(self.node.settings.server.access_log),
         )
         self.server: asyncio.Server | None = None
         self.port = 0
+        self.tls: Tls | None = None
 
     async def setup(self) -> None:
         """Start the application (and with it the backend), not listening yet."""
@@ -45,15 +50,28 @@ class NodeServer:
         self.door.start()
 
     async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
-        """Accept connections on ``host:port``; the bound port (for port 0)."""
+        """Accept connections on ``host:port``; the bound port (for port 0). With ``TLS_CERT``
+        and ``TLS_KEY``, TLS only (https:// and wss://), the files read again on SIGHUP
+        (``server/tls.py``); ConfigError naming the setting when they cannot be used."""
         loop = asyncio.get_running_loop()
+        settings = self.node.settings.server
+        context = None
+        if settings.tls_cert and settings.tls_key:
+            self.tls = Tls(settings.tls_cert, settings.tls_key)
+            context = self.tls.context
         self.server = await loop.create_server(
             self.door,
             host,
             port,
             reuse_port=reuse_port or None,
-            backlog=self.node.settings.server.backlog,
+            backlog=settings.backlog,
+            ssl=context,
+            # A handshake that does not finish holds no address slot yet: bound it as the
+            # request head is bounded.
+            ssl_handshake_timeout=(settings.header_timeout or None) if context else None,
         )
+        if self.tls is not None:
+            self.tls.watch()
         self.port = port
         for sock in self.server.sockets:
             self.port = int(sock.getsockname()[1])
@@ -68,6 +86,8 @@ class NodeServer:
         """Stop accepting, then shut the node down gracefully (see the module docstring)."""
         if self.server is not None:
             self.server.close()
+        if self.tls is not None:
+            self.tls.unwatch()
         await self.door.stop()
         await self.runner.cleanup()
 
@@ -78,15 +98,22 @@ async def serve(
     reuse_port: bool = False,
     on_listening: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    prepare: Callable[[web.Application], None] | None = None,
 ) -> None:
-    """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT."""
-    server = NodeServer(create_app(settings))
+    """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT (then drain for
+    ``DRAIN_SECONDS`` and stop). ``prepare`` adjusts the app before it starts (a worker's)."""
+    app = create_app(settings)
+    drain = app[DRAIN_KEY] = Drain(settings.server.drain_seconds)
+    if prepare is not None:
+        prepare(app)
+    server = NodeServer(app)
     await server.setup()
     if reuse_port:
         await _await_backend(server, settings)
     port = await server.listen(settings.server.host, settings.server.port, reuse_port=reuse_port)
     log.info(
-        "listening on http://%s:%d (node %s, backend %s)",
+        "listening on %s://%s:%d (node %s, backend %s)",
+        "https" if server.tls is not None else "http",
         settings.server.host,
         port,
         settings.server.node_id,
@@ -95,7 +122,10 @@ async def serve(
     if on_listening is not None:
         on_listening(port)
     await run_until_signalled(
-        server, stop, on_stop=lambda: log.info("shutting down: closing connections with 1001")
+        server,
+        stop,
+        on_stop=lambda: log.info("shutting down: closing connections with 1001"),
+        drain=drain,
     )
 
 
@@ -120,18 +150,29 @@ async def run_until_signalled(
     server: NodeServer,
     stop: asyncio.Event | None = None,
     on_stop: Callable[[], None] | None = None,
+    drain: Drain | None = None,
 ) -> None:
-    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then stop ``server``.
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, drain (``server/drain.py``: a
+    second signal ends the drain at once), then stop ``server``.
 
     The handlers stay installed until the stop is done, so a repeated signal does not kill the
     process halfway through releasing its cluster state.
     """
     stop = stop or asyncio.Event()
+    drain = drain or Drain(0.0)
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            drain.cut()
+        else:
+            stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await stop.wait()
+        await drain.run()
         if on_stop is not None:
             on_stop()
     finally:

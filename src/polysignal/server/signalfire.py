@@ -122,6 +122,13 @@ class SignalFireHub(Handler):
     def on_close(self, conn: Connection) -> Result:
         return self._feed(self.machine.on_close(conn))
 
+    def typed_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        received = self.machine.received
+        return {str(kind): received.get(kind, 0) for kind in sorted(proto.REQUESTS)}, {}
+
+    def held(self) -> dict[str, int]:
+        return {"ids": self.machine.held()}
+
     def answer(self, conn: Connection, error: Exception) -> Answer:
         return proto.answer(error, self.machine.request_of(conn))
 
@@ -204,6 +211,7 @@ class SignalFireHub(Handler):
     async def _claim(self, effect: ClaimId) -> Effects:
         # The welcome never waits long for the cluster: a claim Redis does not answer promptly
         # is served here meanwhile (backends/lease.py).
+        cast(Connection, effect.conn).peer_id = effect.peer_id  # for its log lines
         lease = await self.leases.claim(
             effect.key, on_lost=partial(self._lost, effect.peer_id), answer_within=PROMPT_ANSWER
         )

@@ -90,7 +90,7 @@ from typing import Any
 import engineio
 import engineio.packet
 import socketio
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from engineio.async_drivers.aiohttp import WebSocket as EngineIoWebSocket
 
@@ -98,6 +98,7 @@ from polysignal.core.errors import ClientError, CloseCode, FrameTooLarge, Malfor
 from polysignal.core.limits import AddressCounter
 from polysignal.logs import Throttle, more
 from polysignal.protocols import rooms as proto
+from polysignal.server.edge import ORIGIN_REFUSED
 
 log = logging.getLogger("polysignal.rooms")
 
@@ -277,6 +278,18 @@ class GuardedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
     async def _handle_connect(
         self, environ: dict[str, Any], transport: str, jsonp_index: int | None = None
     ) -> Any:
+        # Under ``--workers N`` a long-polling session's requests would reach any worker
+        # (``server/workers.py`` sets ``polling_refused``): refused at the handshake, as
+        # engine.io's own errors, so the client learns to use the websocket transport.
+        polling_refused = getattr(self, "polling_refused", None)
+        if transport == "polling" and polling_refused is not None:
+            return {
+                "status": "400 BAD REQUEST",
+                "headers": [("Content-Type", "application/json")],
+                "response": json.dumps(
+                    {"code": 3, "message": polling_refused}, separators=(",", ":")
+                ).encode(),
+            }
         address = remote_address(environ)
         if not self.sessions.acquire(address):
             held = self.throttle.allow("sessions")
@@ -339,12 +352,35 @@ class GuardedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
         if websocket is not None:
             await websocket.close_with(CloseCode.UNSUPPORTED_DATA, reason, REFUSE_GRACE)
 
-    # --- long-polling POSTs ---
+    # --- long-polling POSTs, refused origins ---
     async def handle_request(self, *args: Any, **kwargs: Any) -> Any:
         request = args[0] if args else None
-        if isinstance(request, web.BaseRequest) and request.method == "POST":
-            return await self._handle_post(request)
+        if isinstance(request, web.BaseRequest):
+            if request.method == "POST":
+                return await self._handle_post(request)
+            if self._refused_upgrade(request):
+                return web.Response(status=403, text=ORIGIN_REFUSED + "\n")
         return await super().handle_request(*args, **kwargs)
+
+    def _refused_upgrade(self, request: web.BaseRequest) -> bool:
+        """A WebSocket upgrade from an origin ``ALLOWED_ORIGINS`` refuses: 403, as every
+        protocol's (engine.io would answer 400). It reaches aiohttp on a connection kept alive;
+        the front door refuses the others before aiohttp sees them."""
+        origin = request.headers.get(hdrs.ORIGIN)
+        allowed = self.cors_allowed_origins
+        if not origin or not callable(allowed) or allowed(origin):
+            return False
+        if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket":
+            return False  # long-polling: engine.io refuses it (400) and sends no CORS header
+        held = self.throttle.allow("origin")
+        if held is not None:
+            log.info(
+                "refused a WebSocket upgrade from %s: origin %r not in ALLOWED_ORIGINS%s",
+                request.remote,
+                origin[:100],
+                more(held),
+            )
+        return True
 
     async def _handle_post(self, request: web.BaseRequest) -> Any:
         """A long-polling POST, answered at once: 200 once its packets are handled; 413 past

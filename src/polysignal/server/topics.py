@@ -35,6 +35,9 @@ class TopicsHub(Handler):
         self.limits = proto.TopicLimits(node.settings.topics.max_topic_length)
         self.echo = node.settings.topics.echo
         self.rate_error = proto.rate_limited_error(node.settings.limits.rate_limit)
+        # Messages by kind (``/metrics``): commands received, publishes and pongs written.
+        self.received = {"publish": 0, "subscribe": 0, "unsubscribe": 0, "ping": 0}
+        self.sent = {"publish": 0, "pong": 0}
         node.backend.on_topic_message(self.deliver_remote)
 
     # --- the driver's callbacks ---
@@ -42,16 +45,28 @@ class TopicsHub(Handler):
         if binary:
             raise BINARY_REFUSED
         cmd = proto.decode(data, self.limits)
+        received = self.received
         match cmd:
             case proto.Publish():
+                received["publish"] += 1
                 return self.publish(conn, cmd)
             case proto.Subscribe():
+                received["subscribe"] += 1
                 self.subscribe(conn, cmd)
             case proto.Unsubscribe():
+                received["unsubscribe"] += 1
                 self.unsubscribe(conn, cmd)
             case proto.Ping():
-                conn.send_frame(PONG_FRAME)
+                received["ping"] += 1
+                if conn.send_frame(PONG_FRAME):
+                    self.sent["pong"] += 1
         return None
+
+    def typed_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        return self.received, self.sent
+
+    def held(self) -> dict[str, int]:
+        return {"topics": len(self.registry)}
 
     def on_close(self, conn: Connection) -> Result:
         self._counts_changed(self.registry.remove(conn))
@@ -105,10 +120,12 @@ class TopicsHub(Handler):
         if subscribers:
             frame = build_frame(payload)
             skip = None if self.echo else conn
+            sent = 0
             # Copy: a send may close a slow peer, whose cleanup edits the set.
             for peer in tuple(subscribers):
-                if peer is not skip:
-                    peer.send_frame(frame)
+                if peer is not skip and peer.send_frame(frame):
+                    sent += 1
+            self.sent["publish"] += sent
         return payload
 
     def deliver_remote(self, topic: str, payload: bytes) -> None:
@@ -117,8 +134,11 @@ class TopicsHub(Handler):
         if not subscribers:
             return
         frame = build_frame(payload)
+        sent = 0
         for peer in tuple(subscribers):
-            peer.send_frame(frame)
+            if peer.send_frame(frame):
+                sent += 1
+        self.sent["publish"] += sent
 
     def _counts_changed(self, topics: list[str]) -> None:
         backend = self.node.backend

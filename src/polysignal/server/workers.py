@@ -6,10 +6,13 @@ workers; the Redis backend makes them one cluster (a publish on one worker reach
 every other, ``clients`` counts all of them). The memory backend cannot do that, so N > 1 with
 it is refused at configuration time (``Settings.validate``).
 
-The parent process only supervises: it forwards SIGTERM/SIGINT to the workers (each stops
-gracefully: 1001 to its peers, presence removed), restarts a worker that dies unexpectedly
-(giving up when they keep dying), and exits when all workers have stopped. A worker whose
-parent disappears (SIGKILL of the parent) stops by itself.
+The parent process only supervises: it passes each SIGTERM/SIGINT on to the workers as a
+SIGTERM (the first: each drains for ``DRAIN_SECONDS``, then stops gracefully: 1001 to its
+peers, presence removed; a second ends the drains at once), restarts a worker that dies
+unexpectedly (giving up when they keep dying), and exits when all workers have stopped, waiting
+for them at least ``DRAIN_SECONDS`` + ``SHUTDOWN_TIMEOUT`` + ``STOP_MARGIN``. A worker whose
+parent disappears (SIGKILL of the parent) stops by itself. Workers run in their own process
+group, so a Ctrl-C in a terminal reaches only the parent, which passes it on once.
 """
 
 from __future__ import annotations
@@ -19,13 +22,19 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
 
+from aiohttp import web
+
 from polysignal import logs
 from polysignal.config import Settings
+from polysignal.server.metrics import DIR_ENV as METRICS_DIR_ENV
+from polysignal.server.rooms import ROOMS_KEY, secrets_for
 from polysignal.server.runner import loop_factory
 from polysignal.server.runner import serve as serve_node
 
@@ -37,6 +46,13 @@ MAX_RESTARTS = 5
 """Unexpected exits within RESTART_WINDOW after which the parent gives up and stops."""
 POLL = 0.2
 """Seconds between checks of the workers' state."""
+POLLING_REFUSED = (
+    "Bad request: long-polling is not available with --workers > 1; use the websocket transport"
+)
+"""The engine.io error a long-polling handshake gets from a worker (docs/operations/drain.md)."""
+STOP_MARGIN = 5.0
+"""Seconds the parent waits for its workers to stop beyond their drain and shutdown timeout,
+before it kills them."""
 
 
 def worker_settings(settings: Settings, index: int, port: int) -> Settings:
@@ -56,13 +72,33 @@ def run_workers(settings: Settings) -> int:
         reserve.bind((settings.server.host, 0))
         port = reserve.getsockname()[1]
     context = multiprocessing.get_context("spawn")
+    # ``/metrics`` on any worker shows every worker's numbers: the workers (spawned, so they
+    # inherit the environment) exchange snapshots in this directory (server/metrics.py).
+    metrics_dir = tempfile.mkdtemp(prefix="polysignal-metrics-")
+    os.environ[METRICS_DIR_ENV] = metrics_dir
     stopping = False
+    signals = 0  # SIGTERM/SIGINT received
+    passed_on = False  # the workers got the first one
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, signals
         stopping = True
+        signals += 1
+        if passed_on:  # a second signal: the workers end their drains at once
+            log.info("signal %d again: passing it on to end the drain", signum)
+            _signal_all(list(workers.values()))
+
+    def on_hangup(_signum: int, _frame: object) -> None:
+        # SIGHUP reloads the TLS certificate (server/tls.py): each worker reloads its own. A
+        # worker without TLS has no use for it (and would be ended by it).
+        if settings.server.tls_cert:
+            log.info("SIGHUP: passing it on to the workers (TLS reload)")
+            _signal_all(list(workers.values()), signal.SIGHUP)
+        else:
+            log.info("SIGHUP ignored: there is no TLS certificate to reload")
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     workers: dict[int, BaseProcess] = {}
     exits: list[float] = []
     status = 0
@@ -81,6 +117,11 @@ def run_workers(settings: Settings) -> int:
         for index in range(1, settings.server.workers + 1):
             spawn(index)
         log.info("%d workers serving port %d", settings.server.workers, port)
+        if secrets_for(settings.rooms) is not None:
+            log.info(
+                "socket.io long-polling is refused under --workers (a session's requests would "
+                "reach any worker): clients use the websocket transport"
+            )
         while not stopping:
             time.sleep(POLL)
             for index, proc in list(workers.items()):
@@ -96,7 +137,12 @@ def run_workers(settings: Settings) -> int:
                     break
                 spawn(index)
         log.info("stopping %d workers", len(workers))
-        _stop_all(list(workers.values()), settings.server.shutdown_timeout + 5.0)
+        _signal_all(list(workers.values()))
+        passed_on = True
+        if signals > 1:  # the second arrived before the first was passed on
+            _signal_all(list(workers.values()))
+        grace = settings.server.drain_seconds + settings.server.shutdown_timeout + STOP_MARGIN
+        _wait_all(list(workers.values()), grace)
         if any(proc.exitcode not in (0, None) for proc in workers.values()):
             status = status or 1
     finally:
@@ -105,15 +151,27 @@ def run_workers(settings: Settings) -> int:
             signal.signal(sig, handler)
         if reserve is not None:
             reserve.close()
+        os.environ.pop(METRICS_DIR_ENV, None)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
+
+
+def _signal_all(workers: list[BaseProcess], signum: int = signal.SIGTERM) -> None:
+    """Send ``signum`` (SIGTERM) to every live worker."""
+    for proc in workers:
+        if proc.is_alive() and proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signum)
 
 
 def _stop_all(workers: list[BaseProcess], grace: float) -> None:
     """SIGTERM every live worker, wait up to ``grace`` seconds, then SIGKILL the rest."""
-    for proc in workers:
-        if proc.is_alive() and proc.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
+    _signal_all(workers)
+    _wait_all(workers, grace)
+
+
+def _wait_all(workers: list[BaseProcess], grace: float) -> None:
+    """Wait up to ``grace`` seconds for every worker to exit, then SIGKILL the rest."""
     deadline = time.monotonic() + grace
     for proc in workers:
         proc.join(max(0.0, deadline - time.monotonic()))
@@ -123,11 +181,27 @@ def _stop_all(workers: list[BaseProcess], grace: float) -> None:
             proc.join(5.0)
 
 
+def refuse_long_polling(app: web.Application) -> None:
+    """Refuse socket.io long-polling handshakes on a worker's rooms protocol (400, engine.io's
+    error ``{"code":3,"message":POLLING_REFUSED}``), WebSocket ones go on as before.
+
+    A long-polling session is many HTTP requests, each on whichever worker the kernel hands its
+    TCP connection to (SO_REUSEPORT spreads connections, not sessions), and a session lives in
+    the one worker that made it: measured with 2 workers, 12 of 20 requests after a handshake
+    met the other worker and got 400 "Invalid session". A WebSocket session is one connection,
+    so it stays on its worker.
+    """
+    hub = app.get(ROOMS_KEY)
+    if hub is not None:
+        hub.sio.eio.polling_refused = POLLING_REFUSED
+
+
 def _worker_main(settings: Settings, parent_pid: int) -> None:
     """Entry point of one worker process."""
-    logs.configure(settings.server.log_level)
-    # A Ctrl-C in a terminal reaches the whole process group; the parent's SIGTERM follows it,
-    # and serve() handles both the same way.
+    # Out of the parent's process group: a Ctrl-C in a terminal reaches the whole group, and the
+    # parent passes it on as well; two signals would end the drain at once.
+    os.setpgrp()
+    logs.configure(settings.server.log_level, settings.server.log_format)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(_serve_until_orphaned(settings, parent_pid))
 
@@ -145,7 +219,7 @@ async def _serve_until_orphaned(settings: Settings, parent_pid: int) -> None:
 
     watcher = asyncio.get_running_loop().create_task(watch_parent())
     try:
-        await serve_node(settings, reuse_port=True, stop=stop)
+        await serve_node(settings, reuse_port=True, stop=stop, prepare=refuse_long_polling)
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from pathlib import Path
 
 COMMANDS = ("package-lambda", "serverless-local")
@@ -42,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({len(names)} files, {out.stat().st_size} bytes)")
         return 0
     from polysignal import logs
+    from polysignal.cli import check_listen, fail
     from polysignal.config import ConfigError, Settings
     from polysignal.serverless.settings import ServerlessSettings
 
@@ -50,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
         # The local sockets get the server's per-connection limits (rate, send buffer, ping).
         server_settings = Settings.from_env()
     except ConfigError as exc:
-        print(f"polysignal: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return fail(f"configuration error: {exc}")
     if (
         settings.dynamodb_endpoint
         and settings.access_key_id is None
@@ -63,10 +62,28 @@ def run(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(
             settings, access_key_id=Secret("local"), secret_access_key=Secret("local")
         )
-    logs.configure(settings.log_level)
+    if not _boto3_importable():
+        return fail(
+            "serverless-local needs boto3, which is not installed: "
+            "pip install 'polysignal[serverless]'"
+        )
     from polysignal.serverless.local import DEFAULT_PORT, run_local
 
     host = args.host or os.environ.get("HOST") or "127.0.0.1"
     port = args.port if args.port is not None else int(os.environ.get("PORT") or DEFAULT_PORT)
+    problem = check_listen(host, port)
+    if problem is not None:
+        return fail(f"cannot listen: {problem}")
+    logs.configure(settings.log_level, server_settings.server.log_format)
     run_local(settings, server_settings, host, port, args.create_table)
     return 0
+
+
+def _boto3_importable() -> bool:
+    """Whether boto3, the ``serverless`` extra, imports (the Lambda runtime ships it; the
+    server does not need it)."""
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        return False
+    return True
