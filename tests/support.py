@@ -128,6 +128,25 @@ async def running_server(
         await node_server.stop()
 
 
+@contextlib.asynccontextmanager
+async def two_nodes_on_one_bus(
+    **settings: Any,
+) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
+    """Two in-process nodes, ``node-1`` and ``node-2``, sharing one in-memory backend bus (what
+    crosses nodes goes through the cluster seam, as on Redis), each with ``settings``."""
+    from polysignal.backends import MemoryBackend, MemoryBus
+
+    bus = MemoryBus()
+    async with contextlib.AsyncExitStack() as stack:
+        n1, n2 = [
+            await stack.enter_async_context(
+                running_server(node_settings(node_id=n, **settings), MemoryBackend(n, bus))
+            )
+            for n in ("node-1", "node-2")
+        ]
+        yield n1, n2
+
+
 async def receive_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 2 * UNIT) -> Any:
     """The next text frame as JSON; fails the test if none arrives in ``timeout``."""
     msg = await ws.receive(timeout=timeout)

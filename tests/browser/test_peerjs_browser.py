@@ -13,13 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from typing import Any
 
 import orjson
 import pytest
-
-from polysignal.backends import MemoryBackend, MemoryBus
 
 from support import (
     JS_DIR,
@@ -30,6 +27,7 @@ from support import (
     node_settings,
     run_node,
     running_server,
+    two_nodes_on_one_bus,
 )
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.browser, pytest.mark.node]
@@ -99,14 +97,7 @@ async def test_two_browsers_connect_and_call(server: RunningServer):
 async def test_two_browsers_on_two_nodes():
     """A on one node, B (and the page claiming A's id) on another node of one backend bus."""
     chromium_ready()
-    bus = MemoryBus()
-    async with AsyncExitStack() as stack:
-        n1, n2 = [
-            await stack.enter_async_context(
-                running_server(node_settings(node_id=n, ice_servers=()), MemoryBackend(n, bus))
-            )
-            for n in ("node-1", "node-2")
-        ]
+    async with two_nodes_on_one_bus(ice_servers=()) as (n1, n2):
         result = await run_node("peerjs_browser.mjs", "connect", n1.url, n2.url, timeout=60 * UNIT)
     check_connect(result)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
-
 import pytest
 
-from polysignal.backends import MemoryBackend, MemoryBus
-
-from support import RunningServer, chromium_ready, node_settings, run_node, running_server
+from support import (
+    RunningServer,
+    chromium_ready,
+    run_node,
+    two_nodes_on_one_bus,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -34,14 +35,7 @@ async def test_two_browsers_open_a_data_channel(server: RunningServer):
 async def test_two_browsers_on_two_nodes():
     """Each page connects to a different node of one backend bus; relays cross between them."""
     chromium_ready()
-    bus = MemoryBus()
-    async with AsyncExitStack() as stack:
-        n1, n2 = [
-            await stack.enter_async_context(
-                running_server(node_settings(node_id=n, ice_servers=()), MemoryBackend(n, bus))
-            )
-            for n in ("node-1", "node-2")
-        ]
+    async with two_nodes_on_one_bus(ice_servers=()) as (n1, n2):
         result = await run_node("signalfire_browser.mjs", n1.url, n2.url, timeout=60)
     check(result)
     assert result["iceServers"] == []

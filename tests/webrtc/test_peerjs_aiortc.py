@@ -15,17 +15,22 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from polysignal.backends import MemoryBackend, MemoryBus
-
 from rtc import RtcPeer, loopback_only
-from support import JS_DIR, UNIT, chromium_ready, node_settings, running_server, until
+from support import (
+    JS_DIR,
+    UNIT,
+    chromium_ready,
+    node_settings,
+    running_server,
+    two_nodes_on_one_bus,
+    until,
+)
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.browser, pytest.mark.node]
 
@@ -87,14 +92,7 @@ async def peerjs_servers(kind: str) -> AsyncIterator[tuple[str, str]]:
         async with running_server(node_settings(ice_servers=())) as server:
             yield server.url, server.url
         return
-    bus = MemoryBus()
-    async with AsyncExitStack() as stack:
-        n1, n2 = [
-            await stack.enter_async_context(
-                running_server(node_settings(node_id=n, ice_servers=()), MemoryBackend(n, bus))
-            )
-            for n in ("node-1", "node-2")
-        ]
+    async with two_nodes_on_one_bus(ice_servers=()) as (n1, n2):
         yield n1.url, n2.url
 
 

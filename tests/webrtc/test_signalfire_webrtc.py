@@ -6,12 +6,11 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from polysignal.backends import MemoryBackend, MemoryBus
 from polysignal.client.signalfire import connect
 from signalfire_rtc import call
 
 from rtc import exchange_and_close, loopback_only
-from support import node_settings, running_server
+from support import two_nodes_on_one_bus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,16 +29,8 @@ async def test_two_aiortc_peers_through_signal_fire(server):
 
 async def test_two_aiortc_peers_on_two_nodes_of_one_bus():
     """The caller and callee sit on different nodes sharing a backend bus."""
-    bus = MemoryBus()
-    settings = {"ice_servers": ()}
     with loopback_only():
-        async with AsyncExitStack() as stack:
-            n1, n2 = [
-                await stack.enter_async_context(
-                    running_server(node_settings(node_id=n, **settings), MemoryBackend(n, bus))
-                )
-                for n in ("node-1", "node-2")
-            ]
+        async with two_nodes_on_one_bus(ice_servers=()) as (n1, n2), AsyncExitStack() as stack:
             caller = await stack.enter_async_context(await connect(n1.ws_url + "/"))
             callee = await stack.enter_async_context(await connect(n2.ws_url + "/"))
             assert caller.configuration == {"iceServers": []}
