@@ -153,6 +153,30 @@ async def test_a_direct_message_sent_after_a_publish_arrives_after_it(cluster: C
     assert got == [m % i for i in range(50) for m in (b"p%d", b"d%d")]
 
 
+async def test_publishes_and_direct_messages_in_one_batch_keep_their_order(cluster: Cluster):
+    """Sent without waiting for each other, they reach the bus in batches: a batch is handed to
+    the handlers in order, direct messages as promptly as topic frames."""
+    a, b = await cluster.node("a"), await cluster.node("b")
+    got: list[bytes] = []
+    b.on_topic_message(lambda topic, frame: got.append(frame))
+    b.on_direct("k", lambda origin, payload: got.append(payload))
+    topic = cluster.topic()
+    b.local_count_changed(topic, 1)
+    await cluster.settle()
+    sends = []
+    for i in range(50):
+        await a.publish(topic, b"p%d" % i)
+        sends.append(asyncio.ensure_future(a.send_direct(b.node_id, "k", b"d%d" % i)))
+        await asyncio.sleep(0)  # the send is queued behind the publish, not waited for
+    assert all(await asyncio.gather(*sends))
+
+    async def all_arrived() -> bool:
+        return len(got) == 100
+
+    await eventually(all_arrived, "100 messages at b")
+    assert got == [m % i for i in range(50) for m in (b"p%d", b"d%d")]
+
+
 # --- presence ---
 
 

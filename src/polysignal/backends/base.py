@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from polysignal.core.errors import BackendUnavailable, ClientError
 from polysignal.logs import Throttle, more
@@ -207,14 +208,32 @@ class Backend(ABC):
             self._dropped(f"{namespace} publish", "another node", exc)
 
     async def _deliver_direct(self, origin: str, kind: str, payload: bytes) -> None:
+        rest = self._deliver_direct_now(origin, kind, payload)
+        if rest is not None:
+            await rest
+
+    def _deliver_direct_now(
+        self, origin: str, kind: str, payload: bytes
+    ) -> Coroutine[Any, Any, None] | None:
+        """Run the handler of ``kind`` at once, as topic frames are delivered, so a node's
+        publishes and direct messages are handled in the order they were sent; what it still
+        has to wait for is returned as a coroutine to run as a task."""
         handler = self._direct_handlers.get(kind)
         if handler is None:
             log.debug("direct message of unknown kind %r from %s dropped", kind, origin)
-            return
+            return None
         try:
             result = handler(origin, payload)
-            if result is not None:
-                await result
+        except Exception as exc:
+            self._dropped(f"{kind} message", f"node {origin}", exc)
+            return None
+        if result is None:
+            return None
+        return self._finish_direct(result, origin, kind)
+
+    async def _finish_direct(self, result: Awaitable[None], origin: str, kind: str) -> None:
+        try:
+            await result
         except Exception as exc:
             self._dropped(f"{kind} message", f"node {origin}", exc)
 

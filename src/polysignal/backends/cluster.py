@@ -849,7 +849,9 @@ class Cluster(Backend):
                     if waiter is not None and not waiter.done():
                         waiter.set_result(None)
                     return
-                self._spawn(self._deliver_direct(origin, kind, data[offset:]))
+                rest = self._deliver_direct_now(origin, kind, data[offset:])
+                if rest is not None:
+                    self._spawn(rest)
             # else: a late message for a channel just unsubscribed
         except (ValueError, TypeError, LookupError) as exc:
             # Not from a polysignal node (or corrupted): drop it, keep reading.
