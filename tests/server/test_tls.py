@@ -285,6 +285,11 @@ async def test_sighup_reaches_every_worker(tmp_path, redis_url):
     node.launch()
     try:
         await node.wait_tls()
+
+        async def both_listening() -> bool:
+            return node.log().count(f"listening on https://127.0.0.1:{node.port} ") == 2
+
+        await until_async(both_listening)
         live.cert.write_bytes(second.cert.read_bytes())
         live.key.write_bytes(second.key.read_bytes())
         node.send_signal(signal.SIGHUP)

@@ -201,6 +201,9 @@ def _worker_main(settings: Settings, parent_pid: int) -> None:
     # Out of the parent's process group: a Ctrl-C in a terminal reaches the whole group, and the
     # parent passes it on as well; two signals would end the drain at once.
     os.setpgrp()
+    # A SIGHUP (passed on by the parent for a TLS reload) must not end a worker still starting:
+    # ignored until the TLS watcher takes it over (server/tls.py).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logs.configure(settings.server.log_level, settings.server.log_format)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(_serve_until_orphaned(settings, parent_pid))
