@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from polysignal.core.errors import Answer, BackendUnavailable, ClientError, Close, Reply
 from polysignal.logs import Throttle, elide, more
@@ -77,6 +78,11 @@ class Handshake:
     """The subprotocol the server echoes, once chosen."""
     state: Any = None
     """What a protocol's ``accept`` hook leaves for its ``on_open``."""
+
+    @property
+    def decoded_path(self) -> str:
+        """The path with its percent-escapes decoded (what a route compares)."""
+        return unquote(self.path) if "%" in self.path else self.path
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (lower case), or None."""

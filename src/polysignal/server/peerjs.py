@@ -31,7 +31,6 @@ from collections.abc import Awaitable
 from functools import partial
 from operator import attrgetter
 from typing import cast
-from urllib.parse import unquote
 
 from polysignal.backends.base import Backend, Claim
 from polysignal.backends.lease import PROMPT_ANSWER, Leases
@@ -120,10 +119,7 @@ class PeerJsHub(Handler):
     # --- routing ---
     def matches(self, request: Handshake) -> bool:
         """Any WebSocket on ``{PEERJS_PATH}peerjs``."""
-        path = request.path
-        if "%" in path:
-            path = unquote(path)
-        return path == self.ws_path
+        return request.decoded_path == self.ws_path
 
     # --- the driver's callbacks ---
     def on_open(self, conn: Connection, request: Handshake) -> Result:

@@ -29,7 +29,6 @@ from functools import partial
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import unquote
 
 from polysignal.backends.base import Backend, Claim
 from polysignal.backends.lease import PROMPT_ANSWER, Leases
@@ -102,10 +101,7 @@ class SignalFireHub(Handler):
     # --- routing ---
     def matches(self, request: Handshake) -> bool:
         """Signal-Fire by subprotocol on any path, or any WebSocket on the configured path."""
-        path = request.path
-        if "%" in path:
-            path = unquote(path)
-        if path == self.path:
+        if request.decoded_path == self.path:
             return True
         return any(offered in proto.SUBPROTOCOLS for offered in request.offered)
 
