@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from polysignal.server.rooms import TOO_MANY_FAILURES, PasswordFailures
+from polysignal.server.rooms import TOO_MANY_FAILURES
 from rooms_client import PASSWORD, rooms_settings
 
 from support import UNIT, RunningServer, node_settings, running_server
@@ -99,35 +99,3 @@ async def test_no_limit_with_app_max_failures_0(caplog):
         assert [(await post(srv, WRONG))[0] for _ in range(8)] == [401] * 8
     failures = [m for m, _ in warnings(caplog) if "wrong password" in m]
     assert failures == ["POST /app: wrong password"]  # once per interval, the rest held back
-
-
-# --- the count itself, on a clock of the test's -------------------------------------------------
-
-
-def test_the_window_at_its_exact_boundaries():
-    now = [100.0]
-    failures = PasswordFailures(limit=5, window=60.0, clock=lambda: now[0])
-    for _ in range(5):
-        assert failures.retry_after("a") is None
-        failures.record("a")
-        now[0] += 1.0  # failures at 100, 101, ..., 104
-    assert now[0] == 105.0
-    assert failures.retry_after("a") == 55  # until the first, at 100, leaves the window
-    assert failures.retry_after("b") is None
-    now[0] = 159.5
-    assert failures.retry_after("a") == 1  # never 0: a client told 0 would come back at once
-    now[0] = 160.0  # the first failure is exactly 60 s old: out of the window
-    assert failures.retry_after("a") is None
-    failures.record("a")
-    assert failures.retry_after("a") == 1  # the next oldest, at 101, leaves in 1 s
-
-
-def test_addresses_whose_failures_left_the_window_are_forgotten():
-    now = [0.0]
-    failures = PasswordFailures(limit=5, window=60.0, clock=lambda: now[0])
-    for n in range(1000):
-        failures.record(f"10.0.{n // 256}.{n % 256}")
-    assert len(failures.by_address) == 1000
-    now[0] = 60.0
-    failures.record("192.0.2.1")
-    assert list(failures.by_address) == ["192.0.2.1"]

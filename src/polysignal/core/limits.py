@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections import deque
+
 
 class TokenBucket:
     """Allow ``rate`` events per second on average, ``burst`` at once.
@@ -57,3 +60,57 @@ class AddressCounter:
 
     def count(self, address: str) -> int:
         return self._counts.get(address, 0)
+
+
+class FailureWindow:
+    """Failures per client address over a sliding window of ``window`` seconds: at ``limit`` of
+    them the address waits until the oldest leaves the window (``limit`` 0: never counted).
+    Memory stays bounded: at most ``limit`` times per address, and addresses whose failures all
+    left the window are dropped once per window."""
+
+    __slots__ = ("_by_address", "_swept", "limit", "window")
+
+    def __init__(self, limit: int, window: float, now: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._by_address: dict[str, deque[float]] = {}
+        self._swept = now
+
+    def __len__(self) -> int:
+        """The addresses with failures still held."""
+        return len(self._by_address)
+
+    def retry_after(self, address: str, now: float) -> int | None:
+        """Whole seconds (at least 1) until ``address`` may try again; None when it may now."""
+        if not self.limit:
+            return None
+        times = self._recent(address, now)
+        if len(times) < self.limit:
+            return None
+        return max(1, math.ceil(times[0] + self.window - now))
+
+    def record(self, address: str, now: float) -> int:
+        """One failure of ``address``: how many it now has within the window (0: not counted)."""
+        if not self.limit:
+            return 0
+        self._sweep(now)
+        times = self._by_address.setdefault(address, deque())
+        times.append(now)
+        return len(times)
+
+    def _recent(self, address: str, now: float) -> deque[float]:
+        times = self._by_address.get(address)
+        if times is None:
+            return deque()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._by_address[address]
+        return times
+
+    def _sweep(self, now: float) -> None:
+        if now - self._swept < self.window:
+            return
+        self._swept = now
+        for address in [a for a, t in self._by_address.items() if t[-1] <= now - self.window]:
+            del self._by_address[address]

@@ -26,7 +26,7 @@ is answered 429 at once. The slot goes with the transport: to the ``Connection``
 or to ``Served``, the thin protocol that hands aiohttp its bytes and gives the slot back when
 the connection closes.
 
-Behind a proxy (``TRUSTED_PROXIES``, ``server/edge.py``) the address is the client's, read from
+Behind a proxy (``TRUSTED_PROXIES``, ``core/edge.py``) the address is the client's, read from
 the request head: a connection from a trusted proxy takes no slot of the proxy's address; once
 its head is in, it takes a slot of the client's address (429 past the limit), and the
 ``Connection``, the log lines and aiohttp's ``request.remote`` (``client_address``) name the
@@ -55,6 +55,7 @@ import httptools
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from polysignal.core.edge import ORIGIN_REFUSED, AllowedOrigins, TrustedProxies
 from polysignal.core.errors import BackendUnavailable
 from polysignal.logs import CLIENT_KEY, Throttle, more
 from polysignal.protocols.websocket import (
@@ -66,7 +67,6 @@ from polysignal.protocols.websocket import (
     switching_protocols,
 )
 from polysignal.server.driver import Driver, Handshake
-from polysignal.server.edge import ORIGIN_REFUSED, AllowedOrigins, TrustedProxies
 
 if TYPE_CHECKING:
     from polysignal.server.connection import Connection

@@ -20,9 +20,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
-import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,14 +35,14 @@ from polysignal.backends.base import Backend, Claim
 from polysignal.backends.lease import MIN_TTL, Leases
 from polysignal.config import RoomsSettings
 from polysignal.core import rooms as core
+from polysignal.core.edge import AllowedOrigins
 from polysignal.core.effects import ToNode
 from polysignal.core.errors import BackendUnavailable
-from polysignal.core.limits import AddressCounter, TokenBucket
+from polysignal.core.limits import AddressCounter, FailureWindow, TokenBucket
 from polysignal.logs import Throttle, elide, more
 from polysignal.protocols import rooms as proto
 from polysignal.protocols.rooms import ClientEvent, ClusterMessage, ServerEvent
 from polysignal.server import socketio_compat as compat
-from polysignal.server.edge import AllowedOrigins
 from polysignal.server.executor import Background
 from polysignal.server.node import Node
 
@@ -409,10 +407,8 @@ TOO_MANY_FAILURES = "Too many wrong passwords from this address; retry later"
 
 
 class PasswordFailures:
-    """The wrong passwords of ``POST /app`` per client address, over a sliding window of
-    ``window`` seconds: at ``limit`` of them, the address waits until the oldest leaves the
-    window (``limit`` 0: never). Memory stays bounded: at most ``limit`` times per address, and
-    addresses whose failures all left the window are dropped once per window.
+    """The wrong passwords of ``POST /app`` per client address (``FailureWindow``, over
+    ``window`` seconds; at ``limit`` of them the address waits; ``limit`` 0: never).
 
     Every failure is logged at WARNING with its address and its count, up to ``limit`` lines per
     10 s (then aggregated: "(N more like it)"); refusals once per 10 s with their count."""
@@ -423,30 +419,17 @@ class PasswordFailures:
         self.limit = limit
         self.window = window
         self.clock = clock
-        self.by_address: dict[str, deque[float]] = {}
-        self.swept = clock()
+        self.counts = FailureWindow(limit, window, clock())
         self.failure_lines = Throttle(burst=max(limit, 1))
         self.refusal_lines = Throttle()
 
     def retry_after(self, address: str) -> int | None:
         """Whole seconds until ``address`` may try again; None when it may now."""
-        if not self.limit:
-            return None
-        now = self.clock()
-        times = self._recent(address, now)
-        if len(times) < self.limit:
-            return None
-        return max(1, math.ceil(times[0] + self.window - now))
+        return self.counts.retry_after(address, self.clock())
 
     def record(self, address: str) -> None:
         """A wrong password from ``address``: counted (when limited) and logged."""
-        now = self.clock()
-        count = 0
-        if self.limit:
-            self._sweep(now)
-            times = self.by_address.setdefault(address, deque())
-            times.append(now)
-            count = len(times)
+        count = self.counts.record(address, self.clock())
         held = self.failure_lines.allow("wrong")
         if held is None:
             return
@@ -464,23 +447,6 @@ class PasswordFailures:
                 more(held),
                 extra={"remote": address},
             )
-
-    def _recent(self, address: str, now: float) -> deque[float]:
-        times = self.by_address.get(address)
-        if times is None:
-            return deque()
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        if not times:
-            del self.by_address[address]
-        return times
-
-    def _sweep(self, now: float) -> None:
-        if now - self.swept < self.window:
-            return
-        self.swept = now
-        for address in [a for a, t in self.by_address.items() if t[-1] <= now - self.window]:
-            del self.by_address[address]
 
 
 def secrets_for(settings: RoomsSettings) -> tuple[str, str] | None:

@@ -94,11 +94,11 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from engineio.async_drivers.aiohttp import WebSocket as EngineIoWebSocket
 
+from polysignal.core.edge import ORIGIN_REFUSED
 from polysignal.core.errors import ClientError, CloseCode, FrameTooLarge, MalformedFrame
 from polysignal.core.limits import AddressCounter
 from polysignal.logs import Throttle, more
 from polysignal.protocols import rooms as proto
-from polysignal.server.edge import ORIGIN_REFUSED
 
 log = logging.getLogger("polysignal.rooms")
 
