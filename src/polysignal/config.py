@@ -19,8 +19,11 @@ import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from polysignal.core.auth import JwtVerifier
 
 
 class ConfigError(ValueError):
@@ -765,6 +768,150 @@ class RoomsSettings:
     )
 
 
+def parse_secrets(name: str, raw: str) -> tuple[Secret, ...]:
+    """A comma-separated list of secrets, the first one first (it signs; all are accepted)."""
+    secrets = tuple(Secret(part.strip()) for part in raw.split(",") if part.strip())
+    if not secrets:
+        raise ConfigError(f"{name}: no secret given")
+    return secrets
+
+
+_TURN_SCHEMES = ("turn:", "turns:", "stun:", "stuns:")
+
+
+def parse_turn_uris(name: str, raw: str) -> tuple[str, ...]:
+    """A comma-separated list of TURN/STUN URIs (RFC 7065), each checked for its scheme."""
+    uris = []
+    for item in raw.split(","):
+        text = item.strip()
+        if not text:
+            continue
+        if not text.lower().startswith(_TURN_SCHEMES) or len(text.partition(":")[2]) == 0:
+            raise ConfigError(
+                f"{name}: {text!r} is not a TURN or STUN URI "
+                "(turn:host[:port][?transport=udp|tcp], turns:..., stun:...)"
+            )
+        uris.append(text)
+    return tuple(uris)
+
+
+AUTH_PROTOCOLS = ("topics", "relay", "signalfire", "peerjs", "rooms")
+"""What ``AUTH`` may name (``signal-fire`` is read as ``signalfire``); ``all`` names every one."""
+
+
+def parse_auth(name: str, raw: str) -> tuple[str, ...]:
+    """``AUTH``: the protocols whose connections must authenticate (``all``, or a list)."""
+    items = [item.strip().lower().replace("signal-fire", "signalfire") for item in raw.split(",")]
+    items = [item for item in items if item]
+    if items in (["all"], ["on"], ["1"]):
+        return AUTH_PROTOCOLS
+    if items in (["off"], ["0"], []):
+        return ()
+    unknown = [item for item in items if item not in AUTH_PROTOCOLS]
+    if unknown:
+        raise ConfigError(
+            f"{name}: unknown protocol {unknown[0]!r}; expected all, off, or a comma-separated "
+            f"list of {', '.join(AUTH_PROTOCOLS)}"
+        )
+    return tuple(p for p in AUTH_PROTOCOLS if p in items)
+
+
+def parse_words(_: str, raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class TurnSettings:
+    """TURN credentials in coturn's `use-auth-secret` scheme (docs/operations/turn.md)."""
+
+    turn_secret: tuple[Secret, ...] = setting(
+        (),
+        "TURN_SECRET",
+        "Comma-separated shared secrets of the TURN server (its `static-auth-secret`); the "
+        "first signs, every one is accepted by a TURN server configured with them (rotation).",
+        parse=parse_secrets,
+        shown="(unset)",
+    )
+    turn_uris: tuple[str, ...] = setting(
+        (),
+        "TURN_URIS",
+        "Comma-separated TURN/STUN URIs handed out with the credentials "
+        "(`turn:turn.example.com:3478?transport=udp`).",
+        parse=parse_turn_uris,
+        shown="(unset)",
+    )
+    turn_ttl: int = setting(
+        86400, "TURN_TTL", "Seconds a TURN credential is valid from the moment it is handed out."
+    )
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Authentication of clients: JWTs or a connect webhook (docs/security.md)."""
+
+    auth: tuple[str, ...] = setting(
+        (),
+        "AUTH",
+        "Protocols whose connections must authenticate: `all`, `off`, or a comma-separated "
+        "list of topics, relay, signalfire, peerjs, rooms. With any, `GET /turn-credentials` "
+        "must authenticate too.",
+        parse=parse_auth,
+        shown="off",
+    )
+    auth_jwt_key: Secret = setting(
+        env="AUTH_JWT_KEY",
+        doc="Key that verifies client JWTs: an HMAC secret, or a PEM public key (RSA, EC, "
+        "Ed25519).",
+        factory=lambda: Secret(""),
+        shown="(unset)",
+    )
+    auth_jwt_key_file: str | None = setting(
+        None,
+        "AUTH_JWT_KEY_FILE",
+        "File holding AUTH_JWT_KEY (a PEM public key).",
+        parse=parse_optional,
+    )
+    auth_jwt_algorithms: tuple[str, ...] = setting(
+        (),
+        "AUTH_JWT_ALGORITHMS",
+        "Comma-separated JWT algorithms accepted; by default the one the key is for (HS256 for a "
+        "secret, RS256, ES256 or EdDSA for a public key).",
+        parse=parse_words,
+        shown="(from the key)",
+    )
+    auth_jwt_audience: str | None = setting(
+        None, "AUTH_JWT_AUDIENCE", "Required `aud` of client JWTs.", parse=parse_optional
+    )
+    auth_jwt_issuer: str | None = setting(
+        None, "AUTH_JWT_ISSUER", "Required `iss` of client JWTs.", parse=parse_optional
+    )
+    auth_jwt_leeway: float = setting(
+        30.0, "AUTH_JWT_LEEWAY", "Seconds of clock skew allowed on `exp` and `nbf`."
+    )
+    auth_webhook_url: str | None = setting(
+        None,
+        "AUTH_WEBHOOK_URL",
+        "URL the server POSTs each connection's credentials to; its answer allows or denies.",
+        parse=parse_optional,
+    )
+    auth_webhook_timeout: float = setting(
+        2.0, "AUTH_WEBHOOK_TIMEOUT", "Seconds the webhook may take; later counts as a denial."
+    )
+    auth_webhook_cache_seconds: float = setting(
+        60.0,
+        "AUTH_WEBHOOK_CACHE_SECONDS",
+        "Seconds a webhook's answer is reused for the same credentials; 0 = not cached.",
+    )
+    auth_webhook_cache_size: int = setting(
+        10000, "AUTH_WEBHOOK_CACHE_SIZE", "Webhook answers held at most (oldest dropped first)."
+    )
+    auth_cookie: str = setting(
+        "polysignal_token",
+        "AUTH_COOKIE",
+        "Cookie that may carry the token (for clients that cannot put it in the URL).",
+    )
+
+
 GROUPS: tuple[tuple[str, type], ...] = (
     ("server", ServerSettings),
     ("limits", LimitSettings),
@@ -774,6 +921,8 @@ GROUPS: tuple[tuple[str, type], ...] = (
     ("signalfire", SignalFireSettings),
     ("peerjs", PeerJsSettings),
     ("rooms", RoomsSettings),
+    ("turn", TurnSettings),
+    ("auth", AuthSettings),
 )
 
 FIELDS: tuple[FieldSpec, ...] = tuple(
@@ -796,6 +945,8 @@ class Settings:
     signalfire: SignalFireSettings = field(default_factory=SignalFireSettings)
     peerjs: PeerJsSettings = field(default_factory=PeerJsSettings)
     rooms: RoomsSettings = field(default_factory=RoomsSettings)
+    turn: TurnSettings = field(default_factory=TurnSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     @classmethod
     def of(cls, **values: Any) -> Settings:
@@ -908,6 +1059,15 @@ class Settings:
             raise ConfigError("PEERJS_KEY: must not be empty (clients always send a key)")
         if peerjs.peerjs_expire_timeout <= 0:
             raise ConfigError("PEERJS_EXPIRE_TIMEOUT: must be more than 0")
+        turn = self.turn
+        if bool(turn.turn_secret) != bool(turn.turn_uris):
+            given, missing = ("TURN_SECRET", "TURN_URIS")
+            if not turn.turn_secret:
+                given, missing = missing, given
+            raise ConfigError(f"{missing}: must be set with {given} (set both, or neither)")
+        if turn.turn_ttl < 60:
+            raise ConfigError("TURN_TTL: must be at least 60 seconds")
+        self.auth_check()
         # TLS: both files or neither (docs/operations/edge.md).
         if bool(server.tls_cert) != bool(server.tls_key):
             given, missing = ("TLS_CERT", "TLS_KEY") if server.tls_cert else ("TLS_KEY", "TLS_CERT")
@@ -916,6 +1076,58 @@ class Settings:
             from polysignal.server.tls import load_context
 
             load_context(server.tls_cert, server.tls_key)
+
+    def auth_check(self) -> None:
+        """``AUTH`` needs exactly one way to check a token (docs/security.md)."""
+        auth = self.auth
+        jwt = bool(auth.auth_jwt_key) or auth.auth_jwt_key_file is not None
+        if auth.auth_jwt_key and auth.auth_jwt_key_file is not None:
+            raise ConfigError("AUTH_JWT_KEY_FILE: set AUTH_JWT_KEY or AUTH_JWT_KEY_FILE, not both")
+        if jwt and auth.auth_webhook_url:
+            raise ConfigError(
+                "AUTH_WEBHOOK_URL: set a JWT key (AUTH_JWT_KEY, AUTH_JWT_KEY_FILE) or a webhook, "
+                "not both"
+            )
+        if auth.auth and not jwt and not auth.auth_webhook_url:
+            raise ConfigError(
+                "AUTH: needs AUTH_JWT_KEY, AUTH_JWT_KEY_FILE or AUTH_WEBHOOK_URL to check tokens"
+            )
+        if auth.auth_webhook_url is not None:
+            scheme = urlsplit(auth.auth_webhook_url).scheme
+            if scheme not in ("http", "https") or not urlsplit(auth.auth_webhook_url).hostname:
+                raise ConfigError(
+                    f"AUTH_WEBHOOK_URL: expected an http:// or https:// URL, got "
+                    f"{redact_url(auth.auth_webhook_url)!r}"
+                )
+        if auth.auth_webhook_timeout <= 0:
+            raise ConfigError("AUTH_WEBHOOK_TIMEOUT: must be more than 0")
+        if jwt:  # an unreadable key or one no algorithm fits: a startup error, not later
+            jwt_verifier(auth)
+
+
+def jwt_verifier(auth: AuthSettings) -> JwtVerifier:
+    """The verifier of client JWTs ``auth`` describes; ConfigError naming the setting."""
+    from polysignal.core.auth import JwtVerifier
+
+    name = "AUTH_JWT_KEY"
+    key = auth.auth_jwt_key.reveal()
+    if auth.auth_jwt_key_file is not None:
+        name = "AUTH_JWT_KEY_FILE"
+        try:
+            with open(auth.auth_jwt_key_file, encoding="utf-8") as file:
+                key = file.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{name}: cannot read {auth.auth_jwt_key_file!r} ({exc})") from None
+    try:
+        return JwtVerifier(
+            key,
+            auth.auth_jwt_algorithms,
+            audience=auth.auth_jwt_audience,
+            issuer=auth.auth_jwt_issuer,
+            leeway=auth.auth_jwt_leeway,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 # --- docs/configuration.md ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ by carrying one out (a claim's answer, a lookup's, a write that failed) comes ba
 =========================================  =================================================
 event                                      effects it may return
 =========================================  =================================================
-``on_open(conn, legacy)``                  ``Claim`` an id for the new peer
+``on_open(conn, legacy, ice_servers)``     ``Claim`` an id for the new peer
 ``on_claimed(claim, ok)``                  ``Send`` welcome; or ``Claim`` another id, or
                                            ``Close`` 1013 ``no free id`` after
                                            ``CLAIM_ATTEMPTS`` collisions
@@ -241,6 +241,8 @@ class _Peer:
     attempts: int
     claimed: bool = False
     request: MessageId | None = None  # the request being handled, for ``request_of``
+    # Its welcome's ICE servers when they are its own (TURN credentials); else the node's.
+    ice_servers: tuple[dict[str, Any], ...] | None = None
 
 
 def _never_closing(conn: Conn) -> bool:
@@ -290,9 +292,13 @@ class SignalFireNode:
         return None if peer is None else peer.request
 
     # --- connections ---
-    def on_open(self, conn: Conn, legacy: bool) -> Effects:
-        """A client connected (``legacy``: it speaks Signal-Fire@2): pick and claim its id."""
-        return self._next_id(conn, legacy, 0)
+    def on_open(
+        self, conn: Conn, legacy: bool, ice_servers: tuple[dict[str, Any], ...] | None = None
+    ) -> Effects:
+        """A client connected (``legacy``: it speaks Signal-Fire@2): pick and claim its id.
+        ``ice_servers``, when given, are its welcome's (TURN credentials made for it at its
+        opening by the hub, which reads the clock); else the node's ``ice_servers``."""
+        return self._next_id(conn, legacy, 0, ice_servers)
 
     def on_claimed(self, claim: Claim, ok: bool) -> Effects:
         """The answer to ``claim``: welcome the peer, or try another id."""
@@ -302,18 +308,25 @@ class SignalFireNode:
             return (Release(claim.peer_id),) if ok else ()
         if ok:
             peer.claimed = True
-            return (Send(peer.conn, proto.encode_welcome(peer.id, self.ice_servers)),)
+            ice = self.ice_servers if peer.ice_servers is None else peer.ice_servers
+            return (Send(peer.conn, proto.encode_welcome(peer.id, ice)),)
         self._forget(peer)
-        return self._next_id(peer.conn, peer.legacy, peer.attempts)
+        return self._next_id(peer.conn, peer.legacy, peer.attempts, peer.ice_servers)
 
-    def _next_id(self, conn: Conn, legacy: bool, attempts: int) -> Effects:
+    def _next_id(
+        self,
+        conn: Conn,
+        legacy: bool,
+        attempts: int,
+        ice_servers: tuple[dict[str, Any], ...] | None = None,
+    ) -> Effects:
         while attempts < CLAIM_ATTEMPTS:
             attempts += 1
             peer_id = self._new_id()
             if peer_id in self._peers:
                 continue
             # Known here before its claim exists, so the claim never points at nothing here.
-            peer = _Peer(peer_id, conn, legacy, attempts)
+            peer = _Peer(peer_id, conn, legacy, attempts, ice_servers=ice_servers)
             self._peers[peer_id] = peer
             self._by_conn[conn] = peer
             return (Claim(conn, peer_id),)
