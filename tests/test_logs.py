@@ -291,3 +291,24 @@ def test_the_access_log_names_the_client_behind_a_trusted_proxy(caplog):
     access.log(direct, web.Response(status=404), 0.0)
     remotes = [r.remote for r in caplog.records if r.name == "polysignal.access"]  # type: ignore[attr-defined]
     assert remotes == ["203.0.113.7", direct.remote]
+
+
+@pytest.mark.parametrize(
+    ("path", "shown"),
+    [
+        ("/token/eyJ.secret.sig/introduction/alice", "/token/***/introduction/alice"),
+        ("/token/eyJ.secret.sig", "/token/***"),
+        ("/tokens/x", "/tokens/x"),
+    ],
+)
+def test_the_access_log_hides_a_token_path_prefix(caplog, path, shown):
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from polysignal.logs import AccessLogger
+
+    caplog.set_level(logging.INFO, logger="polysignal.access")
+    access = AccessLogger(logging.getLogger("polysignal.access"), "")
+    access.log(make_mocked_request("GET", path + "?token=t"), web.Response(status=101), 0.001)
+    paths = [r.path for r in caplog.records if r.name == "polysignal.access"]  # type: ignore[attr-defined]
+    assert paths == [shown]

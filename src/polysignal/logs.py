@@ -168,12 +168,15 @@ class AccessLogger(AbstractAccessLogger):
     ``GET /app 401 63 bytes 1.2 ms remote=10.0.0.7``, at INFO (DEBUG for ``PROBES``).
 
     The path is the raw one without its query: a query may carry a secret (an engine.io
-    ``sid``, a PeerJS ``token``); the remote address is ``request.remote``, the client's own
+    ``sid``, a PeerJS ``token``), and so may a ``/token/<token>/`` prefix, shown as
+    ``/token/***/``; the remote address is ``request.remote``, the client's own
     behind a trusted proxy (``TRUSTED_PROXIES``). In JSON the parts are fields as well:
     ``method``, ``path``, ``status``, ``bytes``, ``duration_ms``, ``remote``."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         path = request.rel_url.raw_path
+        if path.startswith("/token/"):  # a token as a path prefix (server/auth.py): hidden
+            path = "/token/***" + path[7:].partition("/")[1] + path[7:].partition("/")[2]
         if len(path) > MAX_PATH:
             path = path[:MAX_PATH] + "..."
         level = logging.DEBUG if path in PROBES else logging.INFO

@@ -1,7 +1,8 @@
 // y-webrtc 10.3 (published npm package) in two isolated headless Chromium contexts, signalling
 // through polysignal: a Yjs update made in one page reaches the other over the WebRTC data
 // channel that y-webrtc negotiated through the server.
-// usage: node ywebrtc_browser.mjs <http origin of polysignal>
+// usage: node ywebrtc_browser.mjs <http origin of polysignal> [<query of the signaling url>]
+// (the query carries a token when the server requires one: `?token=<jwt>`)
 // prints {"synced": true, "value": ..., "webrtcPeers": [n, n]} as its last line
 import { build } from 'esbuild'
 import { fileURLToPath } from 'node:url'
@@ -10,7 +11,7 @@ import { launchBrowser, isolatedContext } from './browser.mjs'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const origin = process.argv[2]
-const signaling = origin.replace(/^http/, 'ws') + '/'
+const signaling = origin.replace(/^http/, 'ws') + '/' + (process.argv[3] || '')
 const room = 'polysignal-ywebrtc-' + Math.random().toString(36).slice(2)
 
 const bundle = (await build({

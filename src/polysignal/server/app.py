@@ -9,6 +9,7 @@ README's "HTTP and WebSocket routes" table:
 * any other WebSocket (outside ``/socket.io/``): topics
 * ``/socket.io/``, ``POST /app``, ``GET /demo``: rooms, on aiohttp and python-socketio
 * plain ``GET {PEERJS_PATH}``, ``{PEERJS_PATH}{key}/id``, ``{PEERJS_PATH}{key}/peers``: PeerJS
+* ``GET /turn-credentials``: TURN credentials (``server/turn.py``), 404 without TURN
 * ``GET /readyz``: 200 when the backend is usable, else 503
 * ``GET /metrics`` (Prometheus, from ``METRICS_ALLOW``) and ``GET /stats`` (JSON, behind
   ``ADMIN_TOKEN`` or from loopback): ``server/metrics.py``; also on ``METRICS_PORT`` when set
@@ -43,6 +44,7 @@ from polysignal.server.peerjs import PeerJsHub
 from polysignal.server.relay import RelayHub
 from polysignal.server.signalfire import CLIENT_SCRIPT, CLIENT_SCRIPT_PATH, SignalFireHub
 from polysignal.server.topics import TopicsHub
+from polysignal.server.turn import TurnCredentials, add_turn_routes
 
 log = logging.getLogger("polysignal.server")
 
@@ -93,12 +95,15 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
         server_log.addFilter(MALFORMED_REQUESTS)
     node = Node(settings, backend if backend is not None else create_backend(settings))
     app = http_app(node, max(settings.limits.max_frame_bytes, 1 << 20))
+    turn = TurnCredentials.from_settings(settings)
+    turn.identify = node.auth.identify_http  # anonymous unless AUTH names a protocol
     signalfire = app[SIGNALFIRE_KEY] = SignalFireHub(
         settings.signalfire,
         node.backend,
         node.node_id,
         id_lease_ttl=settings.server.id_lease_ttl,
         ice_servers=settings.server.ice_servers,
+        ice_at_open=turn.at_open(),
     )
     peerjs = app[PEERJS_KEY] = PeerJsHub(
         settings.peerjs, node.backend, node.node_id, id_lease_ttl=settings.server.id_lease_ttl
@@ -133,8 +138,10 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
             rate_burst=settings.limits.rate_burst,
             shutdown_timeout=settings.server.shutdown_timeout,
             ice_servers=settings.server.ice_servers or (),
+            ice_at_open=turn.at_open(),
         ),
     )
+    add_turn_routes(app, turn)
     add_metrics_routes(app, node)
     add_health_routes(app)
     return app

@@ -47,6 +47,7 @@ from polysignal.protocols.websocket import (
 )
 
 if TYPE_CHECKING:
+    from polysignal.core.auth import Identity
     from polysignal.server.driver import Driver
 
 log = logging.getLogger("polysignal.server")
@@ -117,6 +118,7 @@ class Connection(TokenBucket, asyncio.Protocol):
         "closing",
         "driver",
         "id",
+        "identity",
         "lost",
         "max_buffer",
         "max_frame",
@@ -168,6 +170,8 @@ class Connection(TokenBucket, asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None  # someone waits for it to drain
         # Free slot for the protocol handler's per-connection state.
         self.state: Any = None
+        # Who the client is, when its protocol requires authentication (server/auth.py).
+        self.identity: Identity | None = None
 
     def __repr__(self) -> str:
         return f"<Connection #{self.id} {self.driver.protocol} {self.address}>"

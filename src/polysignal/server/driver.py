@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from polysignal.core.auth import Identity
 from polysignal.core.errors import Answer, BackendUnavailable, ClientError, Close, Reply
 from polysignal.logs import Throttle, elide, more
 from polysignal.server.connection import Connection
@@ -78,6 +79,10 @@ class Handshake:
     """The subprotocol the server echoes, once chosen."""
     state: Any = None
     """What a protocol's ``accept`` hook leaves for its ``on_open``."""
+    token: str | None = None
+    """The token of a ``/token/<token>/`` path prefix, which the path no longer holds."""
+    identity: Identity | None = None
+    """Who the client is, when its protocol requires authentication (server/auth.py)."""
 
     @property
     def decoded_path(self) -> str:
@@ -107,6 +112,11 @@ class Handler:
 
     def accept(self, request: Handshake) -> Result:
         """Before the upgrade is answered; raise HandshakeError to refuse it."""
+        return None
+
+    def claimed_id(self, request: Handshake) -> str | None:
+        """The peer id the connection asks to hold (checked against its token's ``ids`` when
+        the protocol requires authentication); None when the client names none."""
         return None
 
     def on_open(self, conn: Connection, request: Handshake) -> Result:
@@ -178,6 +188,8 @@ class Driver:
             settings.limits.rate_burst,
             node.batch,
         )
+        if request.identity is not None:
+            conn.identity = request.identity
         node.opened(conn)
         self.opened += 1
         self._run(conn, self._call(conn, self.handler.on_open, conn, request))

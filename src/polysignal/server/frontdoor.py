@@ -49,12 +49,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 import httptools
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from polysignal.core.auth import Identity
 from polysignal.core.edge import ORIGIN_REFUSED, AllowedOrigins, TrustedProxies
 from polysignal.core.errors import BackendUnavailable
 from polysignal.logs import CLIENT_KEY, Throttle, more
@@ -66,6 +68,7 @@ from polysignal.protocols.websocket import (
     scan_upgrade,
     switching_protocols,
 )
+from polysignal.server.auth import query_without_token, split_token_path, token_of
 from polysignal.server.driver import Driver, Handshake
 
 if TYPE_CHECKING:
@@ -89,6 +92,7 @@ class FrontDoor:
         self.linger = settings.server.linger
         self.proxies = TrustedProxies(settings.server.trusted_proxies, settings.server.proxy_header)
         self.origins = AllowedOrigins(settings.server.allowed_origins)
+        self.auth = node.auth
         # Connections whose request is still being read, or which linger after a refusal, with
         # the time by which they must be done.
         self.pending: dict[Intake | Served, float] = {}
@@ -149,6 +153,8 @@ class FrontDoor:
         self.check_origin(request.header("origin"), request.address)
         if node.stopping:
             raise HandshakeError(503, "shutting down")
+        if self.auth.on:
+            request.path, request.token = split_token_path(request.path)
         driver = node.route(request)
         if driver is None:
             raise HandshakeError(404, "no protocol is served on this path")
@@ -196,7 +202,7 @@ class FrontDoor:
         transport = intake.transport
         assert transport is not None
         try:
-            hook = driver.handler.accept(request)
+            hook = self.admit(driver, request)
         except HandshakeError as exc:
             intake.refuse(exc.status, exc.message, exc.headers)
             return
@@ -228,6 +234,53 @@ class FrontDoor:
             intake.handed = True
             transport.resume_reading()
             self.upgrade(driver, request, response, transport, rest)
+
+    def admit(self, driver: Driver, request: Handshake) -> Awaitable[None] | None:
+        """Authenticate ``request`` when its protocol requires it, then run the protocol's
+        ``accept`` hook: None when both are done, an awaitable when either must wait (the
+        webhook, a hook of the protocol's); raises HandshakeError to refuse."""
+        auth = self.auth
+        protocol = driver.protocol
+        if not auth.required(protocol):
+            return driver.handler.accept(request)
+        token = request.token or token_of(
+            dict(parse_qsl(request.query)),
+            request.header("authorization"),
+            request.header("cookie"),
+            auth.cookie_name,
+        )
+        described = {
+            "path": request.path,
+            "query": query_without_token(request.query),
+            "origin": request.header("origin"),
+            "address": request.address,
+        }
+        checked = auth.check(protocol, described, token)
+        if isinstance(checked, Identity):
+            self._bind(driver, request, described, checked)
+            return driver.handler.accept(request)
+        return self._admit_later(checked, driver, request, described)
+
+    async def _admit_later(
+        self,
+        checked: Awaitable[Identity],
+        driver: Driver,
+        request: Handshake,
+        described: dict[str, Any],
+    ) -> None:
+        self._bind(driver, request, described, await checked)
+        hook = driver.handler.accept(request)
+        if hook is not None:
+            await hook
+
+    def _bind(
+        self, driver: Driver, request: Handshake, described: dict[str, Any], identity: Identity
+    ) -> None:
+        """``request`` is ``identity``'s, if the id it asks for is one the identity may use."""
+        peer_id = driver.handler.claimed_id(request)
+        if peer_id is not None:
+            self.auth.check_id(driver.protocol, described, identity, peer_id)
+        request.identity = identity
 
     async def run_hook(
         self, driver: Driver, request: Handshake, hook: Awaitable[None]
@@ -634,7 +687,7 @@ async def upgrade_from_http(door: FrontDoor, request: web.Request) -> web.Stream
         return _error_response(HandshakeError(429, "too many connections from this address"))
     try:
         driver, response = door.prepare(handshake, request.method, http_version, version, key)
-        hook = driver.handler.accept(handshake)
+        hook = door.admit(driver, handshake)
     except HandshakeError as exc:
         return _error_response(exc)
     if hook is not None:

@@ -119,6 +119,7 @@ def take_snapshot(node: Node, rooms: RoomsHub | None = None) -> Snapshot:
         "protocols": protocols,
         "rooms": rooms_held,
         "ip_refusals": refused,
+        "auth_refusals": node.auth.refused,
         "backend": {
             "scheme": node.settings.backend_scheme,
             "up": bool(backend.ready),
@@ -193,6 +194,10 @@ def families(snapshots: list[tuple[str | None, Snapshot]]) -> list[Metric]:
     refused = counter(
         "polysignal_ip_refusals", "Connections refused 429 for the per-address limit."
     )
+    auth = counter(
+        "polysignal_auth_refusals",
+        "Connections refused for authentication (401, 403, 503; AUTH).",
+    )
     topics = gauge("polysignal_topics", "Topics with a subscriber on this node.")
     rooms = gauge("polysignal_rooms", "Rooms with a member on this node.")
     ids = gauge("polysignal_ids", "Peer ids held by this node's clients.", ["protocol"])
@@ -241,6 +246,7 @@ def families(snapshots: list[tuple[str | None, Snapshot]]) -> list[Metric]:
             conn_open.add_metric(["rooms", *w], snap["rooms"]["open"])
             rooms.add_metric(w, snap["rooms"]["rooms"])
         refused.add_metric(w, snap["ip_refusals"])
+        auth.add_metric(w, snap.get("auth_refusals", 0))
         b = snap["backend"]
         up.add_metric([b["scheme"], *w], 1 if b["up"] else 0)
         reconnects.add_metric(w, b["reconnects"])
@@ -256,8 +262,8 @@ def families(snapshots: list[tuple[str | None, Snapshot]]) -> list[Metric]:
             latency.add_metric(w, buckets, lat["sum"])
     return [
         info, started, conn_open, conn_total, msg_in, msg_out, bytes_in, bytes_out, errors,
-        closes, rate, slow, refused, topics, rooms, ids, pipes, up, reconnects, dropped, outbox,
-        outbox_bytes, latency,
+        closes, rate, slow, refused, auth, topics, rooms, ids, pipes, up, reconnects, dropped,
+        outbox, outbox_bytes, latency,
     ]  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from polysignal.config import Settings
 from polysignal.core.errors import CloseCode
 from polysignal.core.limits import AddressCounter
 from polysignal.protocols.websocket import PING_FRAME
+from polysignal.server.auth import Authenticator
 from polysignal.server.connection import Connection, WriteBatch
 from polysignal.server.driver import Driver, Handshake
 
@@ -45,6 +46,9 @@ class Node:
         self.http_prefixes: tuple[str, ...] = ()
         # Run at shutdown after connections are closed and before the backend closes.
         self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+        # Who clients are, for the protocols ``AUTH`` names (server/auth.py).
+        self.auth = Authenticator(settings.auth)
+        self.shutdown_hooks.append(self.auth.close)
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._ping_sweep: asyncio.Task[None] | None = None

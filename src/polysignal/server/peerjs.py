@@ -121,6 +121,10 @@ class PeerJsHub(Handler):
         """Any WebSocket on ``{PEERJS_PATH}peerjs``."""
         return request.decoded_path == self.ws_path
 
+    def claimed_id(self, request: Handshake) -> str | None:
+        """The id the client asks for (``?id=``); none when it asks for none."""
+        return proto.parse_query(request.query).id or None
+
     # --- the driver's callbacks ---
     def on_open(self, conn: Connection, request: Handshake) -> Result:
         # The id the client asks for, in its log lines (the claim confirms it).

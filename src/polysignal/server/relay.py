@@ -125,6 +125,13 @@ class RelayHub(Handler):
     def matches(self, request: Handshake) -> bool:
         return proto.is_relay_path(request.path)
 
+    def claimed_id(self, request: Handshake) -> str | None:
+        """The peer id of an introduction socket, the local id of a pipe end."""
+        endpoint = proto.parse_endpoint(request.path, self.limits)
+        if isinstance(endpoint, proto.IntroductionPath):
+            return endpoint.peer
+        return endpoint.local if endpoint is not None else None
+
     # --- the driver's callbacks ---
     def on_open(self, conn: Connection, request: Handshake) -> Result:
         endpoint = proto.parse_endpoint(request.path, self.limits)

@@ -25,16 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 import socketio
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from polysignal.backends.base import Backend, Claim
 from polysignal.backends.lease import MIN_TTL, Leases
-from polysignal.config import RoomsSettings
+from polysignal.config import AuthSettings, RoomsSettings
 from polysignal.core import rooms as core
+from polysignal.core.auth import Identity
 from polysignal.core.edge import AllowedOrigins
 from polysignal.core.effects import ToNode
 from polysignal.core.errors import BackendUnavailable
@@ -43,6 +45,7 @@ from polysignal.logs import Throttle, elide, more
 from polysignal.protocols import rooms as proto
 from polysignal.protocols.rooms import ClientEvent, ClusterMessage, ServerEvent
 from polysignal.server import socketio_compat as compat
+from polysignal.server.auth import Authenticator, Refused, query_without_token, token_of
 from polysignal.server.executor import Background
 from polysignal.server.node import Node
 
@@ -72,6 +75,9 @@ class Shared:
     rate_burst: int  # RATE_BURST
     shutdown_timeout: float  # SHUTDOWN_TIMEOUT
     ice_servers: tuple[dict[str, Any], ...]  # ICE_SERVERS, for the demo
+    # The demo's ICE servers made per request, TURN credentials included (server/turn.py);
+    # None: ``ice_servers``.
+    ice_at_open: Callable[[str | None], tuple[dict[str, Any], ...]] | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -81,6 +87,7 @@ class _Conn:
     address: str
     bucket: TokenBucket
     last_error: float = 0.0
+    identity: Identity | None = None  # when ``AUTH`` names rooms
 
 
 class RoomsHub:
@@ -96,8 +103,10 @@ class RoomsHub:
         password: str,
         stopping: Callable[[], bool] = lambda: False,
         origins: AllowedOrigins | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         self.settings = settings
+        self.auth = auth or Authenticator(AuthSettings())
         self.shared = shared
         self.backend = backend
         self.node_id = node_id
@@ -248,10 +257,36 @@ class RoomsHub:
             # (docs/protocols/rooms.md, "Errors and limits").
             raise socketio.exceptions.ConnectionRefusedError(proto.TOKEN_NOT_VALID)
         address = compat.remote_address(environ)
+        identity = None
+        if self.auth.required("rooms"):
+            identity = await self._authenticate(environ, address)
         bucket = TokenBucket(self.shared.rate_limit, self.shared.rate_burst, time.monotonic())
-        self.conns[sid] = _Conn(address, bucket)
+        self.conns[sid] = _Conn(address, bucket, identity=identity)
         self.machine.handle(core.Connected(sid))
         log.debug("socket %s connected from %s", sid, address)
+
+    async def _authenticate(self, environ: dict[str, Any], address: str) -> Identity:
+        """The identity of a connecting socket's token (its URL's ``token``, its
+        ``Authorization`` or its cookie: socket.io's own ``auth`` carries the rooms token)."""
+        auth = self.auth
+        query = environ.get("QUERY_STRING", "")
+        token = token_of(
+            dict(parse_qsl(query)),
+            environ.get("HTTP_AUTHORIZATION"),
+            environ.get("HTTP_COOKIE"),
+            auth.cookie_name,
+        )
+        described = {
+            "path": environ.get("PATH_INFO", ""),
+            "query": query_without_token(query),
+            "origin": environ.get("HTTP_ORIGIN"),
+            "address": address,
+        }
+        try:
+            checked = auth.check("rooms", described, token)
+            return checked if isinstance(checked, Identity) else await checked
+        except Refused as exc:
+            raise socketio.exceptions.ConnectionRefusedError(exc.message) from None
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         conn = self.conns.pop(sid, None)
@@ -296,6 +331,8 @@ class RoomsHub:
                 await self.auth_request(sid, data)
             else:
                 command = self._parse(kind, data)
+                if conn.identity is not None:
+                    _check_room(conn.identity, command)
                 await self.feed(core.ClientCommand(sid, kind, command))
         except proto.BadEvent as exc:
             log.debug("socket %s: %s: %s", sid, kind, exc.message)
@@ -379,11 +416,28 @@ class RoomsHub:
         return web.FileResponse(DEMO_DIR / "index.html")
 
     async def demo_config(self, request: web.Request) -> web.Response:
-        """The demo's ICE configuration, from ``ICE_SERVERS`` (none: host candidates only)."""
-        return web.json_response({"iceServers": list(self.shared.ice_servers)})
+        """The demo's ICE configuration, from ``ICE_SERVERS`` (none: host candidates only),
+        and with TURN configured a fresh TURN credential (never cached)."""
+        if self.shared.ice_at_open is None:
+            return web.json_response({"iceServers": list(self.shared.ice_servers)})
+        response = web.json_response({"iceServers": list(self.shared.ice_at_open(None))})
+        response.headers[hdrs.CACHE_CONTROL] = "no-store"
+        return response
 
     async def vendor_client(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(VENDOR_CLIENT)
+
+
+def _check_room(identity: Identity, command: core.Command) -> None:
+    """Refuse a create or join of a room the socket's token does not allow."""
+    if not isinstance(command, proto.CreateRoom | proto.JoinRoom):
+        return
+    if command.room is None:
+        if identity.rooms is not None:
+            raise proto.BadEvent("a room name is required by this token", command.payload)
+    elif not identity.may_use_room(command.room):
+        message = f"room {command.room[:100]!r} not allowed for this token"
+        raise proto.BadEvent(message, command.payload)
 
 
 def _elided(data: Any) -> str:
@@ -489,6 +543,7 @@ def setup(
         *secrets,
         stopping=lambda: node.stopping,
         origins=AllowedOrigins(node.settings.server.allowed_origins),
+        auth=node.auth,
     )
     app[ROOMS_KEY] = hub
     hub.sio.attach(app, socketio_path="socket.io")

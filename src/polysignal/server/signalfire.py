@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from operator import attrgetter
 from pathlib import Path
@@ -73,8 +73,12 @@ class SignalFireHub(Handler):
         *,
         id_lease_ttl: float,
         ice_servers: tuple[dict[str, Any], ...] | None = None,
+        ice_at_open: Callable[[str | None], tuple[dict[str, Any], ...]] | None = None,
     ) -> None:
         self.path = settings.signalfire_path
+        # Each welcome's own ICE servers, made as its connection opens for a user (TURN
+        # credentials: ``server/turn.py``); None: every welcome carries ``ice_servers``.
+        self.ice_at_open = ice_at_open
         self.backend = backend
         self.machine = SignalFireNode(
             node_id,
@@ -108,7 +112,10 @@ class SignalFireHub(Handler):
     # --- the driver's callbacks ---
     def on_open(self, conn: Connection, request: Handshake) -> Result:
         legacy = request.subprotocol == proto.LEGACY_SUBPROTOCOL
-        return self._feed(self.machine.on_open(conn, legacy))
+        # The TURN user: None (a random id) until authentication names one.
+        user = conn.identity.sub if conn.identity is not None else None
+        ice = None if self.ice_at_open is None else self.ice_at_open(user)
+        return self._feed(self.machine.on_open(conn, legacy, ice))
 
     def on_message(self, conn: Connection, data: bytes, binary: bool) -> Result:
         # ws@7 hands Luce binary frames as Buffers, which JSON.parse reads as text: binary

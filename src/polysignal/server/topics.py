@@ -9,6 +9,7 @@ same bytes are written to every local recipient and handed once to the backend.
 
 from __future__ import annotations
 
+from polysignal.core.auth import Identity, refused_topics_error
 from polysignal.core.errors import Answer, MalformedFrame, Reply
 from polysignal.core.topics import TopicLimitExceeded, TopicRegistry
 from polysignal.protocols import topics as proto
@@ -49,9 +50,16 @@ class TopicsHub(Handler):
         match cmd:
             case proto.Publish():
                 received["publish"] += 1
+                if conn.identity is not None and not conn.identity.may_use_topic(cmd.topic):
+                    conn.send_text(
+                        proto.encode_error(refused_topics_error("publish", (cmd.topic,)))
+                    )
+                    return None
                 return self.publish(conn, cmd)
             case proto.Subscribe():
                 received["subscribe"] += 1
+                if conn.identity is not None:
+                    cmd = self._allowed(conn, conn.identity, cmd)
                 self.subscribe(conn, cmd)
             case proto.Unsubscribe():
                 received["unsubscribe"] += 1
@@ -88,6 +96,16 @@ class TopicsHub(Handler):
         self._counts_changed(added)
         if cmd.problems:
             conn.send_text(proto.skipped_entries_error("subscribe", cmd.problems))
+
+    def _allowed(
+        self, conn: Connection, identity: Identity, cmd: proto.Subscribe
+    ) -> proto.Subscribe:
+        """``cmd`` with only the topics ``identity`` may use; the rest answered as refused."""
+        allowed, refused = identity.split_topics(cmd.topics)
+        if not refused:
+            return cmd
+        conn.send_text(proto.encode_error(refused_topics_error("subscribe", refused)))
+        return proto.Subscribe(allowed, cmd.problems)
 
     def unsubscribe(self, conn: Connection, cmd: proto.Unsubscribe) -> None:
         self._counts_changed(self.registry.unsubscribe(conn, cmd.topics))
