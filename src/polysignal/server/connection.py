@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from polysignal.core.errors import CloseCode
 from polysignal.core.limits import TokenBucket
+from polysignal.logs import more
 from polysignal.protocols.websocket import (
     OP_BINARY,
     OP_CLOSE,
@@ -350,7 +351,14 @@ class Connection(TokenBucket, asyncio.Protocol):
         """Cut a peer that does not read (1013) once its unsent bytes pass the limit."""
         if self.transport.get_write_buffer_size() > self.max_buffer:
             self.driver.slow_cuts += 1
-            log.warning("%r is not reading: %d bytes unsent, closing", self, self.max_buffer)
+            held = self.driver.throttle.allow("not reading")  # a slow fan-out cuts many at once
+            if held is not None:
+                log.warning(
+                    "%r is not reading: %d bytes unsent, closing%s",
+                    self,
+                    self.max_buffer,
+                    more(held),
+                )
             self.close(CloseCode.TRY_AGAIN_LATER, "send buffer full", grace=1.0)
             return False
         return True

@@ -54,6 +54,7 @@ from polysignal.core.relay import (
     StreamSend,
     TakeLease,
 )
+from polysignal.logs import Throttle, more
 from polysignal.protocols import relay as proto
 from polysignal.protocols.relay import Direct, Encoding
 from polysignal.protocols.websocket import OP_BINARY, OP_TEXT
@@ -107,6 +108,7 @@ class RelayHub(Handler):
         )
         self._settled: dict[str, asyncio.Event] = {}  # end id -> its rendezvous finished
         self.pipe_frames_in = 0  # frames received on pipe ends (``/metrics``)
+        self._throttle = Throttle()  # repeated warnings: one line per interval
         self._matching: dict[str, asyncio.Future[bool]] = {}
         self.background = Background(log)
         self.timer = DeadlineTimer(self.machine.next_deadline, self._on_timer, self.background)
@@ -372,7 +374,14 @@ class RelayHub(Handler):
                     async with asyncio.timeout(timeout):
                         matched = await future
                 except TimeoutError:
-                    log.warning("node %s did not answer a pipe match in %g s", node, timeout)
+                    held = self._throttle.allow(("no match answer", node))
+                    if held is not None:
+                        log.warning(
+                            "node %s did not answer a pipe match in %g s%s",
+                            node,
+                            timeout,
+                            more(held),
+                        )
         finally:
             self._matching.pop(end_id, None)
             if not matched:

@@ -228,7 +228,14 @@ class SignalFireHub(Handler):
             try:
                 await self.leases.release(lease)
             except Exception as exc:
-                log.warning("cannot release id %s (%s); its lease will expire", effect.peer_id, exc)
+                held = self._throttle.allow(("release", type(exc)))  # every id, while Redis is away
+                if held is not None:
+                    log.warning(
+                        "cannot release id %s (%s); its lease will expire%s",
+                        effect.peer_id,
+                        exc,
+                        more(held),
+                    )
         return ()
 
     async def _lookup(self, effect: Lookup) -> Effects:

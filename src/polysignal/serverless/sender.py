@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from mypy_boto3_apigatewaymanagementapi.client import ApiGatewayManagementApiClient
 
+from polysignal.logs import Throttle, more
+
 log = logging.getLogger("polysignal.serverless")
 
 
@@ -40,6 +42,8 @@ class ApiGatewaySender:
     def __init__(self, client: ApiGatewayManagementApiClient, concurrency: int) -> None:
         self.client = client
         self.concurrency = concurrency
+        # A fan-out whose posts fail alike logs one line per interval (with the count held).
+        self.throttle = Throttle()
 
     def post(self, connection_id: str, data: bytes) -> Delivery:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -53,10 +57,16 @@ class ApiGatewaySender:
             if status == 410:
                 return Delivery.GONE
             code = exc.response.get("Error", {}).get("Code", "?")
-            log.warning("post to %s failed: HTTP %s %s", connection_id, status, code)
+            held = self.throttle.allow(("http", status, code))
+            if held is not None:
+                log.warning(
+                    "post to %s failed: HTTP %s %s%s", connection_id, status, code, more(held)
+                )
             return Delivery.FAILED
         except BotoCoreError as exc:  # connection errors, timeouts
-            log.warning("post to %s failed: %s", connection_id, exc)
+            held = self.throttle.allow(type(exc).__name__)
+            if held is not None:
+                log.warning("post to %s failed: %s%s", connection_id, exc, more(held))
             return Delivery.FAILED
         return Delivery.SENT
 
