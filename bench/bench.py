@@ -40,6 +40,13 @@ RESULTS = BENCH / "results"
 Y_WEBRTC_SERVER = BENCH / "node_modules" / "y-webrtc" / "bin" / "server.js"
 BUN = BENCH / "node_modules" / ".bin" / "bun"
 PEER_SERVER = BENCH / "node_modules" / "peer" / "dist" / "bin" / "peerjs.js"
+# The originals of the relay protocol and of Signal-Fire, each started by a small wrapper here
+# (127.0.0.1 only; Signal-Fire with its one-line dispatcher fix applied at run time).
+RELAY_PACKAGE = BENCH / "node_modules" / "@localfirst" / "relay" / "dist" / "Server.js"
+RELAY_SERVER = BENCH / "relay_server.mjs"
+SIGNALFIRE_PACKAGE = BENCH / "node_modules" / "@signal-fire" / "server" / "dist" / "index.js"
+SIGNALFIRE_SERVER = BENCH / "signalfire_server.cjs"
+SERVERLESS_COST = BENCH / "serverless_cost.py"
 LOADGEN = BENCH / "loadgen.mjs"
 
 # Server and generator on different cores; a one-core machine can only share it (and says so).
@@ -65,15 +72,50 @@ POLYSIGNAL_ENV = {
 POLYSIGNAL_SCENARIO_ENV: dict[str, dict[str, str]] = {
     "S8": {"RATE_LIMIT": "0"},
     "S10": {"RATE_LIMIT": "0"},
+    "S16": {"RATE_LIMIT": "0"},
 }
 
 TOPICS_SCENARIOS = ("S1", "S2", "S3", "S4")
 """The topics protocol: y-webrtc's server (Node, Bun) and polysignal serve it."""
 PEERJS_SCENARIOS = ("S9", "S10", "S11")
 """The PeerJS protocol: the original PeerJS server (npm ``peer``) and polysignal serve it."""
-POLYSIGNAL_SCENARIOS = (*TOPICS_SCENARIOS, "S6", "S7", "S8", *PEERJS_SCENARIOS)
-"""S6-S8 (relay pipes, Signal-Fire): only polysignal speaks these protocols."""
-SCENARIOS = POLYSIGNAL_SCENARIOS
+RELAY_SCENARIOS = ("S6", "S7", "S12", "S13", "S14")
+"""The relay protocol: @localfirst/relay 4.2.2's Server and polysignal serve it."""
+SIGNALFIRE_SCENARIOS = ("S8", "S15", "S16")
+"""Signal-Fire: @signal-fire/server 0.5.0 (patched at run time) and polysignal serve it."""
+POLYSIGNAL_SCENARIOS = (
+    *TOPICS_SCENARIOS,
+    "S6",
+    "S7",
+    "S8",
+    *PEERJS_SCENARIOS,
+    "S12",
+    "S13",
+    "S14",
+    "S15",
+    "S16",
+)
+COST_SCENARIO = "cost"
+"""The serverless shape's cost model (serverless_cost.py): no server, no wall clock."""
+SCENARIOS = (*POLYSIGNAL_SCENARIOS, COST_SCENARIO)
+
+# Which protocol each scenario measures, and the reference server of its table.
+PROTOCOLS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "topics": ("node", (*TOPICS_SCENARIOS,)),
+    "relay": ("relay", RELAY_SCENARIOS),
+    "signal-fire": ("signal-fire", SIGNALFIRE_SCENARIOS),
+    "peerjs": ("peer", PEERJS_SCENARIOS),
+}
+
+# S12/S15: idle connections, connected in this many stages; the servers' memory is read after
+# each, for memory against connection count.
+IDLE_STAGES = 5
+RELAY_IDLE_COUNT = 5000
+SIGNALFIRE_IDLE_COUNT = 4000
+# S14: offered frame rates of the pipe sweep (1 KiB frames over 100 pipes); the latency row is
+# read at PIPE_FIXED_RATE.
+PIPE_SWEEP_RATES = (2000, 5000, 10000, 20000, 40000, 80000)
+PIPE_FIXED_RATE = 5000
 
 # S9's idle PeerJS clients: fewer than `peer`'s concurrent_limit (5,000 clients, its default), so
 # both servers run at their default limits.
@@ -203,6 +245,52 @@ def scenario_configs(d: Durations) -> dict[str, Json]:
             "seconds": d.churn_seconds,
             "maxSeconds": 60,
         },
+        # S12: idle relay introduction sockets (msgpack, relay 4.x), each joined to its own doc.
+        "S12": {
+            "scenario": "relay-idle",
+            "count": RELAY_IDLE_COUNT,
+            "stages": IDLE_STAGES,
+            "parallel": 200,
+            "maxSeconds": 200,
+        },
+        # S13: introduction churn: connect, Join a document an anchor holds, receive the
+        # Introduction, close; 100 at a time, 100 anchors.
+        "S13": {
+            "scenario": "relay-churn",
+            "concurrency": 100,
+            "anchors": 100,
+            "seconds": d.churn_seconds,
+            "maxSeconds": 60,
+        },
+        # S14: the pipes of S6 at fixed offered rates (open loop): delivered and latency per rate.
+        "S14": {
+            "scenario": "pipes",
+            "pairs": 100,
+            "frameBytes": 1024,
+            "window": 8,
+            "latencyEvery": 1,
+            "rates": list(PIPE_SWEEP_RATES),
+            "stepSeconds": d.loop_seconds,
+            "warmupSeconds": d.loop_warmup_seconds,
+            "maxInFlight": 64,
+            "maxSeconds": 120,
+        },
+        # S15: idle Signal-Fire clients, each welcomed.
+        "S15": {
+            "scenario": "signalfire-idle",
+            "count": SIGNALFIRE_IDLE_COUNT,
+            "stages": IDLE_STAGES,
+            "parallel": 200,
+            "maxSeconds": 200,
+        },
+        # S16: Signal-Fire sessions: session-start, relayed, accepted, the accept relayed back.
+        "S16": {
+            "scenario": "signalfire-sessions",
+            "pairs": 100,
+            "seconds": d.loop_seconds,
+            "warmupSeconds": d.loop_warmup_seconds,
+            "maxSeconds": 90,
+        },
     }
 
 
@@ -265,6 +353,16 @@ def peer_command(port: int, index: int, scenario: str) -> tuple[list[str], dict[
     address: WebSocket at /peerjs, key ``peerjs``, concurrent_limit 5000, alive_timeout 60 s."""
     args = ["--host", "127.0.0.1", "--port", str(port), "--path", "/", "--key", "peerjs"]
     return ["node", str(PEER_SERVER), *args], {}
+
+
+def relay_command(port: int, index: int, scenario: str) -> tuple[list[str], dict[str, str]]:
+    """@localfirst/relay 4.2.2's ``Server`` as its start.js runs it, on 127.0.0.1."""
+    return ["node", str(RELAY_SERVER)], {"PORT": str(port)}
+
+
+def signalfire_command(port: int, index: int, scenario: str) -> tuple[list[str], dict[str, str]]:
+    """@signal-fire/server 0.5.0 with @lucets/registry's LocalRegistry, its dispatcher fixed."""
+    return ["node", str(SIGNALFIRE_SERVER)], {"PORT": str(port)}
 
 
 def serves_peerjs(src: Path) -> bool:
@@ -396,7 +494,16 @@ class RedisServer:
             self.process = None
 
 
-TARGET_NAMES = ("node", "bun", "peer", "polysignal", "polysignal-redis", "polysignal-redis-2")
+TARGET_NAMES = (
+    "node",
+    "bun",
+    "peer",
+    "relay",
+    "signal-fire",
+    "polysignal",
+    "polysignal-redis",
+    "polysignal-redis-2",
+)
 
 
 def targets(redis: RedisServer, baseline: Baseline | None = None) -> list[Target]:
@@ -414,6 +521,28 @@ def targets(redis: RedisServer, baseline: Baseline | None = None) -> list[Target
                 1,
                 PEERJS_SCENARIOS,
                 peer_command,
+                health_path="/",
+            )
+        )
+    if RELAY_PACKAGE.exists():
+        found.append(
+            Target(
+                "relay",
+                "@localfirst/relay 4.2.2 Server, on Node",
+                1,
+                RELAY_SCENARIOS,
+                relay_command,
+                health_path="/",
+            )
+        )
+    if SIGNALFIRE_PACKAGE.exists():
+        found.append(
+            Target(
+                "signal-fire",
+                "@signal-fire/server 0.5.0 (dispatcher fixed at run time), on Node",
+                1,
+                SIGNALFIRE_SCENARIOS,
+                signalfire_command,
                 health_path="/",
             )
         )
@@ -599,10 +728,17 @@ def run_idle(config: Json, pids: list[int], timeout: float) -> Json:
         deadline = time.monotonic() + timeout
         lines: list[str] = []
         after = 0
+        curve: list[tuple[int, int]] = [(0, before)]
         try:
             for raw in process.stdout:
                 line = raw.decode().strip()
                 lines.append(line)
+                if line.startswith("AT "):
+                    # S12/S15: a stage is connected: read the memory, then let it go on.
+                    time.sleep(1.0)
+                    curve.append((int(line.split()[1]), sum(rss_bytes(pid) for pid in pids)))
+                    process.stdin.write(b"next\n")
+                    process.stdin.flush()
                 if line == "READY":
                     time.sleep(2.0)  # let the servers settle after the last handshake
                     after = sum(rss_bytes(pid) for pid in pids)
@@ -621,6 +757,7 @@ def run_idle(config: Json, pids: list[int], timeout: float) -> Json:
         open_count = result.get("open") or 0
         result["rssBeforeBytes"] = before
         result["rssAfterBytes"] = after
+        result["rssCurve"] = [*curve, (open_count, after)]
         result["kibPerConnection"] = (
             round((after - before) / open_count / 1024, 2) if open_count else None
         )
@@ -637,8 +774,16 @@ class Run:
     target_names: tuple[str, ...] | None
     baseline: Baseline | None = None
     results: list[Json] = field(default_factory=list)
+    cost: Json | None = None  # the serverless cost model's figures (scenario "cost")
 
     def execute(self) -> None:
+        if COST_SCENARIO in self.scenarios:
+            self.cost = run_cost_model()
+        self.scenarios = tuple(s for s in self.scenarios if s != COST_SCENARIO)
+        if self.scenarios:
+            self.execute_servers()
+
+    def execute_servers(self) -> None:
         redis = RedisServer()
         try:
             all_targets = targets(redis, self.baseline)
@@ -651,7 +796,7 @@ class Run:
                 if not any(scenario in t.scenarios for t in chosen):
                     print(
                         f"{scenario}: no selected target runs it "
-                        "(S6-S8 run on polysignal only, S9-S11 on peer and polysignal)"
+                        "(see --help: which targets run which scenarios)"
                     )
                 skipped = [
                     t.name
@@ -706,11 +851,32 @@ class Run:
                     "serverPids": pids,
                 }
                 timeout = float(base["maxSeconds"]) + 30.0
-                if scenario in ("S3", "S9"):
+                if scenario in ("S3", "S9", "S12", "S15"):
                     return run_idle(config, pids, timeout)
                 return run_generator(config, timeout)
         except (OSError, subprocess.SubprocessError, TimeoutError, ValueError, RuntimeError) as exc:
             return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def run_cost_model() -> Json:
+    """The serverless cost model, on moto's DynamoDB in its own process (no server, no clock)."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "serverless-cost.json"
+    print("cost: the serverless cost model (serverless_cost.py, moto) ...", flush=True)
+    done = subprocess.run(
+        [python_bin(), str(SERVERLESS_COST), "--json", str(out)],
+        cwd=BENCH,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if done.returncode != 0:
+        error = (done.stderr or done.stdout).strip()[-1500:]
+        print(f"  ERROR {error}", flush=True)
+        return {"error": error}
+    result: Json = json.loads(out.read_text())
+    return result
 
 
 def wait_for_redis_backend(timeout: float = 0.0) -> bool:
@@ -798,6 +964,31 @@ def summary(scenario: str, r: Json) -> str:
                 f"{f' (first: {str(first)[:120]})' if first else ''} "
                 f"(gen CPU {r['generatorCpu']:.2f}, server CPU {r['serverCpu']:.2f})"
             )
+        case "S12" | "S15":
+            trouble = ", ".join(
+                f"{r[k]} {k}" for k in ("failed", "closedByServer", "unexpected") if r.get(k)
+            )
+            return (
+                f"{r['open']} open, {r['kibPerConnection']} KiB/conn, connect all "
+                f"{r['connectSeconds']} s{', ' + trouble if trouble else ''} "
+                f"(gen CPU {r['generatorCpu']:.2f})"
+            )
+        case "S13" | "S16":
+            rate = r.get("cyclesPerSecond", r.get("sessionsPerSecond"))
+            first = f" (first: {str(r['firstError'])[:120]})" if r.get("firstError") else ""
+            lat = f", p50 {r['p50Ms']} ms p99 {r['p99Ms']} ms" if "p50Ms" in r else ""
+            return (
+                f"{rate:.0f} {'cycles' if scenario == 'S13' else 'sessions'}/s, "
+                f"{r['errors']} errors{first}{lat} "
+                f"(gen CPU {r['generatorCpu']:.2f}, server CPU {r['serverCpu']:.2f})"
+            )
+        case "S14":
+            return "; ".join(
+                f"{st['offeredPerSecond']:.0f}->{st['deliveredPerSecond']:.0f}/s "
+                f"p50 {st['p50Ms']} p99 {st['p99Ms']} (srv {st.get('serverCpu', 0):.2f}, "
+                f"gen {st.get('generatorCpu', 0):.2f})"
+                for st in r["steps"]
+            )
         case "S11":
             first = f" (first: {str(r['firstError'])[:120]})" if r.get("firstError") else ""
             return (
@@ -857,27 +1048,41 @@ METRICS = (
         metric
         for scenario, size in (("S6", "1 KiB"), ("S7", "64 KiB"))
         for metric in (
-            Metric(scenario, f"{scenario} pipe frames/s ({size})", _pick("framesPerSecond"), True),
-            Metric(scenario, f"{scenario} pipe MB/s ({size})", _pick("megabytesPerSecond"), True),
+            Metric(
+                scenario,
+                f"{scenario} pipe frames/s ({size})",
+                _pick("framesPerSecond"),
+                True,
+                "relay",
+            ),
+            Metric(
+                scenario,
+                f"{scenario} pipe MB/s ({size})",
+                _pick("megabytesPerSecond"),
+                True,
+                "relay",
+            ),
             Metric(
                 scenario,
                 f"{scenario} frames per server CPU-second",
                 lambda r: _per_cpu(r["framesPerSecond"], r["serverCpu"]),
                 True,
+                "relay",
             ),
-            Metric(scenario, f"{scenario} p50 ms", _pick("p50Ms"), False),
-            Metric(scenario, f"{scenario} p99 ms", _pick("p99Ms"), False),
+            Metric(scenario, f"{scenario} p50 ms", _pick("p50Ms"), False, "relay"),
+            Metric(scenario, f"{scenario} p99 ms", _pick("p99Ms"), False, "relay"),
         )
     ),
-    Metric("S8", "S8 Signal-Fire relays/s", _pick("relaysPerSecond"), True),
+    Metric("S8", "S8 Signal-Fire acked relays/s", _pick("relaysPerSecond"), True, "signal-fire"),
     Metric(
         "S8",
         "S8 relays per server CPU-second",
         lambda r: _per_cpu(r["relaysPerSecond"], r["serverCpu"]),
         True,
+        "signal-fire",
     ),
-    Metric("S8", "S8 p50 ms", _pick("p50Ms"), False),
-    Metric("S8", "S8 p99 ms", _pick("p99Ms"), False),
+    Metric("S8", "S8 p50 ms", _pick("p50Ms"), False, "signal-fire"),
+    Metric("S8", "S8 p99 ms", _pick("p99Ms"), False, "signal-fire"),
     # S9-S11: the PeerJS protocol, ratios to the original PeerJS server (npm peer).
     Metric("S9", "S9 KiB per idle PeerJS connection", _pick("kibPerConnection"), False, "peer"),
     Metric("S9", "S9 s to connect 4k", _pick("connectSeconds"), False, "peer"),
@@ -902,6 +1107,81 @@ METRICS = (
 )
 
 
+def _sweep_step(rate: float) -> Callable[[Json], Json]:
+    """S14's step at the offered ``rate`` (frames/s)."""
+
+    def pick(r: Json) -> Json:
+        step: Json = min(r["steps"], key=lambda st: abs(st["offeredPerSecond"] - rate))
+        return step
+
+    return pick
+
+
+def _sweep_max(r: Json) -> float:
+    return float(max(st["deliveredPerSecond"] for st in r["steps"]))
+
+
+METRICS = (
+    *METRICS,
+    # S12-S14: the relay protocol's introductions and pipes at fixed rates, ratios to relay.
+    Metric(
+        "S12", "S12 KiB per idle introduction socket", _pick("kibPerConnection"), False, "relay"
+    ),
+    Metric("S12", "S12 s to connect 5k", _pick("connectSeconds"), False, "relay"),
+    Metric("S13", "S13 introduction cycles/s", _pick("cyclesPerSecond"), True, "relay"),
+    Metric(
+        "S13",
+        "S13 cycles per server CPU-second",
+        lambda r: _per_cpu(r["cyclesPerSecond"], r["serverCpu"]),
+        True,
+        "relay",
+    ),
+    Metric(
+        "S14",
+        f"S14 pipe p50 ms at {PIPE_FIXED_RATE:,} frames/s",
+        lambda r: _sweep_step(PIPE_FIXED_RATE)(r)["p50Ms"],
+        False,
+        "relay",
+    ),
+    Metric(
+        "S14",
+        f"S14 pipe p99 ms at {PIPE_FIXED_RATE:,} frames/s",
+        lambda r: _sweep_step(PIPE_FIXED_RATE)(r)["p99Ms"],
+        False,
+        "relay",
+    ),
+    Metric(
+        "S14",
+        f"S14 server CPU at {PIPE_FIXED_RATE:,} frames/s (cores)",
+        lambda r: _sweep_step(PIPE_FIXED_RATE)(r)["serverCpu"],
+        False,
+        "relay",
+    ),
+    Metric("S14", "S14 most delivered frames/s of the sweep", _sweep_max, True, "relay"),
+    # S15-S16: Signal-Fire, ratios to @signal-fire/server.
+    Metric(
+        "S15",
+        "S15 KiB per idle Signal-Fire client",
+        _pick("kibPerConnection"),
+        False,
+        "signal-fire",
+    ),
+    Metric("S15", "S15 s to connect 4k", _pick("connectSeconds"), False, "signal-fire"),
+    Metric(
+        "S16", "S16 sessions/s (start + accept)", _pick("sessionsPerSecond"), True, "signal-fire"
+    ),
+    Metric(
+        "S16",
+        "S16 sessions per server CPU-second",
+        lambda r: _per_cpu(r["sessionsPerSecond"], r["serverCpu"]),
+        True,
+        "signal-fire",
+    ),
+    Metric("S16", "S16 p50 ms (start to accept)", _pick("p50Ms"), False, "signal-fire"),
+    Metric("S16", "S16 p99 ms (start to accept)", _pick("p99Ms"), False, "signal-fire"),
+)
+
+
 def _per_cpu(rate: float, cpu: float) -> float | None:
     return rate / cpu if cpu > 0.05 else None
 
@@ -917,6 +1197,11 @@ GENERATOR_CPU_OF: dict[str, Callable[[Json], float]] = {
     "S9": lambda r: float(r["generatorCpu"]),
     "S10": lambda r: float(r["generatorCpu"]),
     "S11": lambda r: float(r["generatorCpu"]),
+    "S12": lambda r: float(r["generatorCpu"]),
+    "S13": lambda r: float(r["generatorCpu"]),
+    "S14": lambda r: max(float(st["generatorCpu"]) for st in r["steps"]),
+    "S15": lambda r: float(r["generatorCpu"]),
+    "S16": lambda r: float(r["generatorCpu"]),
 }
 SERVER_CPU_OF: dict[str, Callable[[Json], float]] = {
     "S1": lambda r: float(r["atMax"]["serverCpu"]),
@@ -929,6 +1214,11 @@ SERVER_CPU_OF: dict[str, Callable[[Json], float]] = {
     "S9": lambda r: float(r["serverCpu"]),
     "S10": lambda r: float(r["serverCpu"]),
     "S11": lambda r: float(r["serverCpu"]),
+    "S12": lambda r: float(r["serverCpu"]),
+    "S13": lambda r: float(r["serverCpu"]),
+    "S14": lambda r: max(float(st["serverCpu"]) for st in r["steps"]),
+    "S15": lambda r: float(r["serverCpu"]),
+    "S16": lambda r: float(r["serverCpu"]),
 }
 
 
@@ -1002,11 +1292,21 @@ def reference_for(
     return None
 
 
-def markdown(table: dict[str, dict[str, float | None]], baseline: str | None = None) -> str:
-    names = list(table)
+def markdown(
+    table: dict[str, dict[str, float | None]],
+    baseline: str | None = None,
+    scenarios: tuple[str, ...] | None = None,
+) -> str:
+    """The table of ``scenarios`` (all by default): a column per target that has a figure."""
+    metrics = [m for m in METRICS if scenarios is None or m.scenario in scenarios]
+    names = [
+        name
+        for name in table
+        if scenarios is None or any(table[name].get(m.label) is not None for m in metrics)
+    ]
     header = "| figure | " + " | ".join(names) + " |"
     lines = [header, "|---|" + "---:|" * len(names)]
-    for metric in METRICS:
+    for metric in metrics:
         reference = reference_for(table, metric.label, baseline, metric.reference)
         ref = table[reference].get(metric.label) if reference is not None else None
         cells = []
@@ -1025,11 +1325,29 @@ def markdown(table: dict[str, dict[str, float | None]], baseline: str | None = N
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for kind in ("gen CPU", "server CPU"):
         for scenario in SCENARIOS:
+            if scenarios is not None and scenario not in scenarios:
+                continue
             label = f"{kind} {scenario}"
             cells = [fmt(table[name].get(label)) for name in names]
             if any(c != "-" for c in cells):
                 lines.append(f"| {label} (cores) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def protocol_tables(
+    table: dict[str, dict[str, float | None]], baseline: str | None, cost: Json | None
+) -> str:
+    """One table per protocol (its reference, polysignal, the ratios), then the cost model's."""
+    parts: list[str] = []
+    for protocol, (reference, scenarios) in PROTOCOLS.items():
+        body = markdown(table, baseline, scenarios)
+        if body.count("\n") < 2:  # header only: nothing of this protocol ran
+            continue
+        parts += [f"### {protocol} (reference: {reference})", "", body, ""]
+    if cost is not None:
+        parts += ["### serverless: cost per million actions (reference: jeffrafter/signaling)", ""]
+        parts += [cost.get("markdown") or f"ERROR {cost.get('error')}", ""]
+    return "\n".join(parts)
 
 
 def target_checks(table: dict[str, dict[str, float | None]]) -> list[str]:
@@ -1148,9 +1466,10 @@ server does, so every server writes the same frames per publish) and `MAX_CONNEC
 by 1.4x per step (from 2,500/s) until delivered/s stops growing or the server sheds load for two
 steps in a row, then measures latency at 70% of the maximum. polysignal-redis-2 is two polysignal
 nodes on one Redis, every room split across both (on one server core with redis-server).
-S6-S8 run on polysignal targets only (the y-webrtc servers speak neither protocol), as closed
-loops: S6/S7 are 100 relay pipes, each sending binary frames of 1 KiB (S6, at most 8 in flight
-per pipe) or 64 KiB (S7, at most 2), one-way latency from A's send to B's receipt; S8 is 100
+S6-S8 run on polysignal and on the originals (`@localfirst/relay` 4.2.2 for S6/S7,
+`@signal-fire/server` 0.5.0 with its dispatcher fixed at run time for S8; ratios to them), as
+closed loops: S6/S7 are 100 relay pipes, each sending binary frames of 1 KiB (S6, at most 8 in
+flight per pipe) or 64 KiB (S7, at most 2), one-way latency from A's send to B's receipt; S8 is 100
 Signal-Fire pairs, each sending offers (200-character SDP) with at most 4 not yet both acked and
 relayed, latency from A's send to B's receipt of the relay. For S8 only, polysignal runs with
 `RATE_LIMIT=0` (no per-connection message rate limit): its default of 200 messages/s with a burst
@@ -1161,7 +1480,14 @@ are to `peer`. S9: 4,000 idle clients, each registered (OPEN), server RSS growth
 100 pairs of clients sending each other CANDIDATE messages (a 302-byte frame), at most 4
 undelivered per direction, HEARTBEAT every 5 s from every client; polysignal runs it with
 `RATE_LIMIT=0`, as S8 (`peer` has no rate limit). S11: 100 concurrent loops of connect, OPEN,
-close, a new id each cycle."""
+close, a new id each cycle.
+S12-S14 are the relay protocol (msgpack, relay 4.x) against `@localfirst/relay` 4.2.2: S12 5,000
+idle introduction sockets, each joined to its own document, opened in five stages (RSS growth per
+socket); S13 100 loops of connect, Join an anchor's document, receive the Introduction, close;
+S14 the 100 pipes of S6 open-loop at 2k-80k offered frames/s (latency read at 5,000/s). S15-S16
+are Signal-Fire against `@signal-fire/server` 0.5.0: S15 4,000 idle welcomed clients in five
+stages; S16 100 pairs starting and accepting sessions, one in flight per pair (`RATE_LIMIT=0`).
+The serverless rows are a cost model (serverless_cost.py), not a measurement of time."""
 
 
 def notes(baseline: Baseline | None) -> str:
@@ -1182,8 +1508,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)} (S6-S8 run on polysignal only, "
-        "S9-S11 on peer and polysignal)",
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (S6-S8, S12-S14 on relay and "
+        "polysignal, S8, S15, S16 on signal-fire and polysignal, S9-S11 on peer and polysignal; "
+        "cost: the serverless cost model)",
     )
     parser.add_argument(
         "--targets",
@@ -1249,7 +1576,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             header,
             "",
-            markdown(table, baseline.name if baseline else None),
+            protocol_tables(table, baseline.name if baseline else None, run.cost),
             "",
             notes(baseline),
             "",
@@ -1283,12 +1610,20 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 "results": run.results,
                 "medians": table,
+                "cost": run.cost,
             },
             indent=1,
         )
     )
     (RESULTS / f"bench-{stamp}.md").write_text(text)
     print(f"raw results: {RESULTS / f'bench-{stamp}.json'}")
+    try:
+        from charts import draw
+    except ImportError as exc:  # matplotlib missing: bench/run installs bench/requirements.txt
+        print(f"no charts: {exc}")
+    else:
+        for path in draw(RESULTS / f"bench-{stamp}.json", RESULTS / f"charts-{stamp}"):
+            print(f"chart: {path}")
     return 0
 
 

@@ -25,6 +25,13 @@
 //   peerjs-relay  pairs of PeerJS clients sending CANDIDATE messages to each other, at most
 //           `window` undelivered per direction (S10)
 //   peerjs-churn  connect (to OPEN) + close cycles at a fixed concurrency (S11)
+//   relay-idle    idle relay introduction sockets, each joined to a document of its own, connected
+//           in `stages` (AT <n> on stdout after each, the runner answers on stdin) (S12)
+//   relay-churn   connect /introduction, Join a document an anchor holds, receive the
+//           Introduction, close, at a fixed concurrency (S13)
+//   pipes with `rates`  an open-loop sweep of offered frame rates over the pipes (S14)
+//   signalfire-idle  idle Signal-Fire clients, each welcomed, connected in stages (S15)
+//   signalfire-sessions  pairs starting and accepting sessions, one in flight per pair (S16)
 
 import { randomUUID } from 'node:crypto'
 import { readFileSync } from 'node:fs'
@@ -717,17 +724,69 @@ async function pipes () {
   while (probes < pairs && now() < probeUntil) await sleep(10)
   if (probes < pairs) throw new Error(`only ${probes} of ${pairs} pipes carried the probe in 10 s`)
 
+  const inFlight = () => {
+    let n = 0
+    for (let i = 0; i < pairs; i++) n += sent[i] - received[i]
+    return n
+  }
+  if (config.rates) {
+    // S14: an open loop at each offered rate in turn (frames/s over all pipes, spread evenly,
+    // sent every 10 ms); a pipe with `maxInFlight` frames undelivered skips its turn (shed).
+    const steps = []
+    const maxInFlight = config.maxInFlight || 64
+    let next = 0
+    for (const rate of config.rates) {
+      if (now() > deadline - 10000) break
+      const stepStart = now()
+      const warmEnd = stepStart + (config.warmupSeconds || 0.5) * 1000
+      const end = warmEnd + config.stepSeconds * 1000
+      let issued = 0
+      let offered = 0
+      let shed = 0
+      let mark = null
+      let before = 0
+      let windowStart = 0
+      while (now() < end && now() < deadline) {
+        const t = now()
+        if (mark === null && t >= warmEnd) {
+          mark = cpuMark(); before = frames; offered = 0; shed = 0; windowStart = t
+          latencies = []; recording = true
+        }
+        const due = Math.floor(rate * (t - stepStart) / 1000) - issued
+        for (let k = 0; k < due && budget > 0; k++) {
+          const i = next++ % pairs
+          issued++
+          offered++
+          if (sent[i] - received[i] >= maxInFlight) shed++
+          else sendNext(i)
+        }
+        await sleep(10)
+      }
+      recording = false
+      const seconds = (now() - windowStart) / 1000
+      const delivered = frames - before
+      steps.push({
+        offeredPerSecond: round(offered / seconds),
+        deliveredPerSecond: round(delivered / seconds),
+        shed,
+        ...latency(latencies),
+        ...(mark ? cpuSince(mark) : {})
+      })
+      await drain(() => inFlight() === 0, () => frames, 1000, 5000)
+    }
+    const closedSockets = [...a.peers, ...b.peers].filter(peer => peer.closed).length
+    await closeAll([...a.peers, ...b.peers])
+    return {
+      scenario: 'pipes-sweep', pairs, frameBytes, steps, lost: inFlight(), closedSockets,
+      badFrames, unexpected
+    }
+  }
   running = true
   for (let i = 0; i < pairs; i++) for (let k = 0; k < window; k++) sendNext(i)
   const { before, after, windowSeconds, cpu } = await measureWindow(
     config.warmupSeconds, config.seconds, () => ({ frames, bytes }),
     on => { if (on) latencies = []; recording = on })
   running = false
-  const inFlight = () => {
-    let n = 0
-    for (let i = 0; i < pairs; i++) n += sent[i] - received[i]
-    return n
-  }
   await drain(() => inFlight() === 0, () => frames, 2000, 10000)
   let stalledPipes = 0
   for (let i = 0; i < pairs; i++) if (sent[i] > received[i]) stalledPipes++
@@ -1245,6 +1304,249 @@ async function peerjsChurn () {
   }
 }
 
+// --- S12-S13: the relay protocol's introductions (msgpack, as @localfirst/relay 4.x) ---
+// The few msgpack shapes a relay 4.x client sends: maps of short strings and string arrays.
+const msgpackString = text => {
+  const bytes = Buffer.from(text)
+  if (bytes.length < 32) return Buffer.concat([Buffer.from([0xa0 | bytes.length]), bytes])
+  if (bytes.length < 256) return Buffer.concat([Buffer.from([0xd9, bytes.length]), bytes])
+  throw new Error('string too long for this helper')
+}
+const msgpackJoin = documentIds => Buffer.concat([
+  Buffer.from([0x82]), msgpackString('type'), msgpackString('Join'),
+  msgpackString('documentIds'), Buffer.from([0x90 | documentIds.length]),
+  ...documentIds.map(msgpackString)
+])
+const INTRODUCTION_MARK = Buffer.from('Introduction')
+
+// Connect `count` clients in `stages` steps; after each the runner is told `AT <open>` on stdout
+// and reads the servers' memory, then answers on stdin (memory against connection count).
+const stagedConnect = async (count, stages, connectStage) => {
+  const lines = createInterface({ input: process.stdin })
+  const waiting = []
+  lines.on('line', () => { const w = waiting.shift(); if (w) w() })
+  const all = []
+  let failed = 0
+  let firstError = null
+  const t0 = now()
+  const mark = cpuMark()
+  for (let s = 1; s <= stages; s++) {
+    const from = Math.floor(count * (s - 1) / stages)
+    const to = Math.floor(count * s / stages)
+    const r = await connectStage(from, to)
+    all.push(...r.peers)
+    failed += r.failed
+    firstError = firstError || r.firstError
+    if (s < stages) {
+      console.log(`AT ${all.filter(peer => !peer.closed).length}`)
+      await Promise.race([new Promise(resolve => waiting.push(resolve)), sleep(30000)])
+    }
+  }
+  const connectSeconds = (now() - t0) / 1000
+  const cpu = cpuSince(mark)
+  const open = all.filter(peer => !peer.closed).length
+  console.log('READY')
+  await Promise.race([new Promise(resolve => waiting.push(resolve)), sleep(60000)])
+  lines.close()
+  const closedByServer = all.filter(peer => peer.closed).length
+  await closeAll(all)
+  return { count, open, failed, firstError, closedByServer, connectSeconds: round(connectSeconds, 3), ...cpu }
+}
+
+// S12: idle /introduction/idle<i> sockets, each joined (msgpack Join) to a document of its own.
+async function relayIdle () {
+  let unexpected = 0
+  const result = await stagedConnect(config.count, config.stages || 1, (from, to) => connectAll(
+    to - from, config.parallel || 200, k => urls[(from + k) % urls.length] + `/introduction/idle${from + k}`,
+    () => { unexpected++ },
+    async peer => { peer.socket.write(clientBinary(msgpackJoin([`idle-doc-${peer.index + from}`]))) },
+    120000, () => { unexpected++ }))
+  return { scenario: 'relay-idle', ...result, unexpected }
+}
+
+// S13: introduction churn. `anchors` sockets stay joined to doc<k> each; every cycle opens
+// /introduction/c<w>-<n>, joins doc<w % anchors>, waits for the Introduction of that anchor,
+// and closes (the closing handshake; the server then closes TCP).
+async function relayChurn () {
+  const anchorsCount = config.anchors || 100
+  const concurrency = config.concurrency
+  const maxCycles = config.maxCycles || 1000000
+  let anchorIntroductions = 0
+  const anchors = await connectAll(
+    anchorsCount, 100, k => urls[k % urls.length] + `/introduction/anchor${k}`, () => {},
+    async peer => { peer.socket.write(clientBinary(msgpackJoin([`churn-doc${peer.index}`]))) },
+    60000, () => { anchorIntroductions++ })
+  if (anchors.failed) throw new Error(`${anchors.failed} anchors failed: ${anchors.firstError}`)
+  await sleep(500) // the anchors' Joins are handled (nothing answers a Join that shares nothing)
+  const joins = Array.from({ length: concurrency }, (_, w) =>
+    clientBinary(msgpackJoin([`churn-doc${w % anchorsCount}`])))
+  let cycles = 0
+  let errors = 0
+  let firstError = null
+  const start = now()
+  const stop = Math.min(start + config.seconds * 1000, deadline)
+  const mark = cpuMark()
+  const ports = urls.map(url => Number(new URL(url).port))
+  const cycle = (w, n) => new Promise(resolve => {
+    const port = ports[(w + n) % ports.length]
+    let onChunk = null
+    const socket = net.connect({
+      port,
+      host: '127.0.0.1',
+      onread: { buffer: READ_BUFFER, callback: (bytes, buf) => { onChunk(buf.subarray(0, bytes)) } }
+    })
+    const timer = setTimeout(() => { socket.destroy(); resolve('timeout') }, 5000)
+    let state = 0 // 0 handshake, 1 waiting for the Introduction, 2 closing
+    let data = null
+    socket.setNoDelay(true)
+    socket.on('connect', () => socket.write(HANDSHAKE(port, `/introduction/c${w}-${n}`)))
+    onChunk = chunk => {
+      data = data === null ? Buffer.from(chunk) : Buffer.concat([data, chunk])
+      if (state === 0) {
+        const end = data.indexOf(HEAD_END)
+        if (end < 0) return
+        if (data.compare(STATUS_101, 0, STATUS_101.length, 0, STATUS_101.length) !== 0) {
+          socket.destroy()
+          return
+        }
+        state = 1
+        socket.write(joins[w])
+        data = data.subarray(end + 4)
+      }
+      if (state === 1 && data.includes(INTRODUCTION_MARK)) {
+        state = 2
+        socket.write(CLOSE_FRAME)
+      }
+    }
+    socket.on('error', () => {})
+    socket.on('close', () => { clearTimeout(timer); resolve(state === 2 ? null : `closed in state ${state}`) })
+  })
+  const worker = async w => {
+    for (let n = 0; now() < stop && cycles + errors < maxCycles; n++) {
+      const error = await cycle(w, n)
+      if (error === null) cycles++
+      else { errors++; firstError = firstError || error }
+    }
+  }
+  await Promise.all(Array.from({ length: concurrency }, (_, w) => worker(w)))
+  const wall = (now() - start) / 1000
+  const cpu = cpuSince(mark)
+  await closeAll(anchors.peers)
+  return {
+    scenario: 'relay-churn', concurrency, anchors: anchorsCount, cycles, errors, firstError,
+    anchorIntroductions, cyclesPerSecond: round(cycles / wall), ...cpu
+  }
+}
+
+// --- S15-S16: Signal-Fire idle clients and sessions ---
+const WELCOME_MARK = Buffer.from('"cmd":"welcome"')
+
+// S15: idle clients on /signal-fire, each welcomed (its id assigned).
+async function signalfireIdle () {
+  const path = config.path || '/signal-fire'
+  let unexpected = 0
+  const result = await stagedConnect(config.count, config.stages || 1, (from, to) => {
+    const waiting = new Map()
+    const got = new Set() // welcomed before onOpen ran (the welcome came with the handshake)
+    return connectAll(
+      to - from, config.parallel || 200, k => urls[(from + k) % urls.length] + path,
+      (buf, start, end, at, peer) => {
+        const at2 = buf.indexOf(WELCOME_MARK, start)
+        if (at2 < 0 || at2 >= end || got.has(peer.index)) { unexpected++; return }
+        got.add(peer.index)
+        const done = waiting.get(peer.index)
+        if (done) done()
+      },
+      peer => got.has(peer.index) ? undefined : new Promise(resolve => { waiting.set(peer.index, resolve) }),
+      120000)
+  })
+  return { scenario: 'signalfire-idle', ...result, unexpected }
+}
+
+// S16: sessions. `pairs` pairs; A sends session-start to its B, B answers session-accept as soon
+// as the relayed session-start arrives, and A starts the next session when the relayed accept
+// reaches it (one session in flight per pair). Every request is acked; a refusal is an error.
+async function signalfireSessions () {
+  const pairs = config.pairs
+  const path = config.path || '/signal-fire'
+  const count = 2 * pairs
+  const ids = new Array(count).fill(null)
+  const welcomed = new Array(count).fill(null)
+  const startedAt = new Float64Array(pairs)
+  const serial = new Float64Array(pairs)
+  let running = false
+  let recording = false
+  let sessions = 0
+  let acks = 0
+  let errors = 0
+  let firstError = null
+  let unexpected = 0
+  let latencies = []
+  let budget = config.maxSessions || 10000000
+  let sockets = null
+  const START = Buffer.from('"cmd":"session-start"')
+  const ACCEPT = Buffer.from('"cmd":"session-accept"')
+  const OK_TRUE = Buffer.from('"ok":true')
+  const OK_FALSE = Buffer.from('"ok":false')
+  const begin = i => {
+    if (!running || budget-- <= 0) return
+    startedAt[i] = now()
+    sockets[i].send(`{"id":"s${i}-${serial[i]++}","cmd":"session-start","target":"${ids[pairs + i]}"}`)
+  }
+  const inside = (mark, buf, start, end) => { const at = buf.indexOf(mark, start); return at >= 0 && at < end }
+  const onText = (buf, start, end, receivedAt, peer) => {
+    const index = peer.index
+    if (ids[index] === null) {
+      let message = null
+      try { message = JSON.parse(buf.toString('utf8', start, end)) } catch {}
+      const id = message && message.cmd === 'welcome' && message.data && message.data.id
+      if (typeof id === 'string') { ids[index] = id; if (welcomed[index]) welcomed[index]() } else unexpected++
+      return
+    }
+    if (inside(OK_TRUE, buf, start, end)) { acks++; return }
+    if (inside(OK_FALSE, buf, start, end)) {
+      errors++
+      firstError = firstError || buf.toString('utf8', start, Math.min(end, start + 200))
+      if (index < pairs) begin(index)
+      return
+    }
+    if (index >= pairs && inside(START, buf, start, end)) {
+      const i = index - pairs
+      sockets[index].send(`{"id":"a${i}-${serial[i]}","cmd":"session-accept","target":"${ids[i]}"}`)
+      return
+    }
+    if (index < pairs && inside(ACCEPT, buf, start, end)) {
+      sessions++
+      if (recording) latencies.push(receivedAt - startedAt[index])
+      begin(index)
+      return
+    }
+    unexpected++
+  }
+  const connected = await connectAll(
+    count, 100, i => urls[(i < pairs ? i : i + 1) % urls.length] + path, onText,
+    (peer, i) => ids[i] !== null ? undefined : new Promise(resolve => { welcomed[i] = resolve }),
+    60000)
+  if (connected.failed) throw new Error(`${connected.failed} of ${count} connections failed: ${connected.firstError}`)
+  sockets = connected.peers
+  running = true
+  for (let i = 0; i < pairs; i++) begin(i)
+  const { before, after, windowSeconds, cpu } = await measureWindow(
+    config.warmupSeconds, config.seconds, () => ({ sessions, acks }),
+    on => { if (on) latencies = []; recording = on })
+  running = false
+  await sleep(200)
+  const closedSockets = sockets.filter(peer => peer.closed).length
+  await closeAll(sockets)
+  return {
+    scenario: 'signalfire-sessions', pairs,
+    sessionsPerSecond: round((after.sessions - before.sessions) / windowSeconds),
+    acksPerSecond: round((after.acks - before.acks) / windowSeconds),
+    errors, firstError, unexpected, closedSockets, ...latency(latencies),
+    windowSeconds: round(windowSeconds, 3), ...cpu
+  }
+}
+
 const scenarios = {
   fanout,
   idle,
@@ -1253,7 +1555,11 @@ const scenarios = {
   signalfire,
   'peerjs-idle': peerjsIdle,
   'peerjs-relay': peerjsRelay,
-  'peerjs-churn': peerjsChurn
+  'peerjs-churn': peerjsChurn,
+  'relay-idle': relayIdle,
+  'relay-churn': relayChurn,
+  'signalfire-idle': signalfireIdle,
+  'signalfire-sessions': signalfireSessions
 }
 const run = scenarios[config.scenario]
 if (!run) throw new Error(`unknown scenario ${config.scenario}`)
