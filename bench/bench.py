@@ -46,6 +46,11 @@ RELAY_PACKAGE = BENCH / "node_modules" / "@localfirst" / "relay" / "dist" / "Ser
 RELAY_SERVER = BENCH / "relay_server.mjs"
 SIGNALFIRE_PACKAGE = BENCH / "node_modules" / "@signal-fire" / "server" / "dist" / "index.js"
 SIGNALFIRE_SERVER = BENCH / "signalfire_server.cjs"
+# The references of the rooms scenarios (S17-S19): the same room relay hand-written on
+# python-socketio (the main reference) and on Node's socket.io 4.
+ROOMS_REFERENCE_PY = BENCH / "rooms_reference.py"
+ROOMS_REFERENCE_NODE = BENCH / "rooms_reference.mjs"
+SOCKETIO_PACKAGE = BENCH / "node_modules" / "socket.io" / "package.json"
 SERVERLESS_COST = BENCH / "serverless_cost.py"
 LOADGEN = BENCH / "loadgen.mjs"
 
@@ -73,6 +78,7 @@ POLYSIGNAL_SCENARIO_ENV: dict[str, dict[str, str]] = {
     "S8": {"RATE_LIMIT": "0"},
     "S10": {"RATE_LIMIT": "0"},
     "S16": {"RATE_LIMIT": "0"},
+    "S19": {"RATE_LIMIT": "0"},
 }
 
 TOPICS_SCENARIOS = ("S1", "S2", "S3", "S4")
@@ -83,6 +89,10 @@ RELAY_SCENARIOS = ("S6", "S7", "S12", "S13", "S14")
 """The relay protocol: @localfirst/relay 4.2.2's Server and polysignal serve it."""
 SIGNALFIRE_SCENARIOS = ("S8", "S15", "S16")
 """Signal-Fire: @signal-fire/server 0.5.0 (patched at run time) and polysignal serve it."""
+ROOMS_SCENARIOS = ("S17", "S18", "S19")
+"""The rooms protocol (wrtc-signal over socket.io) on polysignal; the references do the same room
+relay as a minimal hand-written server: python-socketio (rooms_reference.py) and Node's
+socket.io 4 (rooms_reference.mjs)."""
 POLYSIGNAL_SCENARIOS = (
     *TOPICS_SCENARIOS,
     "S6",
@@ -94,6 +104,7 @@ POLYSIGNAL_SCENARIOS = (
     "S14",
     "S15",
     "S16",
+    *ROOMS_SCENARIOS,
 )
 COST_SCENARIO = "cost"
 """The serverless shape's cost model (serverless_cost.py): no server, no wall clock."""
@@ -105,6 +116,7 @@ PROTOCOLS: dict[str, tuple[str, tuple[str, ...]]] = {
     "relay": ("relay", RELAY_SCENARIOS),
     "signal-fire": ("signal-fire", SIGNALFIRE_SCENARIOS),
     "peerjs": ("peer", PEERJS_SCENARIOS),
+    "rooms": ("python-socketio", ROOMS_SCENARIOS),
 }
 
 # S12/S15: idle connections, connected in this many stages; the servers' memory is read after
@@ -120,6 +132,8 @@ PIPE_FIXED_RATE = 5000
 # S9's idle PeerJS clients: fewer than `peer`'s concurrent_limit (5,000 clients, its default), so
 # both servers run at their default limits.
 PEERJS_IDLE_COUNT = 4000
+# S17's idle socket.io clients (two to a room), connected in IDLE_STAGES stages.
+ROOMS_IDLE_COUNT = 4000
 
 Json = dict[str, Any]
 
@@ -291,6 +305,34 @@ def scenario_configs(d: Durations) -> dict[str, Json]:
             "warmupSeconds": d.loop_warmup_seconds,
             "maxSeconds": 90,
         },
+        # S17: idle socket.io clients, two to a room, logged in (polysignal) and joined. The
+        # generator adds `flavor` (and polysignal's APP_PASS) per target.
+        "S17": {
+            "scenario": "rooms-idle",
+            "count": ROOMS_IDLE_COUNT,
+            "stages": IDLE_STAGES,
+            "parallel": 100,
+            "maxSeconds": 240,
+        },
+        # S18: connect, log in, join an anchor's room, disconnect; 100 at a time, 100 anchors.
+        "S18": {
+            "scenario": "rooms-churn",
+            "concurrency": 100,
+            "anchors": 100,
+            "seconds": d.churn_seconds,
+            "maxSeconds": 60,
+        },
+        # S19: 100 pairs in rooms, A relays offers (200-character SDP) to B, at most 4 in flight.
+        "S19": {
+            "scenario": "rooms-relay",
+            "pairs": 100,
+            "window": 4,
+            "sdpBytes": 200,
+            "latencyEvery": 2,
+            "seconds": d.loop_seconds,
+            "warmupSeconds": d.loop_warmup_seconds,
+            "maxSeconds": 90,
+        },
     }
 
 
@@ -358,6 +400,16 @@ def peer_command(port: int, index: int, scenario: str) -> tuple[list[str], dict[
 def relay_command(port: int, index: int, scenario: str) -> tuple[list[str], dict[str, str]]:
     """@localfirst/relay 4.2.2's ``Server`` as its start.js runs it, on 127.0.0.1."""
     return ["node", str(RELAY_SERVER)], {"PORT": str(port)}
+
+
+def rooms_python_command(port: int, index: int, scenario: str) -> tuple[list[str], dict[str, str]]:
+    """The hand-written python-socketio room relay (aiohttp, in-memory manager), from the venv."""
+    return [python_bin(), str(ROOMS_REFERENCE_PY)], {"PORT": str(port)}
+
+
+def rooms_node_command(port: int, index: int, scenario: str) -> tuple[list[str], dict[str, str]]:
+    """The same room relay on Node's socket.io 4.8.1 (in-memory adapter)."""
+    return ["node", str(ROOMS_REFERENCE_NODE)], {"PORT": str(port)}
 
 
 def signalfire_command(port: int, index: int, scenario: str) -> tuple[list[str], dict[str, str]]:
@@ -500,6 +552,8 @@ TARGET_NAMES = (
     "peer",
     "relay",
     "signal-fire",
+    "python-socketio",
+    "socket.io",
     "polysignal",
     "polysignal-redis",
     "polysignal-redis-2",
@@ -546,6 +600,26 @@ def targets(redis: RedisServer, baseline: Baseline | None = None) -> list[Target
                 health_path="/",
             )
         )
+    if _imports("socketio", "aiohttp"):
+        found.append(
+            Target(
+                "python-socketio",
+                "hand-written room relay on python-socketio (aiohttp), rooms_reference.py",
+                1,
+                ROOMS_SCENARIOS,
+                rooms_python_command,
+            )
+        )
+    if SOCKETIO_PACKAGE.exists():
+        found.append(
+            Target(
+                "socket.io",
+                "the same room relay on socket.io 4.8.1, on Node, rooms_reference.mjs",
+                1,
+                ROOMS_SCENARIOS,
+                rooms_node_command,
+            )
+        )
     found.append(
         Target(
             "polysignal",
@@ -590,10 +664,28 @@ def targets(redis: RedisServer, baseline: Baseline | None = None) -> list[Target
 
 
 def polysignal_scenarios(src: Path) -> tuple[str, ...]:
-    """Every scenario polysignal runs; the PeerJS ones only if that source has the protocol."""
-    if serves_peerjs(src):
-        return POLYSIGNAL_SCENARIOS
-    return tuple(s for s in POLYSIGNAL_SCENARIOS if s not in PEERJS_SCENARIOS)
+    """Every scenario polysignal runs; the PeerJS and rooms ones only if that source has the
+    protocol."""
+    left_out = (
+        *(() if serves_peerjs(src) else PEERJS_SCENARIOS),
+        *(() if serves_rooms(src) else ROOMS_SCENARIOS),
+    )
+    return tuple(s for s in POLYSIGNAL_SCENARIOS if s not in left_out)
+
+
+def serves_rooms(src: Path) -> bool:
+    """Whether a polysignal source tree has the rooms protocol (``server/rooms.py``)."""
+    return (src / "polysignal" / "server" / "rooms.py").exists()
+
+
+def _imports(*modules: str) -> bool:
+    """Whether the venv's Python imports ``modules`` (the python-socketio reference's)."""
+    code = "; ".join(f"import {m}" for m in modules)
+    try:
+        done = subprocess.run([python_bin(), "-c", code], capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
 
 
 def bun_works() -> bool:
@@ -850,8 +942,15 @@ class Run:
                     "urls": [f"ws://127.0.0.1:{port}" for port, _ in started],
                     "serverPids": pids,
                 }
+                if scenario in ROOMS_SCENARIOS:
+                    # polysignal runs wrtc-signal's flow (POST /app, auth-request, owner accept);
+                    # the references the minimal one (connect, join, relay).
+                    polysignal = target.name.startswith("polysignal")
+                    config["flavor"] = "polysignal" if polysignal else "reference"
+                    if polysignal:
+                        config["appPass"] = POLYSIGNAL_ENV["APP_PASS"]
                 timeout = float(base["maxSeconds"]) + 30.0
-                if scenario in ("S3", "S9", "S12", "S15"):
+                if scenario in ("S3", "S9", "S12", "S15", "S17"):
                     return run_idle(config, pids, timeout)
                 return run_generator(config, timeout)
         except (OSError, subprocess.SubprocessError, TimeoutError, ValueError, RuntimeError) as exc:
@@ -964,7 +1063,7 @@ def summary(scenario: str, r: Json) -> str:
                 f"{f' (first: {str(first)[:120]})' if first else ''} "
                 f"(gen CPU {r['generatorCpu']:.2f}, server CPU {r['serverCpu']:.2f})"
             )
-        case "S12" | "S15":
+        case "S12" | "S15" | "S17":
             trouble = ", ".join(
                 f"{r[k]} {k}" for k in ("failed", "closedByServer", "unexpected") if r.get(k)
             )
@@ -989,7 +1088,18 @@ def summary(scenario: str, r: Json) -> str:
                 f"gen {st.get('generatorCpu', 0):.2f})"
                 for st in r["steps"]
             )
-        case "S11":
+        case "S19":
+            trouble = ", ".join(
+                f"{r[k]} {k}" for k in ("lost", "badFrames", "closedSockets") if r.get(k)
+            )
+            first = r.get("firstError") or r.get("firstBad")
+            return (
+                f"{r['relaysPerSecond']:.0f} relays/s, {r['errors']} errors, p50 {r['p50Ms']} ms "
+                f"p99 {r['p99Ms']} ms{', ' + trouble if trouble else ''}"
+                f"{f' (first: {str(first)[:120]})' if first else ''} "
+                f"(gen CPU {r['generatorCpu']:.2f}, server CPU {r['serverCpu']:.2f})"
+            )
+        case "S11" | "S18":
             first = f" (first: {str(r['firstError'])[:120]})" if r.get("firstError") else ""
             return (
                 f"{r['cyclesPerSecond']:.0f} cycles/s, {r['errors']} errors{first} "
@@ -1179,6 +1289,39 @@ METRICS = (
     ),
     Metric("S16", "S16 p50 ms (start to accept)", _pick("p50Ms"), False, "signal-fire"),
     Metric("S16", "S16 p99 ms (start to accept)", _pick("p99Ms"), False, "signal-fire"),
+    # S17-S19: the rooms protocol (socket.io), ratios to the hand-written python-socketio relay.
+    Metric(
+        "S17",
+        "S17 KiB per idle socket.io client in a room",
+        _pick("kibPerConnection"),
+        False,
+        "python-socketio",
+    ),
+    Metric("S17", "S17 s to connect 4k", _pick("connectSeconds"), False, "python-socketio"),
+    Metric(
+        "S18",
+        "S18 connect+auth+join cycles/s",
+        _pick("cyclesPerSecond"),
+        True,
+        "python-socketio",
+    ),
+    Metric(
+        "S18",
+        "S18 cycles per server CPU-second",
+        lambda r: _per_cpu(r["cyclesPerSecond"], r["serverCpu"]),
+        True,
+        "python-socketio",
+    ),
+    Metric("S19", "S19 room relays/s", _pick("relaysPerSecond"), True, "python-socketio"),
+    Metric(
+        "S19",
+        "S19 relays per server CPU-second",
+        lambda r: _per_cpu(r["relaysPerSecond"], r["serverCpu"]),
+        True,
+        "python-socketio",
+    ),
+    Metric("S19", "S19 p50 ms", _pick("p50Ms"), False, "python-socketio"),
+    Metric("S19", "S19 p99 ms", _pick("p99Ms"), False, "python-socketio"),
 )
 
 
@@ -1202,6 +1345,9 @@ GENERATOR_CPU_OF: dict[str, Callable[[Json], float]] = {
     "S14": lambda r: max(float(st["generatorCpu"]) for st in r["steps"]),
     "S15": lambda r: float(r["generatorCpu"]),
     "S16": lambda r: float(r["generatorCpu"]),
+    "S17": lambda r: float(r["generatorCpu"]),
+    "S18": lambda r: float(r["generatorCpu"]),
+    "S19": lambda r: float(r["generatorCpu"]),
 }
 SERVER_CPU_OF: dict[str, Callable[[Json], float]] = {
     "S1": lambda r: float(r["atMax"]["serverCpu"]),
@@ -1219,6 +1365,9 @@ SERVER_CPU_OF: dict[str, Callable[[Json], float]] = {
     "S14": lambda r: max(float(st["serverCpu"]) for st in r["steps"]),
     "S15": lambda r: float(r["serverCpu"]),
     "S16": lambda r: float(r["serverCpu"]),
+    "S17": lambda r: float(r["serverCpu"]),
+    "S18": lambda r: float(r["serverCpu"]),
+    "S19": lambda r: float(r["serverCpu"]),
 }
 
 
@@ -1423,6 +1572,18 @@ def target_checks(table: dict[str, dict[str, float | None]]) -> list[str]:
         lambda v: True,
         "x",
     )
+    psio = table.get("python-socketio", {})
+    for text, label in (
+        ("S17 rooms memory per idle client", "S17 KiB per idle socket.io client in a room"),
+        ("S18 rooms churn per server CPU-second", "S18 cycles per server CPU-second"),
+        ("S19 rooms relays per server CPU-second", "S19 relays per server CPU-second"),
+    ):
+        check(
+            f"{text}, to python-socketio (no target; reported)",
+            ratio(poly.get(label), psio.get(label)),
+            lambda v: True,
+            "x",
+        )
     check(
         "S5 Redis, 1 node >= 0.7x memory backend S1",
         ratio(redis1.get(s1), poly.get(s1)),
@@ -1487,6 +1648,15 @@ socket); S13 100 loops of connect, Join an anchor's document, receive the Introd
 S14 the 100 pipes of S6 open-loop at 2k-80k offered frames/s (latency read at 5,000/s). S15-S16
 are Signal-Fire against `@signal-fire/server` 0.5.0: S15 4,000 idle welcomed clients in five
 stages; S16 100 pairs starting and accepting sessions, one in flight per pair (`RATE_LIMIT=0`).
+S17-S19 are the rooms protocol (wrtc-signal over socket.io v4) against the same room relay
+hand-written on python-socketio 5 (aiohttp, in-memory manager; `rooms_reference.py`, the
+reference of the ratios) and on Node's socket.io 4.8.1 (`rooms_reference.mjs`); the clients are
+socket.io-client 4.8.1, WebSocket only. polysignal's clients do wrtc-signal's whole flow (one
+POST /app, the app token in the handshake, auth-request, the owner's room-create-request and
+room-join-accept, relay-session-description with the session token); the references' the minimal
+one (connect, `join` acked, `relay`). S17: 4,000 idle clients, two to a room, in five stages; S18:
+100 loops of connect, log in, join one of 100 anchors' rooms, disconnect; S19: 100 pairs, A
+relaying 200-character SDP offers to B, at most 4 in flight (polysignal with `RATE_LIMIT=0`).
 The serverless rows are a cost model (serverless_cost.py), not a measurement of time."""
 
 
@@ -1509,8 +1679,8 @@ def main(argv: list[str] | None = None) -> int:
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of {','.join(SCENARIOS)} (S6-S8, S12-S14 on relay and "
-        "polysignal, S8, S15, S16 on signal-fire and polysignal, S9-S11 on peer and polysignal; "
-        "cost: the serverless cost model)",
+        "polysignal, S8, S15, S16 on signal-fire and polysignal, S9-S11 on peer and polysignal, "
+        "S17-S19 on python-socketio, socket.io and polysignal; cost: the serverless cost model)",
     )
     parser.add_argument(
         "--targets",

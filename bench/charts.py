@@ -5,7 +5,7 @@ Per protocol, every server on one chart:
 * the load sweep: delivered against offered rate, and p50/p99 latency against offered rate
   (topics: S1's ramp, deliveries per second; relay: S14's pipe sweep, frames per second);
 * memory against connection count: the servers' RSS growth while idle connections are opened
-  (S12 and S15 in five stages; S3 and S9 before and after).
+  (S12, S15 and S17 in five stages; S3 and S9 before and after).
 
 ``python bench/charts.py bench/results/bench-<time>.json [out-dir]``; bench.py calls ``draw``
 after every run. The last round of each target is drawn.
@@ -31,6 +31,7 @@ PROTOCOLS: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
     "relay": ("S14", "frames/s (1 KiB, 100 pipes)", ("S12",)),
     "signal-fire": (None, "", ("S15",)),
     "peerjs": (None, "", ("S9",)),
+    "rooms": (None, "", ("S17",)),
 }
 
 

@@ -1,5 +1,6 @@
 // The load generator: drives the topics protocol (y-webrtc / Flow-Like), the relay protocol's
-// pipes, Signal-Fire and the PeerJS protocol over raw TCP sockets.
+// pipes, Signal-Fire and the PeerJS protocol over raw TCP sockets, and the rooms protocol
+// (socket.io) with socket.io-client.
 //
 //   node loadgen.mjs '<json config>'
 //
@@ -32,6 +33,12 @@
 //   pipes with `rates`  an open-loop sweep of offered frame rates over the pipes (S14)
 //   signalfire-idle  idle Signal-Fire clients, each welcomed, connected in stages (S15)
 //   signalfire-sessions  pairs starting and accepting sessions, one in flight per pair (S16)
+//   rooms-idle  socket.io clients (socket.io-client 4, WebSocket), two to a room, logged in and
+//           joined, connected in stages (S17); `flavor` polysignal (wrtc-signal's flow) or
+//           reference (rooms_reference.py / .mjs: connect, join, relay)
+//   rooms-churn  connect, log in, join an anchor's room, disconnect, at a fixed concurrency (S18)
+//   rooms-relay  pairs in rooms, each A relays session descriptions to its B, at most `window`
+//           not yet received per pair (S19)
 
 import { randomUUID } from 'node:crypto'
 import { readFileSync } from 'node:fs'
@@ -1547,6 +1554,320 @@ async function signalfireSessions () {
   }
 }
 
+// --- S17-S19: rooms (socket.io) ---
+// The clients are the published socket.io-client 4 (imported only for these scenarios), WebSocket
+// transport only, one engine.io connection per client (forceNew), no reconnection. `flavor`
+// picks the flow: 'polysignal' is wrtc-signal's (docs/protocols/rooms.md): one POST /app for an
+// app token, the socket.io connect with it, auth-request -> auth-accept (the session token, sent
+// as `auth` with every later event), room-create-request by the room's owner, room-join-request
+// answered by the owner's room-join-accept, relay-session-description -> session-description.
+// 'reference' is the minimal flow of rooms_reference.py / rooms_reference.mjs: connect (no auth),
+// `join` {room} acked, `relay` {room, ...} delivered as `relay` to the room's other members.
+let sioIo = null
+const loadSocketIo = async () => {
+  sioIo = sioIo || (await import('socket.io-client')).io
+  return sioIo
+}
+const httpUrl = url => checkUrl(url).replace(/^ws:/, 'http:')
+const isPolysignal = () => config.flavor === 'polysignal'
+
+// The next `event` on a socket.io socket, or an error after `ms`.
+const sioNext = (sio, event, ms = 10000) => new Promise((resolve, reject) => {
+  const timer = setTimeout(() => { sio.off(event, on); reject(new Error(`no ${event} within ${ms} ms`)) }, ms)
+  const on = value => { clearTimeout(timer); resolve(value) }
+  sio.once(event, on)
+})
+
+// polysignal: one app token for the whole run (an app token never expires).
+const roomsAppToken = async url => {
+  const body = new URLSearchParams({ app: 'bench', password: config.appPass || '' })
+  const res = await fetch(httpUrl(url) + '/app', { method: 'POST', body, signal: AbortSignal.timeout(10000) })
+  const answer = await res.json()
+  if (res.status !== 200) throw new Error(`POST /app: ${res.status} ${JSON.stringify(answer)}`)
+  return answer.response.token
+}
+
+// One socket.io client; `closed` is true once the server dropped it. close() / socket.destroy()
+// as RawPeer's, for stagedConnect and closeAll.
+class SioPeer {
+  constructor (url, appToken) {
+    const options = { transports: ['websocket'], reconnection: false, forceNew: true, timeout: 10000 }
+    if (appToken) options.auth = { token: appToken }
+    // socket.io-client offers permessage-deflate (as browsers do) unless told not to: a
+    // diagnostic knob, off in every scenario (the client's default is measured).
+    if (config.perMessageDeflate === false) options.perMessageDeflate = false
+    this.sio = sioIo(httpUrl(url), options)
+    this.closed = false
+    this.session = null
+    this.sio.on('disconnect', reason => { if (reason !== 'io client disconnect') this.closed = true })
+    this.socket = { destroy: () => this.sio.disconnect() }
+  }
+
+  get id () { return this.sio.id }
+
+  connected () {
+    return new Promise((resolve, reject) => {
+      if (this.sio.connected) return resolve(this)
+      this.sio.once('connect', () => resolve(this))
+      this.sio.once('connect_error', error => reject(new Error(`connect_error ${error && error.message}`)))
+    })
+  }
+
+  // Connect, and on polysignal exchange the app token for a session token.
+  async login (appToken) {
+    await this.connected()
+    if (!isPolysignal()) return this
+    const accepted = sioNext(this.sio, 'auth-accept')
+    this.sio.emit('auth-request', { token: appToken })
+    this.session = (await accepted).token
+    return this
+  }
+
+  close () {
+    this.sio.disconnect()
+    return Promise.resolve()
+  }
+}
+
+// Two logged-in clients in `room`: polysignal: A creates it, B asks to join, A accepts; the
+// references: both `join` it.
+const roomsPair = async (url, appToken, room) => {
+  const a = new SioPeer(url, appToken)
+  const b = new SioPeer(url, appToken)
+  try {
+    await Promise.all([a.login(appToken), b.login(appToken)])
+    if (isPolysignal()) {
+      const created = sioNext(a.sio, 'room-create-accept')
+      a.sio.emit('room-create-request', { auth: a.session, room })
+      await created
+      const asked = sioNext(a.sio, 'room-join-request')
+      const joined = sioNext(b.sio, 'room-join-accept')
+      const userJoined = sioNext(a.sio, 'room-user-join')
+      b.sio.emit('room-join-request', { auth: b.session, room })
+      const request = await asked
+      a.sio.emit('room-join-accept', { auth: a.session, room, peer_id: request.peer_id, to: request.peer_id })
+      const accept = await joined
+      await userJoined
+      if (!Array.isArray(accept.peers) || accept.peers[0] !== a.id) throw new Error(`room-join-accept: ${JSON.stringify(accept)}`)
+    } else {
+      await a.sio.timeout(10000).emitWithAck('join', { room })
+      const ack = await b.sio.timeout(10000).emitWithAck('join', { room })
+      if (!ack || !Array.isArray(ack.peers) || ack.peers[0] !== a.id) throw new Error(`join ack: ${JSON.stringify(ack)}`)
+    }
+    return [a, b]
+  } catch (error) {
+    a.sio.disconnect()
+    b.sio.disconnect()
+    throw error
+  }
+}
+
+// `pairs` pairs in rooms `<prefix><k>`, `parallel` pairs at a time; returns the peers as
+// [A0..A(pairs-1), B0..B(pairs-1)] (missing ones undefined).
+const roomsPairs = async (pairs, parallel, from, prefix, appToken, timeoutMs) => {
+  const as = new Array(pairs)
+  const bs = new Array(pairs)
+  let next = 0
+  let failed = 0
+  let firstError = null
+  const until = Math.min(deadline, now() + timeoutMs)
+  const worker = async () => {
+    while (next < pairs && now() < until) {
+      const k = next++
+      try {
+        [as[k], bs[k]] = await roomsPair(urls[(from + k) % urls.length], appToken, `${prefix}${from + k}`)
+      } catch (error) {
+        failed += 2
+        firstError = firstError || String(error && error.message)
+      }
+    }
+  }
+  await Promise.all(Array.from({ length: Math.min(parallel, pairs) }, worker))
+  return { as, bs, failed, firstError }
+}
+
+// S17: idle clients, two to a room, logged in (polysignal) and in their room, connected in stages.
+async function roomsIdle () {
+  await loadSocketIo()
+  const appToken = isPolysignal() ? await roomsAppToken(urls[0]) : null
+  const result = await stagedConnect(config.count, config.stages || 1, async (from, to) => {
+    const r = await roomsPairs(Math.floor((to - from) / 2), Math.max(1, (config.parallel || 200) / 2),
+      Math.floor(from / 2), 'idle-room', appToken, 120000)
+    return { peers: [...r.as, ...r.bs].filter(Boolean), failed: r.failed, firstError: r.firstError }
+  })
+  return { scenario: 'rooms-idle', flavor: config.flavor, ...result }
+}
+
+// S18: churn. `anchors` clients hold a room each (polysignal: its owner, accepting every join
+// request at once); `concurrency` loops of: connect (with the app token on polysignal), log in,
+// join anchor w's room (polysignal: room-join-request until room-join-accept; the references:
+// `join` until its ack), disconnect.
+async function roomsChurn () {
+  await loadSocketIo()
+  const anchorsCount = config.anchors || 100
+  const concurrency = config.concurrency
+  const maxCycles = config.maxCycles || 1000000
+  const appToken = isPolysignal() ? await roomsAppToken(urls[0]) : null
+  const anchors = []
+  try {
+    for (let k = 0; k < anchorsCount; k++) {
+      const anchor = new SioPeer(urls[k % urls.length], appToken)
+      anchors.push(anchor)
+    }
+    await Promise.all(anchors.map(async (anchor, k) => {
+      await anchor.login(appToken)
+      const room = `churn-room${k}`
+      if (isPolysignal()) {
+        const created = sioNext(anchor.sio, 'room-create-accept')
+        anchor.sio.emit('room-create-request', { auth: anchor.session, room })
+        await created
+        anchor.sio.on('room-join-request', request => {
+          anchor.sio.emit('room-join-accept', { auth: anchor.session, room, peer_id: request.peer_id, to: request.peer_id })
+        })
+      } else {
+        await anchor.sio.timeout(10000).emitWithAck('join', { room })
+      }
+    }))
+  } catch (error) {
+    for (const anchor of anchors) anchor.sio.disconnect()
+    throw new Error(`anchors: ${error && error.message}`)
+  }
+  let cycles = 0
+  let errors = 0
+  let firstError = null
+  const start = now()
+  const stop = Math.min(start + config.seconds * 1000, deadline)
+  const mark = cpuMark()
+  const cycle = async (w, n) => {
+    const room = `churn-room${w % anchorsCount}`
+    const peer = new SioPeer(urls[(w + n) % urls.length], appToken)
+    try {
+      await Promise.race([
+        (async () => {
+          await peer.login(appToken)
+          if (isPolysignal()) {
+            const accepted = sioNext(peer.sio, 'room-join-accept', 5000)
+            peer.sio.emit('room-join-request', { auth: peer.session, room })
+            await accepted
+          } else {
+            await peer.sio.timeout(5000).emitWithAck('join', { room })
+          }
+        })(),
+        sleep(5000).then(() => { throw new Error('cycle timed out') })
+      ])
+      return null
+    } catch (error) {
+      return String(error && error.message)
+    } finally {
+      peer.sio.disconnect()
+    }
+  }
+  const worker = async w => {
+    for (let n = 0; now() < stop && cycles + errors < maxCycles; n++) {
+      const error = await cycle(w, n)
+      if (error === null) cycles++
+      else { errors++; firstError = firstError || error }
+    }
+  }
+  await Promise.all(Array.from({ length: concurrency }, (_, w) => worker(w)))
+  const wall = (now() - start) / 1000
+  const cpu = cpuSince(mark)
+  for (const anchor of anchors) anchor.sio.disconnect()
+  return {
+    scenario: 'rooms-churn', flavor: config.flavor, concurrency, anchors: anchorsCount, cycles,
+    errors, firstError, cyclesPerSecond: round(cycles / wall), ...cpu
+  }
+}
+
+// S19: relay. `pairs` pairs in rooms (as S17's); each A relays a session description (an offer
+// with an SDP of sdpBytes) to its B, at most `window` not yet received by B (a closed loop: B's
+// receipt sends A's next). A pair's relays keep their order through the server, so the latency
+// is read from a ring of A's send times; the first relay of each pair is checked in full (sender,
+// room, SDP), the others by their SDP's length.
+async function roomsRelay () {
+  await loadSocketIo()
+  const pairs = config.pairs
+  const window = config.window
+  const latencyEvery = config.latencyEvery || 1
+  let budget = config.maxRelays || 50000000
+  if (!(window >= 1)) throw new Error('window must be at least 1')
+  const appToken = isPolysignal() ? await roomsAppToken(urls[0]) : null
+  const setup = await roomsPairs(pairs, 50, 0, 'relay-room', appToken, 60000)
+  if (setup.failed) {
+    for (const peer of [...setup.as, ...setup.bs]) if (peer) peer.sio.disconnect()
+    throw new Error(`${setup.failed} of ${2 * pairs} clients failed: ${setup.firstError}`)
+  }
+  const { as, bs } = setup
+  const sdpHead = 'v=0\r\no=- 0 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n'
+  const sdpBytes = config.sdpBytes || 200
+  const sdp = sdpHead + 'a=x'.repeat(sdpBytes).slice(0, Math.max(0, sdpBytes - sdpHead.length))
+  const description = { type: 'offer', sdp }
+  const sentAt = Array.from({ length: pairs }, () => new Float64Array(window))
+  const sent = new Float64Array(pairs)
+  const received = new Float64Array(pairs)
+  const checked = new Uint8Array(pairs)
+  let running = false
+  let recording = false
+  let relays = 0
+  let errors = 0
+  let firstError = null
+  let badFrames = 0
+  let firstBad = null
+  let latencies = []
+  const send = isPolysignal()
+    ? i => as[i].sio.emit('relay-session-description',
+      { auth: as[i].session, to: bs[i].id, room: `relay-room${i}`, session_description: description })
+    : i => as[i].sio.emit('relay', { room: `relay-room${i}`, to: bs[i].id, session_description: description })
+  const pump = i => {
+    while (running && budget > 0 && sent[i] - received[i] < window) {
+      budget--
+      sentAt[i][sent[i] % window] = now()
+      sent[i]++
+      send(i)
+    }
+  }
+  const onRelay = i => message => {
+    const at = now()
+    const n = received[i]++
+    relays++
+    if (recording && n % latencyEvery === 0) latencies.push(at - sentAt[i][n % window])
+    const got = message && message.session_description
+    if (!checked[i]) {
+      checked[i] = 1
+      const ok = got && got.sdp === sdp && got.type === 'offer' && message.room === `relay-room${i}` &&
+        (!isPolysignal() || message.peer_id === as[i].id)
+      if (!ok) { badFrames++; firstBad = firstBad || JSON.stringify(message).slice(0, 200) }
+    } else if (!got || typeof got.sdp !== 'string' || got.sdp.length !== sdp.length) {
+      badFrames++
+      firstBad = firstBad || JSON.stringify(message).slice(0, 200)
+    }
+    pump(i)
+  }
+  const onError = message => { errors++; firstError = firstError || JSON.stringify(message).slice(0, 200) }
+  for (let i = 0; i < pairs; i++) {
+    bs[i].sio.on(isPolysignal() ? 'session-description' : 'relay', onRelay(i))
+    for (const peer of [as[i], bs[i]]) {
+      for (const event of ['error', 'unauthorized', 'relay-error']) peer.sio.on(event, onError)
+    }
+  }
+  running = true
+  for (let i = 0; i < pairs; i++) pump(i)
+  const { before, after, windowSeconds, cpu } = await measureWindow(
+    config.warmupSeconds, config.seconds, () => ({ relays }),
+    on => { if (on) latencies = []; recording = on })
+  running = false
+  const owed = () => { let n = 0; for (let i = 0; i < pairs; i++) n += sent[i] - received[i]; return n }
+  await drain(() => owed() === 0, () => relays, 1000, 5000)
+  const closedSockets = [...as, ...bs].filter(peer => peer.closed).length
+  for (const peer of [...as, ...bs]) peer.sio.disconnect()
+  return {
+    scenario: 'rooms-relay', flavor: config.flavor, pairs, window, sdpBytes: sdp.length,
+    relaysPerSecond: round((after.relays - before.relays) / windowSeconds),
+    errors, firstError, badFrames, firstBad, lost: owed(), closedSockets, ...latency(latencies),
+    windowSeconds: round(windowSeconds, 3), ...cpu
+  }
+}
+
 const scenarios = {
   fanout,
   idle,
@@ -1559,7 +1880,10 @@ const scenarios = {
   'relay-idle': relayIdle,
   'relay-churn': relayChurn,
   'signalfire-idle': signalfireIdle,
-  'signalfire-sessions': signalfireSessions
+  'signalfire-sessions': signalfireSessions,
+  'rooms-idle': roomsIdle,
+  'rooms-churn': roomsChurn,
+  'rooms-relay': roomsRelay
 }
 const run = scenarios[config.scenario]
 if (!run) throw new Error(`unknown scenario ${config.scenario}`)
