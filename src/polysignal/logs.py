@@ -30,7 +30,6 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Hashable
 from typing import IO, Any
 
 import orjson
@@ -40,6 +39,10 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 from pythonjsonlogger.core import merge_record_extra
 from pythonjsonlogger.orjson import OrjsonFormatter
+
+# Re-exported: the server's modules log through this one.
+from polysignal.throttle import Throttle as Throttle
+from polysignal.throttle import more as more
 
 CONTEXT_FIELDS: tuple[tuple[str, str], ...] = (
     ("conn_id", "conn"),
@@ -218,47 +221,3 @@ def access_log_options(enabled: bool) -> dict[str, Any]:
 def elide(payload: bytes | str) -> str:
     """How a payload appears in a DEBUG line: its size only."""
     return f"<{len(payload)} bytes>"
-
-
-class Throttle:
-    """Lets a repeated log line through once (``burst`` times) per ``interval`` seconds per key.
-
-    Bad input from clients, and the same fault over and over, must not flood the log: the caller
-    asks ``allow(key)`` before logging; it answers None while the key is held back, else the
-    number of lines held back since the last one let through (for "... (N more)"). An interval
-    starts with the first line let through; the ``burst`` lines of one interval pass, the rest
-    are held back and counted in the first line of a later interval.
-    """
-
-    def __init__(
-        self,
-        interval: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-        burst: int = 1,
-    ) -> None:
-        self.interval = interval
-        self.burst = burst
-        self._clock = clock
-        self._last: dict[Hashable, float] = {}
-        self._held: dict[Hashable, int] = {}
-        self._sent: dict[Hashable, int] = {}
-
-    def allow(self, key: Hashable) -> int | None:
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            sent = self._sent.get(key, 1)
-            if sent < self.burst:
-                self._sent[key] = sent + 1
-                return 0
-            self._held[key] = self._held.get(key, 0) + 1
-            return None
-        self._last[key] = now
-        if self.burst > 1:
-            self._sent[key] = 1
-        return self._held.pop(key, 0)
-
-
-def more(held: int) -> str:
-    """The suffix of a throttled line: " (N more like it)" when lines were held back."""
-    return f" ({held} more like it)" if held else ""

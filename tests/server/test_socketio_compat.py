@@ -370,6 +370,40 @@ async def test_websocket_frames_are_held_to_max_http_buffer_size():
         await runner.cleanup()
 
 
+async def test_websockets_are_served_without_compression():
+    """A client offering permessage-deflate (socket.io-client and browsers do) gets a WebSocket
+    without it: its zlib state would be most of an idle socket's memory."""
+    server = bounded()
+    runner, url = await serve(server)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{url}/socket.io/?EIO=4&transport=websocket", compress=15) as ws,
+        ):
+            assert ws.compress == 0
+            assert "Sec-WebSocket-Extensions" not in ws._response.headers
+            assert (await ws.receive(timeout=2 * UNIT)).data.startswith("0{")
+    finally:
+        await server.shutdown()
+        await runner.cleanup()
+
+
+def test_engineio_websocket_call_is_what_guarded_websocket_replaces():
+    """GuardedWebSocket.__call__ does engine.io's ``__call__`` (prepare a WebSocketResponse of
+    ``max_http_buffer_size`` on ``environ['aiohttp.request']``, set ``environ``, run the
+    handler, return the response) without compression: engine.io's must still be that."""
+    source = inspect.getsource(engineio.async_drivers.aiohttp.WebSocket.__call__)
+    for part in (
+        "request = environ['aiohttp.request']",
+        "max_msg_size=self.server.max_http_buffer_size",
+        "await self._sock.prepare(request)",
+        "self.environ = environ",
+        "await self.handler(self)",
+        "return self._sock",
+    ):
+        assert part in source, part
+
+
 def test_translate_request_puts_the_aiohttp_request_in_environ():
     source = inspect.getsource(engineio.async_drivers.aiohttp.translate_request)
     assert "'aiohttp.request': request" in source

@@ -57,7 +57,8 @@ python-engineio (``engineio.AsyncServer``, ``engineio.AsyncSocket``):
 * ``AsyncServer._async["websocket"]``: the class the aiohttp async mode serves WebSockets with,
   ``engineio.async_drivers.aiohttp.WebSocket``; replaced per server by ``GuardedWebSocket``.
 * that class: constructed as ``WebSocket(handler, server)``; ``__call__(environ)`` serves the
-  connection and sets ``_sock`` (aiohttp's ``WebSocketResponse``) and ``environ``; ``handler`` is
+  connection and sets ``_sock`` (aiohttp's ``WebSocketResponse``) and ``environ`` (replaced by
+  ``GuardedWebSocket.__call__``, which does the same without permessage-deflate); ``handler`` is
   the bound ``AsyncSocket._websocket_handler`` (so ``handler.__self__`` is the socket);
   ``server`` is the engine.io server; ``wait()`` returns the next message's data; ``send(msg)``
   writes one packet the socket's writer took from its queue.
@@ -540,7 +541,18 @@ class GuardedWebSocket(EngineIoWebSocket):  # type: ignore[misc]
             socket.polysignal_websocket = self
         registry.add(self)
         try:
-            return await super().__call__(environ)
+            # engine.io's own ``__call__``, but without permessage-deflate, which aiohttp would
+            # grant every client that offers it (socket.io-client in Node and every browser do):
+            # its zlib state is about 90 KiB per socket, for signaling messages of a few hundred
+            # bytes (docs/performance.md, rooms). Node's socket.io has it off by default too.
+            request = environ["aiohttp.request"]
+            self._sock = web.WebSocketResponse(
+                max_msg_size=self.server.max_http_buffer_size, compress=False
+            )
+            await self._sock.prepare(request)
+            self.environ = environ
+            await self.handler(self)
+            return self._sock
         finally:
             registry.discard(self)
             if socket is not None and getattr(socket, "polysignal_websocket", None) is self:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from mypy_boto3_apigatewaymanagementapi.client import ApiGatewayManagementApiClient
 
-from polysignal.logs import Throttle, more
+from polysignal.throttle import Throttle, more
 
 log = logging.getLogger("polysignal.serverless")
 
