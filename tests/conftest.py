@@ -7,10 +7,13 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from support import (
+    RedisClusterServers,
     RedisServer,
     RunningServer,
+    redis_cluster_servers,
     redis_server,
     redis_server_binary,
+    redis_shards,
     require,
     running_server,
 )
@@ -41,3 +44,24 @@ def private_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session() -> Iterator[RedisClusterServers]:
+    """A private Redis Cluster (3 primaries + 3 replicas) shared by the session's tests that
+    only use it (a failover test makes its own)."""
+    with redis_cluster_servers() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def cluster_url(redis_cluster_session: RedisClusterServers) -> str:
+    """``redis+cluster://`` URL of the session's Redis Cluster."""
+    return redis_cluster_session.url
+
+
+@pytest.fixture(scope="session")
+def shards_url(redis_url: str) -> Iterator[str]:
+    """Standalone shards: the session's Redis and a second redis-server, as one backend URL."""
+    with redis_shards(redis_url) as url:
+        yield url

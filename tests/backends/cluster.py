@@ -1,4 +1,5 @@
-"""A "cluster" of backends for the contract suite: in-process memory nodes, or Redis nodes."""
+"""A "cluster" of backends for the contract suite: in-process memory nodes, or nodes on Redis
+(one Redis, a Redis Cluster, or standalone shards: whatever backend URL ``redis_url`` is)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from polysignal.backends import Backend, MemoryBackend, MemoryBus
-from polysignal.backends.redis import RedisBackend
+from polysignal.backends import Backend, MemoryBackend, MemoryBus, create_backend
 
 from support import UNIT, node_settings
 
@@ -46,7 +46,7 @@ class Cluster:
                 **self.settings,
                 **settings,
             }
-            backend = RedisBackend(
+            backend = create_backend(
                 node_settings(
                     node_id=node_id,
                     backend_url=self.redis_url,

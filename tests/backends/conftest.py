@@ -9,11 +9,23 @@ import redis.asyncio as aioredis
 
 from backends.cluster import Cluster
 
+URL_FIXTURES = {"redis": "redis_url", "cluster": "cluster_url", "shards": "shards_url"}
+"""The fixture (tests/conftest.py) with the backend URL of each kind but memory."""
 
-@pytest.fixture(params=["memory", "redis"])
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "redis",
+        pytest.param("cluster", marks=[pytest.mark.redis, pytest.mark.slow]),
+        pytest.param("shards", marks=pytest.mark.redis),
+    ]
+)
 async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
-    """The contract suite runs once per backend."""
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    """The contract suite runs once per backend: memory, one Redis, a Redis Cluster (3
+    primaries + 3 replicas) and standalone shards (two redis-servers, jump hash)."""
+    fixture = URL_FIXTURES.get(request.param)
+    url = request.getfixturevalue(fixture) if fixture else None
     made = Cluster(request.param, url)
     try:
         yield made

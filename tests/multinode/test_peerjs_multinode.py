@@ -23,6 +23,7 @@ from polysignal.protocols.peerjs import token_digest
 from polysignal.server.app import PEERJS_KEY
 
 from support import (
+    ALSO_ON_CLUSTER,
     UNIT,
     NodeProcess,
     RunningServer,
@@ -175,10 +176,25 @@ async def test_same_token_on_another_node_re_attaches():
 
 
 @pytest.fixture(scope="module")
-def nodes(redis_url: str) -> Iterator[list[NodeProcess]]:
+def redis_nodes(redis_url: str) -> Iterator[list[NodeProcess]]:
     env = {"REDIS_URL": redis_url, "PEERJS_ALLOW_DISCOVERY": "1", "PEERJS_EXPIRE_TIMEOUT": "3"}
     with node_processes(2, env) as started:
         yield started
+
+
+@pytest.fixture(scope="module")
+def cluster_nodes(cluster_url: str) -> Iterator[list[NodeProcess]]:
+    env = {"REDIS_URL": cluster_url, "PEERJS_ALLOW_DISCOVERY": "1", "PEERJS_EXPIRE_TIMEOUT": "3"}
+    with node_processes(2, env) as started:
+        yield started
+
+
+@pytest.fixture
+def nodes(request: pytest.FixtureRequest) -> list[NodeProcess]:
+    """The node processes on one Redis, or (``ALSO_ON_CLUSTER``) on a Redis Cluster."""
+    kind = getattr(request, "param", "redis")
+    nodes: list[NodeProcess] = request.getfixturevalue(f"{kind}_nodes")
+    return nodes
 
 
 @pytest.fixture
@@ -195,6 +211,7 @@ async def process_join(http: aiohttp.ClientSession, node: NodeProcess, peer_id: 
 
 @pytest.mark.redis
 @pytest.mark.slow
+@ALSO_ON_CLUSTER
 async def test_on_redis_relay_queue_and_peers_across_node_processes(nodes, http):
     a = await process_join(http, nodes[0], "ra")
     b = await process_join(http, nodes[1], "rb")

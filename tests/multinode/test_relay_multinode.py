@@ -22,6 +22,7 @@ from polysignal.core.errors import CloseCode
 from server.test_relay_server import slow_reader_case
 
 from support import (
+    ALSO_ON_CLUSTER,
     UNIT,
     NodeProcess,
     assert_silent,
@@ -48,10 +49,25 @@ def node_env(redis_url: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def nodes(redis_url: str) -> Iterator[list[NodeProcess]]:
+def redis_nodes(redis_url: str) -> Iterator[list[NodeProcess]]:
     """Two node processes on the shared Redis, for the tests that leave both running."""
     with node_processes(2, node_env(redis_url)) as pair:
         yield pair
+
+
+@pytest.fixture(scope="module")
+def cluster_nodes(cluster_url: str) -> Iterator[list[NodeProcess]]:
+    """Two node processes on a Redis Cluster, for the tests that leave both running."""
+    with node_processes(2, node_env(cluster_url)) as pair:
+        yield pair
+
+
+@pytest.fixture
+def nodes(request: pytest.FixtureRequest) -> list[NodeProcess]:
+    """The node processes on one Redis, or (``ALSO_ON_CLUSTER``) on a Redis Cluster."""
+    kind = getattr(request, "param", "redis")
+    nodes: list[NodeProcess] = request.getfixturevalue(f"{kind}_nodes")
+    return nodes
 
 
 @pytest.fixture
@@ -115,6 +131,7 @@ async def test_published_cevitxe_clients_across_nodes(nodes):
     assert result["bob"]["got"] == "hello from alice"
 
 
+@ALSO_ON_CLUSTER
 async def test_introductions_across_nodes_in_each_generation(nodes, session):
     one, two = nodes
     doc, alice, bob = f"doc-{uid()}", f"alice-{uid()}", f"bob-{uid()}"
@@ -145,6 +162,7 @@ async def test_introductions_across_nodes_in_each_generation(nodes, session):
     await b.close()
 
 
+@ALSO_ON_CLUSTER
 async def test_pipe_across_nodes_keeps_order_and_types(nodes, session):
     one, two = nodes
     key, alice, bob = f"doc-{uid()}", f"alice-{uid()}", f"bob-{uid()}"

@@ -29,7 +29,15 @@ from rooms_client import (
 )
 
 from rtc import loopback_only
-from support import UNIT, NodeProcess, chromium_ready, node_processes, node_ready, run_node
+from support import (
+    ALSO_ON_CLUSTER,
+    UNIT,
+    NodeProcess,
+    chromium_ready,
+    node_processes,
+    node_ready,
+    run_node,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -41,10 +49,25 @@ def rooms_env(redis_url: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def nodes(redis_url: str) -> Iterator[list[NodeProcess]]:
+def redis_nodes(redis_url: str) -> Iterator[list[NodeProcess]]:
     """Three node processes on one Redis with the rooms protocol enabled."""
     with node_processes(3, rooms_env(redis_url)) as started:
         yield started
+
+
+@pytest.fixture(scope="module")
+def cluster_nodes(cluster_url: str) -> Iterator[list[NodeProcess]]:
+    """Three node processes on a Redis Cluster with the rooms protocol enabled."""
+    with node_processes(3, rooms_env(cluster_url)) as started:
+        yield started
+
+
+@pytest.fixture
+def nodes(request: pytest.FixtureRequest) -> list[NodeProcess]:
+    """The node processes on one Redis, or (``ALSO_ON_CLUSTER``) on a Redis Cluster."""
+    kind = getattr(request, "param", "redis")
+    nodes: list[NodeProcess] = request.getfixturevalue(f"{kind}_nodes")
+    return nodes
 
 
 @pytest.fixture
@@ -63,6 +86,7 @@ async def connect() -> AsyncIterator[Connect]:
         await client.close()
 
 
+@ALSO_ON_CLUSTER
 async def test_owner_and_joiner_on_two_nodes(nodes, connect):
     """Create on node 1; the name is taken on node 2; join, accept, relays and leave cross."""
     n1, n2, _ = nodes

@@ -22,6 +22,7 @@ from signalfire_rtc import call
 
 from rtc import exchange_and_close, loopback_only
 from support import (
+    ALSO_ON_CLUSTER,
     UNIT,
     NodeProcess,
     RedisServer,
@@ -41,12 +42,29 @@ OFFER = {"type": "offer", "sdp": "v=0\r\n"}
 
 
 @pytest.fixture(scope="module")
-def nodes(redis_url: str) -> Iterator[list[NodeProcess]]:
+def redis_nodes(redis_url: str) -> Iterator[list[NodeProcess]]:
     """Two node processes on one Redis, with a short session timeout."""
     # Long enough that a start and its accept crossing two nodes on a busy machine beat it.
     env = {"REDIS_URL": redis_url, "SESSION_TIMEOUT": "3", "ICE_SERVERS": "[]"}
     with node_processes(2, env) as started:
         yield started
+
+
+@pytest.fixture(scope="module")
+def cluster_nodes(cluster_url: str) -> Iterator[list[NodeProcess]]:
+    """Two node processes on a Redis Cluster, with a short session timeout."""
+    # Long enough that a start and its accept crossing two nodes on a busy machine beat it.
+    env = {"REDIS_URL": cluster_url, "SESSION_TIMEOUT": "3", "ICE_SERVERS": "[]"}
+    with node_processes(2, env) as started:
+        yield started
+
+
+@pytest.fixture
+def nodes(request: pytest.FixtureRequest) -> list[NodeProcess]:
+    """The node processes on one Redis, or (``ALSO_ON_CLUSTER``) on a Redis Cluster."""
+    kind = getattr(request, "param", "redis")
+    nodes: list[NodeProcess] = request.getfixturevalue(f"{kind}_nodes")
+    return nodes
 
 
 @pytest.fixture
@@ -107,6 +125,7 @@ class Raw:
         assert await self.next() == {"id": rid, "ok": False, "data": {"message": message}}
 
 
+@ALSO_ON_CLUSTER
 async def test_session_and_relays_between_two_nodes(nodes, http):
     """Start, accept and every relay cross nodes, acked first, in order, with origin set."""
     a, b = await Raw.join(http, nodes[0]), await Raw.join(http, nodes[1])

@@ -23,9 +23,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from support import (
+    BACKEND_ALSO_ON_CLUSTER,
+    ON_EVERY_SHARED_BACKEND,
     UNIT,
+    KeyReader,
     NodeProcess,
     assert_silent,
+    backend_url,
     node_processes,
     receive_json,
 )
@@ -41,10 +45,17 @@ def uid() -> str:
 
 
 @pytest.fixture
-def env(redis_url: str, uid: str) -> dict[str, str]:
-    """Node environment: the shared Redis, channels private to the test, short TTLs."""
+def backend(request: pytest.FixtureRequest) -> str:
+    """The shared backend's URL: one Redis, unless a test runs on every shared backend
+    (``ON_EVERY_SHARED_BACKEND``: also a Redis Cluster and standalone shards)."""
+    return backend_url(request, getattr(request, "param", "redis"))
+
+
+@pytest.fixture
+def env(backend: str, uid: str) -> dict[str, str]:
+    """Node environment: the shared backend, channels private to the test, short TTLs."""
     return {
-        "REDIS_URL": redis_url,
+        "REDIS_URL": backend,
         "SIGNAL_CHANNEL": f"test:{uid}",
         "PRESENCE_TTL": "2",
         "PRESENCE_REFRESH": "0.5",
@@ -55,8 +66,9 @@ def env(redis_url: str, uid: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+async def r(backend: str) -> AsyncIterator[Any]:
+    """Reads the keys the nodes keep (on whichever shard holds each)."""
+    client = KeyReader(backend)
     try:
         yield client
     finally:
@@ -92,7 +104,7 @@ async def eventually(check: Any, what: str, timeout: float = 10 * UNIT) -> None:
         await asyncio.sleep(0.05)
 
 
-async def wait_presence(r: aioredis.Redis, topic: str, expected: dict[str, str]) -> None:
+async def wait_presence(r: Any, topic: str, expected: dict[str, str]) -> None:
     """Until Flow-Like's hash holds exactly ``expected`` (node id -> count). A node writes its
     presence only after Redis confirmed its channel subscription, so afterwards every node
     listed receives every publish to ``topic``."""
@@ -115,6 +127,7 @@ async def http_status(session: aiohttp.ClientSession, node: NodeProcess, path: s
         return response.status
 
 
+@BACKEND_ALSO_ON_CLUSTER
 async def test_flow_like_multi_worker_case(r, env, uid, session):
     """Flow-Like's test-multi-worker: 4 clients over 2 nodes, one publishes: exactly the 3
     others get it, ``clients`` is 4 on every copy, ``_origin`` is the publishing node."""
@@ -144,6 +157,7 @@ async def test_flow_like_multi_worker_case(r, env, uid, session):
         await assert_silent(clients[1])
 
 
+@ON_EVERY_SHARED_BACKEND
 async def test_presence_follows_subscribe_unsubscribe_close(r, env, uid, session):
     topic = f"presence-{uid}"
     with node_processes(2, env) as (a, b):

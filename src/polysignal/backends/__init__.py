@@ -1,7 +1,9 @@
-"""Backends selected by URL: ``memory://`` (default) and ``redis://`` (docs/architecture.md).
+"""Backends selected by URL (docs/architecture.md): ``memory://`` (default), ``redis://`` (one
+Redis), ``redis+cluster://`` (a Redis Cluster) and ``redis://a,redis://b`` (standalone shards).
 
-Either is the ``Cluster`` (cluster.py) over a Bus and a LeaseStore (interfaces.py): in-process
-(memory.py) or on Redis (redis.py).
+Each is the ``Cluster`` (cluster.py) over a Bus and a LeaseStore (interfaces.py): in-process
+(memory.py), on one Redis (redis.py), on a Redis Cluster (rediscluster.py), or on several
+standalone Redis servers placed by jump hash (shards.py).
 """
 
 from __future__ import annotations
@@ -24,8 +26,17 @@ __all__ = [
 
 def create_backend(settings: Settings) -> Backend:
     """The backend ``settings.server.backend_url`` names."""
-    if settings.backend_scheme == "memory":
+    scheme = settings.backend_scheme
+    if scheme == "memory":
         return MemoryBackend(settings.server.node_id, settings=settings.redis)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        from polysignal.backends.rediscluster import RedisClusterBackend
+
+        return RedisClusterBackend(settings)
+    if scheme == "redis+shards":
+        from polysignal.backends.shards import ShardedBackend
+
+        return ShardedBackend(settings)
     from polysignal.backends.redis import RedisBackend
 
     return RedisBackend(settings)
