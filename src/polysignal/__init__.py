@@ -1,3 +1,3 @@
-"""polysignal: one WebRTC signaling server for five wire protocols."""
+"""polysignal: one WebRTC signaling server for six wire protocols."""
 
 __version__ = "0.1.0"

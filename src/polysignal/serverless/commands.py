@@ -18,6 +18,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     package.add_argument(
         "--out", default=DEFAULT_ZIP, help=f"zip to write (default: {DEFAULT_ZIP})"
     )
+    package.add_argument(
+        "--template",
+        action="store_true",
+        help="also write the SAM template.yaml beside the zip (its CodeUri naming the zip), "
+        "for `sam deploy` from that directory",
+    )
     local = sub.add_parser(
         "serverless-local",
         help="run the serverless handler behind a local WebSocket server (DynamoDB at "
@@ -34,11 +40,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "package-lambda":
-        from polysignal.serverless.package import build_zip
+        from polysignal.serverless.package import build_zip, write_template
 
         out = Path(args.out)
         names = build_zip(out)
         print(f"wrote {out} ({len(names)} files, {out.stat().st_size} bytes)")
+        if args.template:
+            template = write_template(out)
+            print(f"wrote {template} (cd {template.parent} && sam deploy --guided)")
         return 0
     from polysignal import logs
     from polysignal.cli import check_listen, fail
