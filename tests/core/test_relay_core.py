@@ -457,8 +457,13 @@ def test_a_reciprocal_held_elsewhere_is_matched_over_a_stream():
     assert MatchOp("n2", "far", "e1") in cluster.ops
     assert end.state is EndState.PIPED and end.remote == ("n2", "far")
     assert node.end_frame(end, 2, b"x") == [StreamSend("e1", 2, b"x")]
-    assert node.stream_ended("e1", "peer closed") == [Close("c1", 1000, "peer closed")]
-    assert node.end_closed(end, 0.0) == []
+    assert node.end_closed(end, 0.0) == [StreamClose("e1")]
+    assert node.end_closed(end, 0.0) == []  # once
+    other = node.end_opened("c2", "e2", "a", "b", "k2")
+    cluster.claims[other.claim_key] = Holder("n2", PipeToken("b", "far2").encode())
+    cluster.run(node.rendezvous(other, 0.0))
+    assert node.stream_ended("e2", "peer closed") == [Close("c2", 1000, "peer closed")]
+    assert node.end_closed(other, 0.0) == []
 
 
 def test_a_refused_match_retries_and_gives_up_after_its_attempts():
@@ -730,6 +735,7 @@ def test_a_lingering_holder_matched_from_another_node_ends_its_stream_after_the_
     ]
     assert node.ends == {} and node.held == {} and node.lingering == {}
     assert node.stream_ended("e1", PEER_CLOSED) == []
+    assert node.end_closed(holder, 1.0) == []  # its stream is closed already
 
 
 def test_a_lingering_holder_is_forgotten_when_its_linger_ends():
@@ -781,3 +787,151 @@ def test_a_duplicate_request_replaces_a_lingering_holder_without_closing_anythin
     ]
     assert node.ends == {} and node.held == {} and node.lingering == {}
     assert node.end_closed(holder, 0.0) == []  # nothing more, whatever comes late
+
+
+# --- exact names, defaults and bookkeeping -------------------------------------------------------
+
+
+def test_claim_keys_are_namespaced_json():
+    assert peer_claim_key('a"b') == 'relay:peer:"a\\"b"'
+    assert pipe_claim_key("b", "a", "k") == 'relay:pipe:["k","a","b"]'
+
+
+def test_the_directory_takes_what_it_does_not_hold_in_stride():
+    d = Directory()
+    assert d.join("a", [], leave=["never"]) == ([], [], [])
+    assert "a" not in d and d.documents_of("a") == ()
+    assert d.join("a", ["k"], leave=["never"]) == (["k"], [], [])
+    assert d.introductions("a", ["nobody-holds-this"]) == []
+    assert d.introductions("nobody", ["k"]) == []
+    d.join("b", ["k"])
+    # an announcement through a document the join did not add introduces nobody
+    assert d.remote_introductions("z", ("other",), ("k",), "k") == []
+
+
+def test_a_node_bounds_the_documents_of_each_peer():
+    node = RelayNode("n1", max_documents=2)
+    sock, _ = joined(node, "c1", "a", "k1", "k2")
+    with pytest.raises(DocumentLimitExceeded) as refused:
+        node.peer_message(sock, decode('{"type":"Join","documentIds":["k3"]}', JSON), JSON)
+    assert refused.value.message == "a peer may join at most 2 document ids"
+    assert node.directory.documents_of("a") == ("k1", "k2")
+
+
+def test_a_v1_join_leaves_what_it_names_to_leave():
+    node = RelayNode("n1")
+    sock, _ = node.peer_opened("c1", "a", "t")
+    node.peer_message(sock, decode('{"type":"Join","join":["k1","k2"]}', JSON), JSON)
+    frame = decode('{"type":"Join","join":["k3"],"leave":["k1"]}', JSON)
+    announce = encode_announce(Announce("n1", "a", ("k3",), ("k2", "k3")))
+    assert node.peer_message(sock, frame, JSON) == [
+        Presence("k3", 1, NAMESPACE),
+        Presence("k1", 0, NAMESPACE),
+        Publish("k3", announce, NAMESPACE),
+    ]
+    assert node.directory.documents_of("a") == ("k2", "k3")
+
+
+def test_an_announce_introduces_every_local_peer_it_concerns():
+    node = RelayNode("n1")
+    joined(node, "c1", "p1", "k")
+    joined(node, "c2", "p2", "k")
+    msg = Announce("n2", "remote", ("k",), ("k",))
+    assert node.announced("k", msg) == [
+        Send("c1", encode_introduction(Generation.V2, "remote", ("k",))),
+        ToNode("n2", Direct.INTRODUCE, encode_introduce(Introduce("remote", "p1", ("k",)))),
+        Send("c2", encode_introduction(Generation.V2, "remote", ("k",))),
+        ToNode("n2", Direct.INTRODUCE, encode_introduce(Introduce("remote", "p2", ("k",)))),
+    ]
+
+
+def test_a_rendezvous_gives_up_after_four_attempts_by_default():
+    node, cluster = RelayNode("n1"), Cluster(match=False)
+    key = pipe_claim_key("a", "b", "k")
+    far = Holder("n2", PipeToken("b", "far").encode())
+
+    class Sticky(dict[str, Holder]):
+        def __delitem__(self, k: str) -> None:
+            pass
+
+    cluster.claims = Sticky({key: far})
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    assert cluster.run(node.rendezvous(end, 0.0)) == [
+        Close("c1", 1013, "could not pair this connection request")
+    ]
+    attempt = [ClaimOp(key, end.token), LookupOp(key), MatchOp("n2", "far", "e1")]
+    assert cluster.ops == [*attempt, ReleaseOp(key, far.token)] * 4
+
+
+def test_a_stale_hold_here_settles_first_then_is_released():
+    node, cluster = RelayNode("n1"), Cluster()
+    key = pipe_claim_key("a", "b", "k")
+    stale = node.end_opened("c0", "e0", "b", "a", "k")  # in its rendezvous, not holding
+    token = PipeToken("b", "e0").encode()
+    cluster.claims[key] = Holder("n1", token)
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    assert cluster.run(node.rendezvous(end, 0.0)) == []
+    assert cluster.ops == [
+        ClaimOp(key, end.token),
+        LookupOp(key),
+        SettleOp("e0"),
+        ReleaseOp(key, token),
+        ClaimOp(key, end.token),
+    ]
+    assert stale.state is EndState.RENDEZVOUS and end.state is EndState.HOLDING
+
+
+def test_without_the_cluster_a_held_end_waits_its_timeout_too():
+    node, cluster = RelayNode("n1", wait_timeout=2), Cluster()
+    cluster.down = True
+    first = node.end_opened("c1", "e1", "a", "b", "k")
+    assert cluster.run(node.rendezvous(first, 10.0)) == []
+    assert first.deadline == 12.0
+    dup = node.end_opened("c2", "e2", "a", "b", "k")
+    cluster.run(node.rendezvous(dup, 11.0))
+    assert dup.deadline == 13.0 and node.next_deadline() == 13.0
+
+
+def test_a_pair_with_nothing_held_is_piped_without_frames():
+    node, cluster = RelayNode("n1"), Cluster()
+    first = node.end_opened("c1", "e1", "a", "b", "k")
+    cluster.run(node.rendezvous(first, 0.0))
+    second = node.end_opened("c2", "e2", "b", "a", "k")
+    assert cluster.run(node.rendezvous(second, 0.0)) == [DropLease(first.claim_key, first.token)]
+
+
+def test_a_matched_end_pipes_its_frames_to_the_stream():
+    node, cluster = RelayNode("n1"), Cluster()
+    end = node.end_opened("c1", "e1", "a", "b", "k")
+    cluster.run(node.rendezvous(end, 0.0))
+    cluster.run(node.match("n2", "e1", "far"))
+    assert end.state is EndState.PIPED
+    assert node.end_frame(end, 1, b"on") == [StreamSend("e1", 1, b"on")]
+
+
+def test_lingering_ends_are_counted_per_address_one_by_one():
+    node, cluster = RelayNode("n1", linger=0.5), Cluster()
+    first = held_end(node, cluster, 1, "10.0.0.1")
+    second = held_end(node, cluster, 2, "10.0.0.1")
+    for end in (first, second):
+        node.end_frame(end, 1, b"x")
+    assert node.end_closed(first, 10.0) == []  # lingers, though its linger is under a second
+    assert node.end_closed(second, 10.2) == []
+    assert node.lingering == {"10.0.0.1": 2}
+    assert node.on_timer(10.5) == [DropLease(first.claim_key, first.token)]
+    assert node.lingering == {"10.0.0.1": 1}
+    assert node.held == {"10.0.0.1": 1 + FRAME_COST}
+    assert node.on_timer(10.7) == [DropLease(second.claim_key, second.token)]
+    assert node.lingering == {} and node.held == {}
+
+
+def test_one_lingering_end_per_address_at_most(monkeypatch):
+    monkeypatch.setattr("polysignal.core.relay.LINGER_PER_ADDRESS", 1)
+    node, cluster = RelayNode("n1", linger=5), Cluster()
+    first = held_end(node, cluster, 1, "10.0.0.1")
+    second = held_end(node, cluster, 2, "10.0.0.1")
+    for end in (first, second):
+        node.end_frame(end, 1, b"x")
+    assert node.end_closed(first, 0.0) == []
+    assert node.end_closed(second, 0.0) == [DropLease(second.claim_key, second.token)]
+    assert node.lingering == {"10.0.0.1": 1}

@@ -1025,3 +1025,617 @@ def test_an_undeliverable_join_request_of_another_node_is_refused_there():
     (effect,) = m.handle(core.Undeliverable(msg, unreachable=True))
     assert isinstance(effect, ToNode) and effect.node == "B"
     assert decoded(effect).body == {"message": proto.BACKEND_DOWN}
+
+
+# --- every effect, exactly ---------------------------------------------------------------------
+
+
+def readable(effects: list[core.Effect]) -> list[Any]:
+    """``effects`` with each ``ToNode`` as (node, the message it carries), to compare whole."""
+    return [(e.node, decoded(e)) if isinstance(e, ToNode) else e for e in effects]
+
+
+def owned(m: core.RoomsMachine, owner: str, room: str, peerinfo: Any = MISSING) -> str:
+    """``owner``, a new socket of ``m``, creates ``room``; returns the room's token."""
+    m.handle(core.Connected(owner))
+    m.handle(core.Authenticated(owner, peerinfo))
+    (claim,) = m.handle(create(owner, room))
+    assert isinstance(claim, core.ClaimName)
+    m.handle(core.ClaimAnswer(room, claim.token, core.ClaimResult.CLAIMED))
+    return claim.token
+
+
+def member(node: str, peerinfo: Any = MISSING) -> proto.Member:
+    return proto.Member(node, {} if peerinfo is MISSING else {"peerinfo": peerinfo})
+
+
+def admitted(m: core.RoomsMachine, sid: str, snap: proto.Snapshot, peerinfo: Any = MISSING) -> None:
+    """``sid``, a socket of ``m`` (connected here if new), is admitted into ``snap.room`` (a
+    copy, owned elsewhere)."""
+    m.handle(core.Connected(sid))  # a socket it knows stays as it is
+    m.handle(core.Authenticated(sid, peerinfo))
+    owner_node = dict(snap.members)[snap.owner].node if snap.owner in dict(snap.members) else "A"
+    admit = ClusterMessage(
+        ClusterOp.ADMIT, snap.room, sid=sid, node=owner_node, snapshot=snap, token=snap.token
+    )
+    effects = m.handle(core.FromNode(owner_node, admit))
+    assert core.Emit(ServerEvent.ROOM_JOIN_ACCEPT, effects[0].body, (sid,)) == effects[0]
+
+
+def leave_body(sid: str, peerinfo: Any = MISSING, room: str = "r") -> dict[str, Any]:
+    return proto.body(room=room, peer_id=sid, peerinfo=peerinfo)
+
+
+def test_a_member_leaving_a_copy_tells_the_others_the_owners_node_does_not():
+    """On a node holding a copy: the leaver's local room-mates hear it at once, each other node
+    without the owner once, and the owner's node gets the leave naming who was told."""
+    m = machine("B")
+    snap = proto.Snapshot(
+        "r",
+        "T",
+        "o",
+        5,
+        (
+            ("o", member("A")),
+            ("a2", member("A")),
+            ("j", member("B", "pj")),
+            ("b2", member("B")),
+            ("c", member("C")),
+        ),
+    )
+    admitted(m, "j", snap, "pj")
+    admitted(m, "b2", snap)
+    assert readable(m.handle(core.Disconnected("j"))) == [
+        core.Emit(ServerEvent.ROOM_USER_LEAVE, leave_body("j", "pj"), ("b2",)),
+        (
+            "C",
+            ClusterMessage(
+                ClusterOp.EMIT,
+                "r",
+                event=ServerEvent.ROOM_USER_LEAVE,
+                body=leave_body("j", "pj"),
+                to=("c",),
+            ),
+        ),
+        (
+            "A",
+            ClusterMessage(
+                ClusterOp.LEAVE, "r", sid="j", data={"peerinfo": "pj"}, token="T", to=("b2", "c")
+            ),
+        ),
+    ]
+    assert m.rooms_of("j") == () and m.room("r") is not None  # b2 is still in it here
+    assert m.held() == (1, 1)
+    without_j = replace(snap, version=6, members=tuple(x for x in snap.members if x[0] != "j"))
+    update = ClusterMessage(ClusterOp.SNAPSHOT, "r", token="T", snapshot=without_j)
+    assert m.handle(core.FromNode("A", update)) == []
+    assert m.room("r") == without_j
+    assert readable(m.handle(core.Disconnected("b2"))) == [
+        (
+            "C",
+            ClusterMessage(
+                ClusterOp.EMIT,
+                "r",
+                event=ServerEvent.ROOM_USER_LEAVE,
+                body=leave_body("b2"),
+                to=("c",),
+            ),
+        ),
+        ("A", ClusterMessage(ClusterOp.LEAVE, "r", sid="b2", token="T", to=("c",))),
+    ]
+    assert m.room("r") is None and m.held() == (0, 0)  # no member left here: the copy goes
+
+
+def test_a_leave_from_a_copy_whose_owner_is_unknown_goes_by_the_name():
+    m = machine("B")
+    snap = proto.Snapshot("r", "T", "gone", 4, (("j", member("B")), ("c", member("C"))))
+    admitted(m, "j", snap)
+    assert m.handle(core.Disconnected("j")) == [
+        ToNode(
+            "C",
+            core.DIRECT_KIND,
+            proto.encode_cluster(
+                ClusterMessage(
+                    ClusterOp.EMIT,
+                    "r",
+                    event=ServerEvent.ROOM_USER_LEAVE,
+                    body=leave_body("j"),
+                    to=("c",),
+                )
+            ),
+        ),
+        core.ToOwner(ClusterMessage(ClusterOp.LEAVE, "r", sid="j", token="T", to=("c",))),
+    ]
+
+
+def test_a_leave_names_the_leavers_current_peerinfo():
+    """The peerinfo a socket has when it leaves is the one its room-mates hear, on its owner's
+    node and through a leave from another node."""
+    net = Net.of("A", "B")
+    o, j, k = net.connect("A", "o"), net.connect("A", "j", "old"), net.connect("B", "k", "old")
+    net.room_of("A", o, "r")
+    net.admit("A", o, "A", j, "r")
+    net.admit("A", o, "B", k, "r")
+    net.got(o), net.got(j), net.got(k)
+    net.feed("A", core.Authenticated(j, "new"))
+    net.feed("A", core.Disconnected(j))
+    assert net.one(o, ServerEvent.ROOM_USER_LEAVE) == leave_body(j, "new")
+    assert net.one(k, ServerEvent.ROOM_USER_LEAVE) == leave_body(j, "new")
+    net.feed("B", core.Authenticated(k, "newer"))
+    net.feed("B", core.Disconnected(k))
+    assert net.one(o, ServerEvent.ROOM_USER_LEAVE) == leave_body(k, "newer")
+    net.silent(o)
+
+
+def test_a_join_request_goes_straight_to_a_known_owner():
+    m = machine("A")
+    owned(m, "o", "r")
+    m.handle(core.Connected("j"))
+    assert m.handle(join("j", "r", 1)) == [
+        emit(ServerEvent.ROOM_JOIN_REQUEST, "o", room="r", peer_id="j", payload=1)
+    ]
+    assert m.room("r") == proto.Snapshot(
+        "r", "Aid-1", "o", 1, (("o", member("A")),), (("j", proto.Pending("A", {}, 1)),)
+    )
+    b = machine("B")
+    snap = proto.Snapshot("r", "T", "o", 3, (("o", member("A")), ("m", member("B"))))
+    admitted(b, "m", snap)
+    b.handle(core.Connected("q"))
+    assert readable(b.handle(join("q", "r"))) == [
+        ("A", ClusterMessage(ClusterOp.JOIN_REQUEST, "r", sid="q", node="B", token="T"))
+    ]
+
+
+def test_a_requester_gone_withdraws_where_its_request_waits():
+    m = machine("A")
+    owned(m, "o", "r")
+    m.handle(core.Connected("j"))
+    m.handle(join("j", "r"))
+    assert m.handle(core.Disconnected("j")) == []  # its owner's node is this one
+    room = m.room("r")
+    assert room is not None and room.pending == ()
+    b = machine("B")
+    snap = proto.Snapshot("r", "T", "o", 3, (("o", member("A")), ("m", member("B"))))
+    admitted(b, "m", snap)
+    b.handle(core.Connected("q"))
+    b.handle(join("q", "r"))
+    assert readable(b.handle(core.Disconnected("q"))) == [
+        ("A", ClusterMessage(ClusterOp.WITHDRAW, "r", sid="q", token="T"))
+    ]
+
+
+def test_unknown_sockets_and_rooms_have_nothing():
+    m = machine()
+    assert m.rooms_of("ghost") == () and m.requested_by("ghost") == ()
+    assert m.room("nope") is None and m.owns("nope") is False
+    assert m.handle(core.NameLost("nope", "t")) == []
+    assert m.handle(core.Authenticated("ghost", "p")) == []
+    assert m.held() == (0, 0)
+
+
+def test_a_name_lost_for_another_instance_changes_nothing():
+    m = machine()
+    token = owned(m, "o", "r")
+    assert m.handle(core.NameLost("r", "other")) == []
+    assert m.owns("r") is True
+    assert m.handle(core.NameLost("r", token)) == [
+        core.Emit(ServerEvent.ERROR, {"message": proto.NAME_LOST.format(room="r")}, ("o",))
+    ]
+    assert m.owns("r") is False
+
+
+def test_a_name_lost_refuses_pending_requests_wherever_they_are():
+    m = machine("A")
+    token = owned(m, "o", "r")
+    m.handle(core.FromNode("C", ClusterMessage(ClusterOp.JOIN_REQUEST, "r", sid="q", node="C")))
+    assert readable(m.handle(core.NameLost("r", token))) == [
+        (
+            "C",
+            ClusterMessage(
+                ClusterOp.EMIT,
+                "r",
+                event=ServerEvent.ROOM_JOIN_REJECT,
+                body={"message": proto.ROOM_NOT_FOUND},
+                to=("q",),
+            ),
+        ),
+        core.Emit(ServerEvent.ERROR, {"message": proto.NAME_LOST.format(room="r")}, ("o",)),
+    ]
+
+
+def test_a_reject_for_a_plain_event_name_is_an_error_naming_it():
+    """The hub's answers to floods and unknown events name the event as the client sent it."""
+    assert core.reject("s", "room-join-request", "m") == core.Emit(
+        ServerEvent.ERROR, {"message": "m", "event": "room-join-request"}, ("s",)
+    )
+
+
+@pytest.mark.parametrize("kind", [CREATE, JOIN])
+def test_room_names_are_bounded_at_their_exact_length(kind):
+    m = machine(name_length=3)
+    m.handle(core.Connected("s"))
+    command = proto.CreateRoom("abcd", 7) if kind is CREATE else proto.JoinRoom("abcd", 7)
+    assert m.handle(cmd("s", kind, command)) == [
+        core.reject("s", kind, f"{kind.value}: 'room' is longer than 3 characters", 7)
+    ]
+    (accepted,) = m.handle(cmd("s", kind, replace(command, room="abc")))
+    if kind is CREATE:
+        assert accepted == core.ClaimName("abc", "Aid-1")
+    else:
+        assert accepted == core.ToOwner(
+            ClusterMessage(ClusterOp.JOIN_REQUEST, "abc", sid="s", node="A", payload=7)
+        )
+    event = ServerEvent.ROOM_CREATE_REJECT if kind is CREATE else ServerEvent.ROOM_JOIN_REJECT
+    assert core.reject("s", kind, "x", 7) == core.Emit(
+        event, {"message": "x", "payload": 7}, ("s",)
+    )
+
+
+def test_the_room_limit_counts_creates_on_their_way_and_answers_with_the_payload():
+    m = machine(rooms_per_socket=2)
+    m.handle(core.Connected("s"))
+    assert m.handle(create("s", "r1")) == [core.ClaimName("r1", "Aid-1")]
+    assert m.handle(create("s", "r2")) == [core.ClaimName("r2", "Aid-2")]
+    too_many = "too many rooms for one socket (limit 2)"
+    assert m.handle(create("s", "r3", 5)) == [
+        core.Emit(ServerEvent.ROOM_CREATE_REJECT, {"message": too_many, "payload": 5}, ("s",))
+    ]
+    assert m.handle(join("s", "r4", 6)) == [
+        core.Emit(ServerEvent.ROOM_JOIN_REJECT, {"message": too_many, "payload": 6}, ("s",))
+    ]
+    m.handle(core.ClaimAnswer("r1", "Aid-1", core.ClaimResult.TAKEN))  # one place frees
+    assert m.handle(create("s", "r3")) == [core.ClaimName("r3", "Aid-3")]
+
+
+def test_refusals_of_creates_and_joins_echo_the_payload():
+    m = machine()
+    owned(m, "o", "r")
+    assert m.handle(create("o", "r", 1)) == [
+        core.Emit(
+            ServerEvent.ROOM_CREATE_REJECT, {"message": proto.ROOM_TAKEN, "payload": 1}, ("o",)
+        )
+    ]
+    assert m.handle(join("o", "r", 2)) == [
+        core.Emit(
+            ServerEvent.ROOM_JOIN_REJECT, {"message": proto.ALREADY_IN_ROOM, "payload": 2}, ("o",)
+        )
+    ]
+    # a name that came to be used here while its claim was on its way
+    m.handle(core.Connected("s"))
+    (claim,) = m.handle(create("s", "late", 3))
+    assert isinstance(claim, core.ClaimName)
+    admitted(m, "t", proto.Snapshot("late", "T", "x", 2, (("x", member("B")), ("t", member("A")))))
+    assert m.handle(core.ClaimAnswer("late", claim.token, core.ClaimResult.CLAIMED)) == [
+        core.ReleaseName("late", claim.token),
+        core.Emit(
+            ServerEvent.ROOM_CREATE_REJECT, {"message": proto.ROOM_TAKEN, "payload": 3}, ("s",)
+        ),
+    ]
+
+
+@pytest.mark.parametrize("kind", [ACCEPT, REFUSE])
+def test_answers_to_no_request_or_an_unknown_room_are_errors_with_the_payload(kind):
+    m = machine()
+    owned(m, "o", "r")
+    assert m.handle(cmd("o", kind, proto.Answer("r", "nobody", 4))) == [
+        core.Emit(
+            ServerEvent.ERROR,
+            {"message": proto.NO_PENDING_REQUEST, "event": kind.value, "payload": 4},
+            ("o",),
+        )
+    ]
+    assert m.handle(cmd("o", kind, proto.Answer("nope", "nobody", 5))) == [
+        core.Emit(
+            ServerEvent.ERROR,
+            {"message": proto.NOT_OWNER, "event": kind.value, "payload": 5},
+            ("o",),
+        )
+    ]
+
+
+def test_an_accept_admits_on_the_joiners_node_and_updates_the_others():
+    m = machine("A")
+    token = owned(m, "o", "r")
+    m.handle(core.FromNode("C", ClusterMessage(ClusterOp.JOIN_REQUEST, "r", sid="c", node="C")))
+    m.handle(accept("o", "r", "c"))
+    m.handle(core.FromNode("B", ClusterMessage(ClusterOp.JOIN_REQUEST, "r", sid="b", node="B")))
+    members = (("o", member("A")), ("c", member("C")), ("b", member("B")))
+    snap = proto.Snapshot("r", token, "o", 3, members)
+    assert readable(m.handle(accept("o", "r", "b", 9))) == [
+        (
+            "B",
+            ClusterMessage(
+                ClusterOp.ADMIT, "r", sid="b", node="A", payload=9, snapshot=snap, token=token
+            ),
+        ),
+        ("C", ClusterMessage(ClusterOp.SNAPSHOT, "r", token=token, snapshot=snap)),
+    ]
+
+
+def test_snapshots_sent_carry_no_pending_requests():
+    m = machine("A")
+    token = owned(m, "o", "r")
+    m.handle(core.FromNode("C", ClusterMessage(ClusterOp.JOIN_REQUEST, "r", sid="c", node="C")))
+    m.handle(core.FromNode("B", ClusterMessage(ClusterOp.JOIN_REQUEST, "r", sid="b", node="B")))
+    (admit,) = m.handle(accept("o", "r", "c"))
+    snap = proto.Snapshot("r", token, "o", 2, (("o", member("A")), ("c", member("C"))))
+    assert readable([admit]) == [
+        ("C", ClusterMessage(ClusterOp.ADMIT, "r", sid="c", node="A", snapshot=snap, token=token))
+    ]
+    room = m.room("r")
+    assert room is not None and room.pending == (("b", proto.Pending("B", {})),)
+
+
+def test_a_member_leaving_the_owners_node_updates_the_copies():
+    m = machine("A")
+    token = owned(m, "o", "r")
+    m.handle(core.Connected("a2"))
+    m.handle(join("a2", "r"))
+    m.handle(accept("o", "r", "a2"))
+    m.handle(core.FromNode("C", ClusterMessage(ClusterOp.JOIN_REQUEST, "r", sid="c", node="C")))
+    m.handle(accept("o", "r", "c"))
+    snap = proto.Snapshot("r", token, "o", 4, (("o", member("A")), ("c", member("C"))))
+    assert readable(m.handle(core.Disconnected("a2"))) == [
+        core.Emit(ServerEvent.ROOM_USER_LEAVE, leave_body("a2"), ("o",)),
+        (
+            "C",
+            ClusterMessage(
+                ClusterOp.EMIT,
+                "r",
+                event=ServerEvent.ROOM_USER_LEAVE,
+                body=leave_body("a2"),
+                to=("c",),
+            ),
+        ),
+        ("C", ClusterMessage(ClusterOp.SNAPSHOT, "r", token=token, snapshot=snap)),
+    ]
+
+
+def test_an_owner_leaving_hands_over_here_and_updates_the_copies():
+    m = machine("A")
+    token = owned(m, "o", "r")
+    m.handle(core.Connected("a2"))
+    m.handle(join("a2", "r"))
+    m.handle(accept("o", "r", "a2"))
+    m.handle(core.FromNode("C", ClusterMessage(ClusterOp.JOIN_REQUEST, "r", sid="c", node="C")))
+    m.handle(accept("o", "r", "c"))
+    snap = proto.Snapshot("r", token, "a2", 4, (("a2", member("A")), ("c", member("C"))))
+    effects = readable(m.handle(core.Disconnected("o")))
+    assert effects[-1] == ("C", ClusterMessage(ClusterOp.SNAPSHOT, "r", token=token, snapshot=snap))
+    assert m.owns("r") is True
+
+
+def test_an_owner_leaving_hands_over_to_another_node():
+    m = machine("A")
+    token = owned(m, "o", "r")
+    for sid, node in (("b", "B"), ("c", "C")):
+        m.handle(
+            core.FromNode(node, ClusterMessage(ClusterOp.JOIN_REQUEST, "r", sid=sid, node=node))
+        )
+        m.handle(accept("o", "r", sid))
+    m.handle(
+        core.FromNode(
+            "D", ClusterMessage(ClusterOp.JOIN_REQUEST, "r", sid="d", node="D", payload=1)
+        )
+    )
+    members = (("b", member("B")), ("c", member("C")))
+    pending = (("d", proto.Pending("D", {}, 1)),)
+    handed = proto.Snapshot("r", token, "b", 4, members, pending)
+    assert readable(m.handle(core.Disconnected("o"))) == [
+        (
+            "B",
+            ClusterMessage(
+                ClusterOp.EMIT,
+                "r",
+                event=ServerEvent.ROOM_USER_LEAVE,
+                body=leave_body("o"),
+                to=("b",),
+            ),
+        ),
+        (
+            "C",
+            ClusterMessage(
+                ClusterOp.EMIT,
+                "r",
+                event=ServerEvent.ROOM_USER_LEAVE,
+                body=leave_body("o"),
+                to=("c",),
+            ),
+        ),
+        core.HandOffName("r", token),
+        ("B", ClusterMessage(ClusterOp.HANDOVER, "r", token=token, snapshot=handed)),
+        (
+            "C",
+            ClusterMessage(
+                ClusterOp.SNAPSHOT, "r", token=token, snapshot=replace(handed, pending=())
+            ),
+        ),
+    ]
+    assert m.room("r") is None and m.owns("r") is False and m.held() == (0, 0)
+
+
+def test_a_copy_is_never_the_room_itself():
+    net = Net.of("A", "B")
+    o, second, third = net.connect("A", "o"), net.connect("B", "second"), net.connect("A", "t")
+    net.room_of("A", o, "r")
+    net.admit("A", o, "B", second, "r")
+    net.admit("A", o, "A", third, "r")
+    assert net.machines["B"].owns("r") is False
+    net.feed("A", core.Disconnected(o))
+    assert net.machines["A"].owns("r") is False and net.machines["B"].owns("r") is True
+
+
+def test_a_room_that_came_back_is_no_longer_passed_on_to_where_it_was():
+    net = Net.of("A", "B")
+    o, b, a2 = net.connect("A", "o"), net.connect("B", "b"), net.connect("A", "a2")
+    net.room_of("A", o, "r")
+    net.admit("A", o, "B", b, "r")
+    net.admit("A", o, "A", a2, "r")
+    net.feed("A", core.Disconnected(o))  # to B
+    net.feed("B", core.Disconnected(b))  # and back to A
+    assert net.machines["A"].owns("r")
+    net.feed("A", core.Disconnected(a2))  # closed
+    assert "r" not in net.claims
+    request = ClusterMessage(ClusterOp.JOIN_REQUEST, "r", sid="q", node="C")
+    assert net.machines["A"].handle(core.FromNode("C", request)) == [
+        core.ToOwner(replace(request, hops=1))
+    ]
+
+
+def test_a_join_request_passed_on_drops_the_token_of_the_instance_it_missed():
+    m = machine("A")
+    request = ClusterMessage(ClusterOp.JOIN_REQUEST, "r", sid="q", node="C", token="old")
+    assert m.handle(core.FromNode("C", request)) == [
+        core.ToOwner(replace(request, hops=1, token=""))
+    ]
+
+
+def test_a_join_reject_from_another_node_ends_the_request_here():
+    m = machine("B")
+    m.handle(core.Connected("q"))
+    m.handle(join("q", "r"))
+    reject_msg = ClusterMessage(
+        ClusterOp.EMIT,
+        "r",
+        event=ServerEvent.ROOM_JOIN_REJECT,
+        body={"message": proto.OWNER_REJECTED},
+        to=("q",),
+    )
+    expected = [core.Emit(ServerEvent.ROOM_JOIN_REJECT, {"message": proto.OWNER_REJECTED}, ("q",))]
+    assert m.handle(core.FromNode("A", reject_msg)) == expected
+    assert m.requested_by("q") == ()
+    assert m.handle(core.FromNode("A", reject_msg)) == expected  # again: nothing to end
+
+
+def test_a_snapshot_without_its_room_changes_a_copy_not():
+    m = machine("B")
+    snap = proto.Snapshot("r", "T", "o", 3, (("o", member("A")), ("m", member("B"))))
+    admitted(m, "m", snap)
+    empty = ClusterMessage(ClusterOp.SNAPSHOT, "r", token="T")
+    assert m.handle(core.FromNode("A", empty)) == []
+    assert m.room("r") == snap
+
+
+def test_an_admit_past_the_room_limit_withdraws_with_the_rooms_token():
+    m = machine("B", rooms_per_socket=1)
+    m.handle(core.Connected("j"))
+    m.handle(join("j", "r1"))
+    m.handle(join("j", "r2"))
+    assert m.requested_by("j") == ("r1", "r2")
+    first = proto.Snapshot("r1", "T1", "o", 2, (("o", member("A")), ("j", member("B"))))
+    admitted(m, "j", first)
+    assert m.requested_by("j") == ("r2",)
+    snap = proto.Snapshot("r2", "T2", "o", 2, (("o", member("A")), ("j", member("B"))))
+    admit = ClusterMessage(ClusterOp.ADMIT, "r2", sid="j", node="A", snapshot=snap, token="T2")
+    body = {"room": "r2", "peer_id": "j", "message": core.too_many_rooms(1)}
+    assert readable(m.handle(core.FromNode("A", admit))) == [
+        ("A", ClusterMessage(ClusterOp.WITHDRAW, "r2", sid="j", token="T2")),
+        core.Emit(ServerEvent.ROOM_JOIN_REJECT, body, ("j",)),
+    ]
+    assert m.requested_by("j") == ()
+    # an admit it never asked for, past the limit too
+    other = replace(admit, room="r3", snapshot=replace(snap, room="r3"))
+    assert readable(m.handle(core.FromNode("A", other))) == [
+        ("A", ClusterMessage(ClusterOp.WITHDRAW, "r3", sid="j", token="T2")),
+        core.Emit(ServerEvent.ROOM_JOIN_REJECT, {**body, "room": "r3"}, ("j",)),
+    ]
+
+
+def test_an_undeliverable_admit_drops_the_joiner_and_updates_the_copies():
+    net = Net.of("A", "B", "C")
+    o, c, j = net.connect("A", "o"), net.connect("C", "c"), net.connect("B", "j")
+    net.room_of("A", o, "r")
+    net.admit("A", o, "C", c, "r")
+    net.feed("B", join(j, "r"))
+    net.got(o), net.got(c)
+    net.down.add("B")
+    net.messages.clear()
+    net.feed("A", accept(o, "r", j))
+    snapshots = [m.snapshot for f, t, m in net.messages if t == "C"]
+    assert [(s.version, [sid for sid, _ in s.members]) for s in snapshots if s] == [
+        (3, [o, c, j]),
+        (4, [o, c]),
+    ]
+    net.silent(o, c)
+
+
+def test_a_relay_to_another_node_names_its_room():
+    net = Net.of("A", "B")
+    a, b = net.connect("A", "a"), net.connect("B", "b")
+    net.room_of("A", a, "r")
+    net.admit("A", a, "B", b, "r")
+    net.messages.clear()
+    net.feed("A", ice(a, b, "r"))
+    assert net.messages == [
+        (
+            "A",
+            "B",
+            ClusterMessage(
+                ClusterOp.EMIT,
+                "r",
+                event=ServerEvent.ICE_CANDIDATE,
+                body={"peer_id": a, "ice_candidate": {"c": 1}, "room": "r"},
+                to=(b,),
+            ),
+        )
+    ]
+
+
+def test_an_admit_tells_the_members_on_other_nodes_their_room():
+    m = machine("B")
+    m.handle(core.Connected("j"))
+    m.handle(core.Authenticated("j", "pj"))
+    m.handle(join("j", "r"))
+    snap = proto.Snapshot(
+        "r", "T", "o", 3, (("o", member("A")), ("c", member("C")), ("j", member("B", "pj")))
+    )
+    admit = ClusterMessage(
+        ClusterOp.ADMIT, "r", sid="j", node="A", payload=2, snapshot=snap, token="T"
+    )
+    accepted = {
+        "room": "r",
+        "peer_id": "j",
+        "peers": ["o", "c"],
+        "peersinfo": {"o": {}, "c": {}, "j": {"peerinfo": "pj"}},
+        "payload": 2,
+    }
+    joined = {"room": "r", "peer_id": "j", "payload": 2, "peerinfo": "pj"}
+    assert readable(m.handle(core.FromNode("A", admit))) == [
+        core.Emit(ServerEvent.ROOM_JOIN_ACCEPT, accepted, ("j",)),
+        (
+            "A",
+            ClusterMessage(
+                ClusterOp.EMIT, "r", event=ServerEvent.ROOM_USER_JOIN, body=joined, to=("o",)
+            ),
+        ),
+        (
+            "C",
+            ClusterMessage(
+                ClusterOp.EMIT, "r", event=ServerEvent.ROOM_USER_JOIN, body=joined, to=("c",)
+            ),
+        ),
+    ]
+    assert m.rooms_of("j") == ("r",) and m.requested_by("j") == () and m.room("r") == snap
+
+
+def test_a_room_handed_over_again_is_remembered_as_the_latest(monkeypatch):
+    monkeypatch.setattr(core, "MOVED_REMEMBERED", 2)
+    net = Net.of("A", "B")
+
+    def hand_over(room: str, n: int) -> None:
+        owner, other = net.connect("A", f"o{n}"), net.connect("B", f"m{n}")
+        net.room_of("A", owner, room)
+        net.admit("A", owner, "B", other, room)
+        net.feed("A", core.Disconnected(owner))
+        assert net.claims[room][0] == "B"
+
+    hand_over("r1", 1)
+    net.feed("B", core.Disconnected("m1"))  # r1 closes on B...
+    hand_over("r2", 2)
+    hand_over("r1", 3)  # ...and a new r1 goes from A to B: the latest handed over
+    hand_over("r3", 4)  # r2 is forgotten, not r1
+    a = net.machines["A"]
+    for room, passed_on in (("r1", True), ("r2", False), ("r3", True)):
+        request = ClusterMessage(ClusterOp.JOIN_REQUEST, room, sid="q", node="C")
+        (effect,) = a.handle(core.FromNode("C", request))
+        assert isinstance(effect, ToNode) is passed_on, room

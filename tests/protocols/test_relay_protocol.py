@@ -7,6 +7,7 @@ import orjson
 import pytest
 
 from polysignal.core.errors import (
+    BackendUnavailable,
     ClientError,
     Close,
     LimitExceeded,
@@ -255,3 +256,76 @@ def test_nesting_is_bounded_at_decode_in_both_encodings():
     with pytest.raises(MalformedFrame) as exc:
         proto.decode(packb(_deep_join(65)), MSGPACK)
     assert exc.value.message == "msgpack nested deeper than 64 levels"
+
+
+def test_a_frame_with_both_id_list_shapes_is_ignored_whichever_v1_list_it_has():
+    for extra in ('"join":["b"]', '"leave":["b"]'):
+        for kind in ("Join", "Leave"):
+            frame = f'{{"type":"{kind}","documentIds":["a"],{extra}}}'
+            with pytest.raises(proto.Ignored) as info:
+                proto.decode(frame, JSON)
+            assert info.value.message == (
+                "a frame has either 'documentIds' or 'join'/'leave', not both"
+            )
+
+
+@pytest.mark.parametrize(
+    ("frame", "encoding"),
+    [
+        ('{"type":"Join","documentIds":null}', JSON),
+        ('{"type":"Leave","documentIds":null}', JSON),
+        (packb({"type": "Join", "documentIds": None}), MSGPACK),
+    ],
+)
+def test_a_null_id_list_is_a_missing_one(frame, encoding):
+    with pytest.raises(proto.Ignored) as info:
+        proto.decode(frame, encoding)
+    assert info.value.message == "missing 'documentIds'"
+
+
+def test_v1_null_lists_are_empty_ones():
+    got = proto.decode('{"type":"Join","join":null,"leave":["a"]}', JSON)
+    assert got == proto.Decoded(proto.Join((), ("a",)), Generation.V1)
+
+
+def test_msgpack_maps_with_keys_that_are_not_strings_decode():
+    frame = packb({"type": "Join", "documentIds": ["d"], 1: "x", b"k": "y"})
+    assert proto.decode(frame, MSGPACK) == proto.Decoded(proto.Join(("d",)), Generation.V4)
+
+
+@pytest.mark.parametrize("encoding", [JSON, MSGPACK])
+def test_the_document_count_is_bounded_at_its_exact_limit(encoding):
+    limits = proto.RelayLimits(max_documents=2)
+
+    def frame(*ids: str) -> str | bytes:
+        message = {"type": "Join", "documentIds": list(ids)}
+        return orjson.dumps(message).decode() if encoding is JSON else packb(message)
+
+    assert proto.decode(frame("a", "b"), encoding, limits).command == proto.Join(("a", "b"))
+    with pytest.raises(LimitExceeded) as info:
+        proto.decode(frame("a", "b", "c"), encoding, limits)
+    assert info.value.message == "'documentIds' has 3 entries; a peer may hold at most 2"
+    assert proto.answer(info.value) == Close(1008, info.value.message)
+    with pytest.raises(LimitExceeded) as info:
+        proto.decode('{"type":"Join","join":["a","b","c"]}', JSON, limits)
+    assert info.value.message == "'join' has 3 entries; a peer may hold at most 2"
+
+
+def test_errors_that_are_not_the_clients_close_with_a_server_side_code():
+    assert proto.answer(BackendUnavailable("redis down")) == Close(
+        1013, "the cluster is unavailable; try again"
+    )
+    assert proto.answer(RuntimeError("bug")) == Close(1011, "internal error")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\xc1", packb([1, 2]), packb({"a": 1}), packb([1, "b", "c"]), packb(["a", "b", 3])],
+)
+def test_malformed_cluster_messages_say_so(payload):
+    with pytest.raises(MalformedFrame) as info:
+        proto.decode_end(payload)
+    assert info.value.message == "invalid cluster message"
+    with pytest.raises(MalformedFrame) as info:
+        proto.decode_introduce(packb(["a", "b", "not a list"]))
+    assert info.value.message == "invalid cluster message"
