@@ -454,8 +454,17 @@ class RedisClusterServers:
 def redis_cluster_servers(node_timeout_ms: int = 2000) -> Iterator[RedisClusterServers]:
     """A started private Redis Cluster (3 primaries, 3 replicas), stopped after the block."""
     server, cli = require_redis_cluster()
-    cluster = RedisClusterServers(server, cli, node_timeout_ms=node_timeout_ms)
-    cluster.start()
+    # Free ports are picked before the servers bind them: another process may take one in
+    # between (12 per cluster, node and bus ports), so a start that fails is tried again on
+    # new ports, at most three times.
+    for attempt in range(3):
+        cluster = RedisClusterServers(server, cli, node_timeout_ms=node_timeout_ms)
+        try:
+            cluster.start()  # stops what it started when it fails
+            break
+        except (RuntimeError, subprocess.SubprocessError):
+            if attempt == 2:
+                raise
     try:
         yield cluster
     finally:
