@@ -55,7 +55,7 @@ def category(filename: str) -> str:
 
 
 async def measure(count: int, trace: bool) -> dict[str, object]:
-    app = create_app(Settings(host="127.0.0.1", port=0, **SETTINGS))
+    app = create_app(Settings.of(host="127.0.0.1", port=0, **SETTINGS))
     server = NodeServer(app)
     port = await server.start("127.0.0.1", 0)
     gc.collect()
