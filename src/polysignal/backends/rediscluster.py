@@ -63,7 +63,6 @@ import binascii
 import contextlib
 import functools
 import logging
-import math
 import time
 import zlib
 from collections import deque
@@ -91,7 +90,17 @@ from polysignal.backends.base import BackendUnavailable, Claim
 from polysignal.backends.cluster import MAX_BATCH, Cluster
 from polysignal.backends.interfaces import Bus, LeaseStore, Listener, describe, first_error
 from polysignal.backends.names import EPOCH, SETTLING, Names
-from polysignal.backends.redis import _CLAIM, _RELEASE, _RENEW, _SETTLE
+from polysignal.backends.redis import (
+    _CLAIM,
+    _RELEASE,
+    _RENEW,
+    _SETTLE,
+    _glob,
+    _ignore,
+    _ms,
+    _seconds,
+    _text,
+)
 from polysignal.backends.shards import gather_all, ordered_segments
 from polysignal.config import ClusterUrl, RedisSettings, Settings, parse_cluster_url, redact_url
 
@@ -700,24 +709,3 @@ class RedisClusterBackend(Cluster):
         self.link = ClusterLink(self.url, settings.redis)
         self.safe_url = self.link.where
         super().__init__(settings.server.node_id, self.link, self.link, settings.redis)
-
-
-def _ignore(channel: bytes, data: bytes) -> None:
-    return None
-
-
-def _glob(text: str) -> str:
-    """``text`` as a literal in a Redis glob pattern (SCAN's MATCH)."""
-    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _ms(seconds: float) -> int:
-    return max(1, int(seconds * 1000))
-
-
-def _seconds(seconds: float) -> int:
-    return max(1, math.ceil(seconds))
