@@ -234,24 +234,7 @@ class RedisLink(Bus, LeaseStore):
     async def _execute(
         self, conn: AbstractConnection, commands: Sequence[tuple[Any, ...]]
     ) -> list[Any]:
-        """Send ``commands`` in one write and read every reply (error replies returned, not
-        raised)."""
-        if not commands:
-            return []
-        replies: list[Any] = []
-        try:
-            async with asyncio.timeout(self.command_timeout):
-                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                for _ in commands:
-                    try:
-                        replies.append(await conn.read_response())
-                    except ResponseError as exc:
-                        replies.append(exc)
-        except BaseException:
-            # Replies may be left unread: the connection must not carry another batch.
-            await conn.disconnect(nowait=True)
-            raise
-        return replies
+        return await execute(conn, commands, self.command_timeout)
 
     # --- LeaseStore: claims ---
     async def claim(self, key: str, token: str, node_id: str, ttl: float) -> bool:
@@ -428,6 +411,29 @@ class RedisLink(Bus, LeaseStore):
         except (RedisError, OSError) as exc:
             raise BackendUnavailable(f"Redis: {describe(exc)}") from exc
         return result
+
+
+async def execute(
+    conn: AbstractConnection, commands: Sequence[tuple[Any, ...]], seconds: float
+) -> list[Any]:
+    """Send ``commands`` on ``conn`` in one write and read every reply within ``seconds``
+    seconds (error replies returned, not raised)."""
+    if not commands:
+        return []
+    replies: list[Any] = []
+    try:
+        async with asyncio.timeout(seconds):
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+    except BaseException:
+        # Replies may be left unread: the connection must not carry another batch.
+        await conn.disconnect(nowait=True)
+        raise
+    return replies
 
 
 class RedisBackend(Cluster):

@@ -100,6 +100,7 @@ from polysignal.backends.redis import (
     _ms,
     _seconds,
     _text,
+    execute,
 )
 from polysignal.backends.shards import gather_all, ordered_segments
 from polysignal.config import ClusterUrl, RedisSettings, Settings, parse_cluster_url, redact_url
@@ -444,21 +445,8 @@ class ClusterLink(Bus, LeaseStore):
     async def _execute(self, shard: _Shard, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` on ``shard``'s writer in one write and read every reply (error
         replies returned, not raised)."""
-        conn = shard.writer
-        replies: list[Any] = []
         async with shard.lock:
-            try:
-                async with asyncio.timeout(self.command_timeout):
-                    await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                    for _ in commands:
-                        try:
-                            replies.append(await conn.read_response())
-                        except ResponseError as exc:
-                            replies.append(exc)
-            except BaseException:
-                await conn.disconnect(nowait=True)
-                raise
-        return replies
+            return await execute(shard.writer, commands, self.command_timeout)
 
     async def _discover(self) -> tuple[list[tuple[str, int]], list[int]]:
         """The primaries and the owner of every slot, from the first node that answers

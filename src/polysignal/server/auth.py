@@ -139,23 +139,43 @@ class Authenticator:
                 protocol, request, 503, "authentication unavailable; try again", str(exc)
             ) from None
 
+    def describe(
+        self,
+        path: str,
+        query: str,
+        origin: str | None,
+        address: str,
+        authorization: str | None,
+        cookie: str | None,
+        token: str | None = None,
+    ) -> tuple[str | None, dict[str, Any]]:
+        """A connection's token (``token``, from a path prefix, else ``token_of`` its query,
+        ``Authorization`` or cookie) and its description as ``check`` takes it (what the
+        webhook is asked and the refusal logs name; the query without its token)."""
+        if token is None:
+            token = token_of(dict(parse_qsl(query)), authorization, cookie, self.cookie_name)
+        described = {
+            "path": path,
+            "query": query_without_token(query),
+            "origin": origin,
+            "address": address,
+        }
+        return token, described
+
     async def identify_http(self, request: web.Request) -> str | None:
         """The subject of a plain HTTP request's token (``GET /turn-credentials``) while any
         protocol requires authentication, else None (anonymous); raises the HTTP refusal."""
         if not self.on:
             return None
-        token = token_of(
-            request.query,
-            request.headers.get("Authorization"),
-            request.headers.get("Cookie"),
-            self.cookie_name,
+        headers = request.headers
+        token, described = self.describe(
+            request.path,
+            request.query_string,
+            headers.get("Origin"),
+            request.get(CLIENT_KEY, request.remote),
+            headers.get("Authorization"),
+            headers.get("Cookie"),
         )
-        described = {
-            "path": request.path,
-            "query": query_without_token(request.query_string),
-            "origin": request.headers.get("Origin"),
-            "address": request.get(CLIENT_KEY, request.remote),
-        }
         try:
             checked = self.check("turn", described, token)
             identity = checked if isinstance(checked, Identity) else await checked

@@ -50,7 +50,6 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 
 import httptools
 from aiohttp import web
@@ -68,7 +67,7 @@ from polysignal.protocols.websocket import (
     scan_upgrade,
     switching_protocols,
 )
-from polysignal.server.auth import query_without_token, split_token_path, token_of
+from polysignal.server.auth import split_token_path
 from polysignal.server.driver import Driver, Handshake
 
 if TYPE_CHECKING:
@@ -243,18 +242,15 @@ class FrontDoor:
         protocol = driver.protocol
         if not auth.required(protocol):
             return driver.handler.accept(request)
-        token = request.token or token_of(
-            dict(parse_qsl(request.query)),
+        token, described = auth.describe(
+            request.path,
+            request.query,
+            request.header("origin"),
+            request.address,
             request.header("authorization"),
             request.header("cookie"),
-            auth.cookie_name,
+            request.token,
         )
-        described = {
-            "path": request.path,
-            "query": query_without_token(request.query),
-            "origin": request.header("origin"),
-            "address": request.address,
-        }
         checked = auth.check(protocol, described, token)
         if isinstance(checked, Identity):
             self._bind(driver, request, described, checked)

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import orjson
 import socketio
@@ -45,7 +44,7 @@ from polysignal.logs import Throttle, elide, more
 from polysignal.protocols import rooms as proto
 from polysignal.protocols.rooms import ClientEvent, ClusterMessage, ServerEvent
 from polysignal.server import socketio_compat as compat
-from polysignal.server.auth import Authenticator, Refused, query_without_token, token_of
+from polysignal.server.auth import Authenticator, Refused
 from polysignal.server.executor import Background
 from polysignal.server.node import Node
 
@@ -269,19 +268,14 @@ class RoomsHub:
         """The identity of a connecting socket's token (its URL's ``token``, its
         ``Authorization`` or its cookie: socket.io's own ``auth`` carries the rooms token)."""
         auth = self.auth
-        query = environ.get("QUERY_STRING", "")
-        token = token_of(
-            dict(parse_qsl(query)),
+        token, described = auth.describe(
+            environ.get("PATH_INFO", ""),
+            environ.get("QUERY_STRING", ""),
+            environ.get("HTTP_ORIGIN"),
+            address,
             environ.get("HTTP_AUTHORIZATION"),
             environ.get("HTTP_COOKIE"),
-            auth.cookie_name,
         )
-        described = {
-            "path": environ.get("PATH_INFO", ""),
-            "query": query_without_token(query),
-            "origin": environ.get("HTTP_ORIGIN"),
-            "address": address,
-        }
         try:
             checked = auth.check("rooms", described, token)
             return checked if isinstance(checked, Identity) else await checked
