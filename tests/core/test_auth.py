@@ -12,6 +12,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
+from hypothesis import given
+from hypothesis import strategies as st
 
 from polysignal.config import ConfigError, Settings
 from polysignal.core.auth import (
@@ -343,3 +345,37 @@ def test_the_refused_topics_error_names_three():
     assert refused_topics_error("publish", ("x" * 150,)) == (
         f"publish: topic {'x' * 100!r} not allowed for this token"
     )
+
+
+# --- properties: whatever a client sends as a token, a refusal by AuthError, never a crash ----
+
+TOKEN_TEXT = st.text(max_size=300) | st.from_regex(
+    r"[A-Za-z0-9_\-]{0,40}(\.[A-Za-z0-9_\-=]{0,60}){0,3}"
+)
+
+
+@given(TOKEN_TEXT)
+def test_any_token_text_is_refused_with_auth_error(text):
+    with pytest.raises(AuthError):
+        JwtVerifier(SECRET).verify(text, NOW)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["sub", "topics", "ids", "rooms", "exp", "other"]),
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.text(max_size=5)
+        | st.lists(st.text(max_size=3) | st.integers(), max_size=4),
+    )
+)
+def test_any_claims_give_an_identity_or_auth_error(claims):
+    try:
+        identity = identity_from_claims(claims)
+    except AuthError:
+        return
+    assert identity.sub == claims["sub"]
+    for name in ("topics", "ids", "rooms"):
+        value = getattr(identity, name)
+        assert value is None or all(isinstance(item, str) for item in value)
