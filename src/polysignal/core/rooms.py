@@ -24,13 +24,15 @@ node only; an event for a room goes once to each node that has members in it.
 
 from __future__ import annotations
 
+import hmac
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from polysignal.core.effects import ToNode
+from polysignal.core.limits import TokenBucket
 from polysignal.protocols import rooms as proto
 from polysignal.protocols.rooms import (
     MISSING,
@@ -40,6 +42,9 @@ from polysignal.protocols.rooms import (
     Maybe,
     ServerEvent,
 )
+
+if TYPE_CHECKING:
+    from polysignal.core.auth import Identity
 
 DIRECT_KIND: Final = "rooms"
 """The backend's direct-delivery kind of rooms messages."""
@@ -940,3 +945,171 @@ class RoomsMachine:
                 # be delivered (the room then has no owner's node: joins fail, members stay
                 # connected, as when an owner's node dies: docs/protocols/rooms.md).
                 pass
+
+
+# --- the gate: what is checked of a socket before the machine sees its events ----------------
+
+RATE_REPORT_INTERVAL: Final = 1.0
+"""Seconds between two answers to a socket over its rate limit: a flood gets one error per
+interval, not one per event."""
+
+TOO_MANY_FAILURES: Final = "Too many wrong passwords from this address; retry later"
+"""The error of ``POST /app`` from an address past ``APP_MAX_FAILURES`` (429)."""
+
+
+@dataclass(eq=False, slots=True)
+class Member:
+    """What the gate keeps of one socket.io connection of this node (its rooms are the
+    machine's)."""
+
+    address: str
+    bucket: TokenBucket
+    last_error: float = float("-inf")  # when it was last told it is over its rate limit
+    identity: Identity | None = None  # when ``AUTH`` names rooms
+
+
+class Gate:
+    """The rooms protocol's checks in front of its machine (docs/protocols/rooms.md, "Tokens"
+    and "Errors and limits"): the handshake token of a connecting socket, then for each event
+    the socket's rate limit, the event's name, the session token it carries, the shape of its
+    data and the rooms its identity allows; ``auth-request`` is answered here. What passes goes
+    to the machine, whose effects come back with the gate's own answers, in order.
+
+    It holds no clock: every call is given the monotonic time (``now``, for the rate limit) and
+    the wall-clock time (``wall``, for token expiry)."""
+
+    def __init__(
+        self,
+        machine: RoomsMachine,
+        secret: bytes,
+        limits: proto.Limits,
+        *,
+        token_lifetime: int,
+        rate: float = 0.0,
+        burst: int = 1,
+    ) -> None:
+        self.machine = machine
+        self.secret = secret
+        self.limits = limits
+        self.token_lifetime = token_lifetime
+        self.rate = rate
+        self.burst = burst
+        self.members: dict[str, Member] = {}
+
+    # --- sockets ---
+    def refusal(self, auth: Any, wall: float) -> str | None:
+        """Why a socket with handshake ``auth`` is refused (its message), or None to let it in.
+
+        The original never answers a bad token and leaves the client hanging
+        (docs/protocols/rooms.md, "Errors and limits"); this one refuses the connection."""
+        token = auth.get("token") if isinstance(auth, dict) else None
+        if token is None:
+            return proto.TOKEN_REQUIRED
+        if not proto.verify_handshake(token, self.secret, wall):
+            return proto.TOKEN_NOT_VALID
+        return None
+
+    def connected(
+        self, sid: str, address: str, now: float, identity: Identity | None = None
+    ) -> Member:
+        """Socket ``sid`` passed the handshake."""
+        member = self.members[sid] = Member(
+            address, TokenBucket(self.rate, self.burst, now), identity=identity
+        )
+        self.machine.handle(Connected(sid))
+        return member
+
+    def disconnected(self, sid: str) -> list[Effect] | None:
+        """Socket ``sid`` went: the effects of its leaving, or None for a socket never let in."""
+        if self.members.pop(sid, None) is None:
+            return None
+        return self.machine.handle(Disconnected(sid))
+
+    # --- events ---
+    def event(self, sid: str, event: Any, data: Any, now: float, wall: float) -> list[Effect]:
+        """The effects of event ``event`` (any name, any data) from local socket ``sid``."""
+        member = self.members.get(sid)
+        if member is None:
+            return []
+        name = event if isinstance(event, str) else repr(event)
+        if not member.bucket.allow(now):
+            if now - member.last_error < RATE_REPORT_INTERVAL:
+                return []
+            member.last_error = now
+            message = f"rate limit exceeded ({member.bucket.rate:g} events/s); events dropped"
+            return [reject(sid, name, message)]
+        try:
+            kind = ClientEvent(event)
+        except ValueError:
+            return [reject(sid, name[:64], f"unknown event {name[:64]!r}")]
+        try:
+            if kind is ClientEvent.AUTH_REQUEST:
+                return self._auth_request(sid, data, wall)
+            auth = data.get("auth") if isinstance(data, dict) else None
+            if not proto.verify_session(auth, self.secret, sid, wall):
+                return [Emit(ServerEvent.UNAUTHORIZED, {"message": proto.TOKEN_NOT_VALID}, (sid,))]
+            command = self._parse(kind, data)
+            if member.identity is not None:
+                check_room(member.identity, command)
+            return self.machine.handle(ClientCommand(sid, kind, command))
+        except proto.BadEvent as exc:
+            return [reject(sid, kind, exc.message, exc.payload)]
+
+    def _parse(self, kind: ClientEvent, data: Any) -> Command:
+        limits = self.limits
+        match kind:
+            case ClientEvent.ROOM_CREATE_REQUEST:
+                return proto.parse_create(data, limits)
+            case ClientEvent.ROOM_JOIN_REQUEST:
+                return proto.parse_join(data, limits)
+            case ClientEvent.ROOM_JOIN_ACCEPT | ClientEvent.ROOM_JOIN_REJECT:
+                return proto.parse_answer(kind, data, limits)
+            case _:
+                return proto.parse_relay(kind, data, limits)
+
+    def _auth_request(self, sid: str, data: Any, wall: float) -> list[Effect]:
+        """``auth-request``: an app token in, a session token for this socket out."""
+        cmd = proto.parse_auth_request(data, self.limits)
+        token_data = proto.verify_token(cmd.token, self.secret)
+        if token_data is None:
+            raise proto.BadEvent(proto.TOKEN_NOT_VALID, cmd.payload)
+        self.machine.handle(Authenticated(sid, cmd.peerinfo))
+        exp = int(wall) + self.token_lifetime
+        token = proto.session_token(token_data["app"], sid, exp, self.secret)
+        return [Emit(ServerEvent.AUTH_ACCEPT, proto.body(payload=cmd.payload, token=token), (sid,))]
+
+    # --- POST /app ---
+    def app_token(self, form: Any, password: str) -> tuple[int, dict[str, Any]]:
+        """``POST /app``'s status and body for the decoded ``form`` (any JSON or form data),
+        the server's app password given (docs/protocols/rooms.md, "POST /app"). A 401 is a
+        wrong password, which the caller counts against the client's address."""
+        if not isinstance(form, dict) and not hasattr(form, "get"):
+            return api_error(400, "Request body must be an object")
+        given = form.get("password")
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), password.encode()):
+            return api_error(401, proto.UNAUTHORIZED_HTTP)
+        app = form.get("app")
+        if not isinstance(app, str) or not app:
+            return api_error(400, proto.APP_REQUIRED)
+        return 200, {
+            "status": 200,
+            "error": None,
+            "response": {"token": proto.app_token(app, self.secret)},
+        }
+
+
+def api_error(status: int, message: str) -> tuple[int, dict[str, Any]]:
+    """The original's ``ErrorHandler`` body: ``{status, error, response: false}``."""
+    return status, {"status": status, "error": message, "response": False}
+
+
+def check_room(identity: Identity, command: Command) -> None:
+    """Refuse (``BadEvent``) a create or join of a room the socket's token does not allow."""
+    if not isinstance(command, proto.CreateRoom | proto.JoinRoom):
+        return
+    if command.room is None:
+        if identity.rooms is not None:
+            raise proto.BadEvent("a room name is required by this token", command.payload)
+    elif not identity.may_use_room(command.room):
+        message = f"room {command.room[:100]!r} not allowed for this token"
+        raise proto.BadEvent(message, command.payload)

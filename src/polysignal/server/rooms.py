@@ -18,7 +18,6 @@ local sockets, messages to other nodes by the backend's direct delivery (docs/pr
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -39,10 +38,10 @@ from polysignal.core.auth import Identity
 from polysignal.core.edge import AllowedOrigins
 from polysignal.core.effects import ToNode
 from polysignal.core.errors import BackendUnavailable
-from polysignal.core.limits import AddressCounter, FailureWindow, TokenBucket
+from polysignal.core.limits import AddressCounter, FailureWindow
 from polysignal.logs import Throttle, elide, more
 from polysignal.protocols import rooms as proto
-from polysignal.protocols.rooms import ClientEvent, ClusterMessage, ServerEvent
+from polysignal.protocols.rooms import ClusterMessage, ServerEvent
 from polysignal.server import socketio_compat as compat
 from polysignal.server.auth import Authenticator, Refused
 from polysignal.server.executor import Background
@@ -77,16 +76,6 @@ class Shared:
     # The demo's ICE servers made per request, TURN credentials included (server/turn.py);
     # None: ``ice_servers``.
     ice_at_open: Callable[[str | None], tuple[dict[str, Any], ...]] | None = None
-
-
-@dataclass(eq=False, slots=True)
-class _Conn:
-    """What the hub keeps of one socket.io connection (the rooms are the machine's)."""
-
-    address: str
-    bucket: TokenBucket
-    last_error: float = 0.0
-    identity: Identity | None = None  # when ``AUTH`` names rooms
 
 
 class RoomsHub:
@@ -128,8 +117,16 @@ class RoomsHub:
                 name_length=settings.rooms_max_name_length,
             ),
         )
+        self.gate = core.Gate(
+            self.machine,
+            self.secret,
+            self.limits,
+            token_lifetime=settings.token_lifetime,
+            rate=shared.rate_limit,
+            burst=shared.rate_burst,
+        )
+        self.conns = self.gate.members  # the sockets let in, by sid
         self.leases = Leases(backend, max(float(shared.lease_ttl), MIN_TTL))
-        self.conns: dict[str, _Conn] = {}
         self.background = Background(log)
         self._throttle = Throttle()
         self.app_failures = PasswordFailures(settings.app_max_failures, settings.app_failure_window)
@@ -248,20 +245,14 @@ class RoomsHub:
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
         if self.stopping():
             raise socketio.exceptions.ConnectionRefusedError("server shutting down")
-        token = auth.get("token") if isinstance(auth, dict) else None
-        if token is None:
-            raise socketio.exceptions.ConnectionRefusedError(proto.TOKEN_REQUIRED)
-        if not proto.verify_handshake(token, self.secret, time.time()):
-            # The original never answers here and leaves the client hanging
-            # (docs/protocols/rooms.md, "Errors and limits").
-            raise socketio.exceptions.ConnectionRefusedError(proto.TOKEN_NOT_VALID)
+        refusal = self.gate.refusal(auth, time.time())
+        if refusal is not None:
+            raise socketio.exceptions.ConnectionRefusedError(refusal)
         address = compat.remote_address(environ)
         identity = None
         if self.auth.required("rooms"):
             identity = await self._authenticate(environ, address)
-        bucket = TokenBucket(self.shared.rate_limit, self.shared.rate_burst, time.monotonic())
-        self.conns[sid] = _Conn(address, bucket, identity=identity)
-        self.machine.handle(core.Connected(sid))
+        self.gate.connected(sid, address, time.monotonic(), identity)
         log.debug("socket %s connected from %s", sid, address)
 
     async def _authenticate(self, environ: dict[str, Any], address: str) -> Identity:
@@ -283,81 +274,27 @@ class RoomsHub:
             raise socketio.exceptions.ConnectionRefusedError(exc.message) from None
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
-        conn = self.conns.pop(sid, None)
-        if conn is None:
-            return
         log.debug("socket %s gone (%s)", sid, reason)
         try:
-            await self.feed(core.Disconnected(sid))
+            effects = self.gate.disconnected(sid)
+            if effects:
+                await self.run(effects)
         except Exception:
             log.exception("socket %s: leaving its rooms failed", sid)
 
     async def on_event(self, event: Any, sid: str, *args: Any) -> None:
-        """Every client event: rate limit, auth (docs/protocols/rooms.md, "Tokens"), validation,
-        then the machine."""
-        conn = self.conns.get(sid)
-        if conn is None:
-            return
+        """Every client event: through the gate (``core/rooms.py``: rate limit, tokens,
+        validation) to the machine, and their effects carried out."""
         data = args[0] if args else None
-        name = event if isinstance(event, str) else repr(event)
         if log.isEnabledFor(logging.DEBUG):
+            name = event if isinstance(event, str) else repr(event)
             log.debug("socket %s: %s %s", sid, name[:64], _elided(data))
-        now = time.monotonic()
-        if not conn.bucket.allow(now):
-            if now - conn.last_error >= 1.0:
-                conn.last_error = now
-                message = f"rate limit exceeded ({conn.bucket.rate:g} events/s); events dropped"
-                await self.run([core.reject(sid, name, message)])
-            return
         try:
-            kind = ClientEvent(event)
-        except ValueError:
-            await self.run([core.reject(sid, name[:64], f"unknown event {name[:64]!r}")])
-            return
-        if kind is not ClientEvent.AUTH_REQUEST:
-            auth = data.get("auth") if isinstance(data, dict) else None
-            if not proto.verify_session(auth, self.secret, sid, time.time()):
-                body = {"message": proto.TOKEN_NOT_VALID}
-                await self.run([core.Emit(ServerEvent.UNAUTHORIZED, body, (sid,))])
-                return
-        try:
-            if kind is ClientEvent.AUTH_REQUEST:
-                await self.auth_request(sid, data)
-            else:
-                command = self._parse(kind, data)
-                if conn.identity is not None:
-                    _check_room(conn.identity, command)
-                await self.feed(core.ClientCommand(sid, kind, command))
-        except proto.BadEvent as exc:
-            log.debug("socket %s: %s: %s", sid, kind, exc.message)
-            await self.run([core.reject(sid, kind, exc.message, exc.payload)])
+            await self.run(self.gate.event(sid, event, data, time.monotonic(), time.time()))
         except Exception:
-            log.exception("socket %s: error handling %s", sid, kind)
-            body = proto.error_body("internal error", kind, proto.payload_of(data))
+            log.exception("socket %s: error handling %s", sid, str(event)[:64])
+            body = proto.error_body("internal error", str(event)[:64], proto.payload_of(data))
             await self.run([core.Emit(ServerEvent.ERROR, body, (sid,))])
-
-    def _parse(self, kind: ClientEvent, data: Any) -> core.Command:
-        match kind:
-            case ClientEvent.ROOM_CREATE_REQUEST:
-                return proto.parse_create(data, self.limits)
-            case ClientEvent.ROOM_JOIN_REQUEST:
-                return proto.parse_join(data, self.limits)
-            case ClientEvent.ROOM_JOIN_ACCEPT | ClientEvent.ROOM_JOIN_REJECT:
-                return proto.parse_answer(kind, data, self.limits)
-            case _:
-                return proto.parse_relay(kind, data, self.limits)
-
-    async def auth_request(self, sid: str, data: Any) -> None:
-        """``auth-request``: an app token in, a session token for this socket out."""
-        cmd = proto.parse_auth_request(data, self.limits)
-        token_data = proto.verify_token(cmd.token, self.secret)
-        if token_data is None:
-            raise proto.BadEvent(proto.TOKEN_NOT_VALID, cmd.payload)
-        self.machine.handle(core.Authenticated(sid, cmd.peerinfo))
-        exp = int(time.time()) + self.settings.token_lifetime
-        token = proto.session_token(token_data["app"], sid, exp, self.secret)
-        body = proto.body(payload=cmd.payload, token=token)
-        await self.run([core.Emit(ServerEvent.AUTH_ACCEPT, body, (sid,))])
 
     # --- other nodes ---
     async def on_cluster(self, origin: str, raw: bytes) -> None:
@@ -394,17 +331,10 @@ class RoomsHub:
             # Not JSON, not UTF-8, an unknown charset, a multipart body without its boundary
             # or with malformed part headers: the client's error, answered, never a traceback.
             return _api_error(400, "Request body is not valid JSON or form data")
-        if not isinstance(form, dict) and not hasattr(form, "get"):
-            return _api_error(400, "Request body must be an object")
-        password = form.get("password")
-        if not isinstance(password, str) or not _same(password, self.password):
+        status, body = self.gate.app_token(form, self.password)
+        if status == 401:
             failures.record(address)
-            return _api_error(401, proto.UNAUTHORIZED_HTTP)
-        app = form.get("app")
-        if not isinstance(app, str) or not app:
-            return _api_error(400, proto.APP_REQUIRED)
-        token = proto.app_token(app, self.secret)
-        return web.json_response({"status": 200, "error": None, "response": {"token": token}})
+        return web.json_response(body, status=status)
 
     async def demo_page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(DEMO_DIR / "index.html")
@@ -422,18 +352,6 @@ class RoomsHub:
         return web.FileResponse(VENDOR_CLIENT)
 
 
-def _check_room(identity: Identity, command: core.Command) -> None:
-    """Refuse a create or join of a room the socket's token does not allow."""
-    if not isinstance(command, proto.CreateRoom | proto.JoinRoom):
-        return
-    if command.room is None:
-        if identity.rooms is not None:
-            raise proto.BadEvent("a room name is required by this token", command.payload)
-    elif not identity.may_use_room(command.room):
-        message = f"room {command.room[:100]!r} not allowed for this token"
-        raise proto.BadEvent(message, command.payload)
-
-
 def _elided(data: Any) -> str:
     try:
         return elide(orjson.dumps(data, default=repr))
@@ -441,17 +359,12 @@ def _elided(data: Any) -> str:
         return "<unsized>"
 
 
-def _same(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
-
-
 def _api_error(status: int, message: str) -> web.Response:
-    """The original's ``ErrorHandler`` body: ``{status, error, response: false}``."""
-    return web.json_response({"status": status, "error": message, "response": False}, status=status)
+    status, body = core.api_error(status, message)
+    return web.json_response(body, status=status)
 
 
-TOO_MANY_FAILURES = "Too many wrong passwords from this address; retry later"
-"""The error of ``POST /app`` from an address past ``APP_MAX_FAILURES`` (429)."""
+TOO_MANY_FAILURES = core.TOO_MANY_FAILURES
 
 
 class PasswordFailures:
