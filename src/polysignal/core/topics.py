@@ -14,9 +14,13 @@ with many connections cannot hold more than its share of the node's memory.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from polysignal.core.errors import LimitExceeded
+from polysignal.protocols import topics as proto
+
+if TYPE_CHECKING:
+    from polysignal.core.auth import Identity
 
 S = TypeVar("S", bound=Hashable)
 
@@ -151,3 +155,60 @@ class TopicLimitExceeded(LimitExceeded):
         )
         self.added = added
         self.refused = refused
+
+
+class TopicsRules(Generic[S]):
+    """The topics protocol's rules for commands that change subscriptions, on one node
+    (docs/protocols/topics.md): which topics a subscriber gets, within its limits and what its
+    token allows, and what it is told about the rest. Each call returns the frames to send the
+    subscriber, in order, and the topics whose local count changed (for the backend's presence
+    and channel subscriptions). A publish is the hub's: its fan-out writes to sockets."""
+
+    def __init__(self, registry: TopicRegistry[S]) -> None:
+        self.registry = registry
+
+    def subscribe(
+        self,
+        subscriber: S,
+        cmd: proto.Subscribe,
+        address: str = "",
+        identity: Identity | None = None,
+    ) -> tuple[list[bytes], list[str]]:
+        """``subscribe``: the topics ``identity`` allows (all without one), as many as fit."""
+        answers: list[bytes] = []
+        topics = cmd.topics
+        if identity is not None:
+            topics, refused = identity.split_topics(topics)
+            if refused:
+                answers.append(proto.encode_error(refused_topics_error("subscribe", refused)))
+        try:
+            added = self.registry.subscribe(subscriber, topics, address)
+        except TopicLimitExceeded as exc:
+            added = exc.added
+            answers.append(proto.encode_error(exc.message))
+        if cmd.problems:
+            answers.append(proto.skipped_entries_error("subscribe", cmd.problems))
+        return answers, added
+
+    def unsubscribe(self, subscriber: S, cmd: proto.Unsubscribe) -> tuple[list[bytes], list[str]]:
+        """``unsubscribe``: the topics it holds of ``cmd``'s; entries that were not topics told."""
+        removed = self.registry.unsubscribe(subscriber, cmd.topics)
+        if cmd.problems:
+            return [proto.skipped_entries_error("unsubscribe", cmd.problems)], removed
+        return [], removed
+
+    @staticmethod
+    def publish_refusal(identity: Identity | None, topic: str) -> bytes | None:
+        """The error frame of a publish on a topic ``identity`` does not allow; None to go on."""
+        if identity is None or identity.may_use_topic(topic):
+            return None
+        return proto.encode_error(refused_topics_error("publish", (topic,)))
+
+
+def refused_topics_error(kind: str, refused: tuple[str, ...]) -> str:
+    """``core/auth.py``'s text of topics a token refuses. Imported when first needed: it needs
+    PyJWT, which this module's serverless package does not carry, and only a node that
+    authenticates its clients has an identity to refuse topics of."""
+    from polysignal.core.auth import refused_topics_error as text
+
+    return text(kind, refused)

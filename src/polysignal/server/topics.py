@@ -9,9 +9,8 @@ same bytes are written to every local recipient and handed once to the backend.
 
 from __future__ import annotations
 
-from polysignal.core.auth import Identity, refused_topics_error
 from polysignal.core.errors import Answer, MalformedFrame, Reply
-from polysignal.core.topics import TopicLimitExceeded, TopicRegistry
+from polysignal.core.topics import TopicRegistry, TopicsRules
 from polysignal.protocols import topics as proto
 from polysignal.protocols.websocket import build_frame
 from polysignal.server.connection import Connection
@@ -33,6 +32,7 @@ class TopicsHub(Handler):
             node.settings.topics.max_topics_per_connection,
             node.settings.topics.max_topics_per_address,
         )
+        self.rules = TopicsRules(self.registry)
         self.limits = proto.TopicLimits(node.settings.topics.max_topic_length)
         self.echo = node.settings.topics.echo
         self.rate_error = proto.rate_limited_error(node.settings.limits.rate_limit)
@@ -50,20 +50,18 @@ class TopicsHub(Handler):
         match cmd:
             case proto.Publish():
                 received["publish"] += 1
-                if conn.identity is not None and not conn.identity.may_use_topic(cmd.topic):
-                    conn.send_text(
-                        proto.encode_error(refused_topics_error("publish", (cmd.topic,)))
-                    )
-                    return None
+                if conn.identity is not None:
+                    refusal = self.rules.publish_refusal(conn.identity, cmd.topic)
+                    if refusal is not None:
+                        conn.send_text(refusal)
+                        return None
                 return self.publish(conn, cmd)
             case proto.Subscribe():
                 received["subscribe"] += 1
-                if conn.identity is not None:
-                    cmd = self._allowed(conn, conn.identity, cmd)
-                self.subscribe(conn, cmd)
+                self._answer(conn, *self.rules.subscribe(conn, cmd, conn.address, conn.identity))
             case proto.Unsubscribe():
                 received["unsubscribe"] += 1
-                self.unsubscribe(conn, cmd)
+                self._answer(conn, *self.rules.unsubscribe(conn, cmd))
             case proto.Ping():
                 received["ping"] += 1
                 if conn.send_frame(PONG_FRAME):
@@ -87,30 +85,10 @@ class TopicsHub(Handler):
         return Reply(self.rate_error) if report else None
 
     # --- commands ---
-    def subscribe(self, conn: Connection, cmd: proto.Subscribe) -> None:
-        try:
-            added = self.registry.subscribe(conn, cmd.topics, conn.address)
-        except TopicLimitExceeded as exc:
-            added = exc.added
-            conn.send_text(proto.encode_error(exc.message))
-        self._counts_changed(added)
-        if cmd.problems:
-            conn.send_text(proto.skipped_entries_error("subscribe", cmd.problems))
-
-    def _allowed(
-        self, conn: Connection, identity: Identity, cmd: proto.Subscribe
-    ) -> proto.Subscribe:
-        """``cmd`` with only the topics ``identity`` may use; the rest answered as refused."""
-        allowed, refused = identity.split_topics(cmd.topics)
-        if not refused:
-            return cmd
-        conn.send_text(proto.encode_error(refused_topics_error("subscribe", refused)))
-        return proto.Subscribe(allowed, cmd.problems)
-
-    def unsubscribe(self, conn: Connection, cmd: proto.Unsubscribe) -> None:
-        self._counts_changed(self.registry.unsubscribe(conn, cmd.topics))
-        if cmd.problems:
-            conn.send_text(proto.skipped_entries_error("unsubscribe", cmd.problems))
+    def _answer(self, conn: Connection, answers: list[bytes], changed: list[str]) -> None:
+        for frame in answers:
+            conn.send_text(frame)
+        self._counts_changed(changed)
 
     def publish(self, conn: Connection, cmd: proto.Publish) -> Result:
         """Fan ``cmd`` out, to this node's subscribers at once, with the best known cluster-wide
