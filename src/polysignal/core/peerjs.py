@@ -13,6 +13,7 @@ event                                      effects it may return
 ``on_open(conn, query, now)``              ``Send`` ERROR or ID-TAKEN then ``Close``; or
                                            ``Claim`` the id (a ghost holder here is closed);
                                            or, for its own token, ``Send`` OPEN and the queue
+``claim(claim, now)``                      a generator (below): ``on_claimed``'s effects
 ``on_claimed(claim, ok)``                  ``Send`` OPEN and the queue; or ID-TAKEN, ``Close``
 ``on_message(conn, data, now)``            ``Send`` to a local peer, ``Lookup`` one elsewhere,
                                            queue it; ``Send`` ERROR for bad input
@@ -23,9 +24,25 @@ event                                      effects it may return
                                            node
 ``on_timer(now)``                          ``Close`` silent clients; ``EXPIRE`` for unread
                                            queues; ``Lookup`` the ids messages wait for
+``on_lookup_error(lookup, error, now)``    ``Fault``, then as ``on_lookup_failed``
+``on_send_error(effect, error)``           ``Fault``, then as ``on_undelivered``
+``on_probe(node, payload, now)``           ``Notify`` the node whether its holder is live
+``on_taken_over(peer_id, node, owner)``    ``Close`` the holder here, or ``Notify`` its node
 ``on_evict`` / ``on_id_lost``              ``Close`` the holder, ``Release``
 ``on_close(conn)``                         ``Release`` its id
 =========================================  =================================================
+
+Claims: each client's id is claimed cluster-wide under ``peerjs:<id>`` with the lease owner
+token ``<token digest>:<node id>`` (``lease_owner``), so the same client on another node takes
+its claim over at once, evicting its older socket.
+
+A claim runs as a generator, as the relay's rendezvous does (``core/relay.py``): ``claim``
+yields what it needs of the hub (``ClaimOp``, ``Lookup``, ``ProbeOp``, ``TakeOp``), is sent each
+answer (a failure thrown in), and returns ``on_claimed``'s effects. A claim held with another
+token is asked about: by this machine if the holder is here, else by a probe to the holder's
+node. A holder that is stale (``holder_live``) or whose node does not receive the probe is taken
+over; a live one answers ID-TAKEN. A probe its node does not answer within ``PROBE_TIMEOUT``
+counts as live: a slow node keeps its clients.
 
 Liveness: every frame a client sends refreshes it (the client sends ``HEARTBEAT`` every 5 s). A
 client silent for ``alive_timeout`` is closed. A client silent for ``stale_after`` (two
@@ -42,12 +59,14 @@ bytes for its id, bytes for the node) is not queued: its sender gets ``EXPIRE`` 
 from __future__ import annotations
 
 import hmac
+import itertools
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from polysignal.core.effects import Close, Conn, Send, ToNode
-from polysignal.core.errors import CloseCode
+from polysignal.core.errors import BackendUnavailable, CloseCode
 from polysignal.protocols import peerjs as proto
 from polysignal.protocols.peerjs import NOT_QUEUED, BadMessage, ErrorText, MessageType
 
@@ -63,11 +82,39 @@ EVICT_KIND = "peerjs-evict"
 """Direct message: another node took this holder's id over; close its socket."""
 QUEUE_RECHECK = 0.5
 """Seconds between two lookups of an id that messages are queued for."""
+CLAIM_ATTEMPTS = 3
+"""Rounds of claim and look up when the holder keeps going away in between."""
+PROBE_TIMEOUT = 2.0
+"""Seconds a claim waits for the holder's node to say whether the holder is live."""
+PEERS_LIMIT = 100_000
+"""Most ids ``GET {path}{key}/peers`` lists."""
+NEW_ID_ATTEMPTS = 8
+"""Random ids drawn for ``GET {path}{key}/id`` until one is not held here."""
 
 
 def claim_key(peer_id: str) -> str:
     """The backend key of ``peer_id``'s claim."""
     return CLAIM_PREFIX + peer_id
+
+
+def owner_digest(owner: str) -> str:
+    """The client's token digest in a claim's owner token (``PeerJsNode.lease_owner``)."""
+    return owner.partition(":")[0]
+
+
+def mount(path: str) -> str:
+    """``PEERJS_PATH`` as a prefix ending in ``/``: the client appends ``peerjs`` and
+    ``{key}/id`` to it."""
+    return path.rstrip("/") + "/"
+
+
+def allowed_origin(origin: str | None, allowed: Sequence[str]) -> str | None:
+    """The ``Access-Control-Allow-Origin`` for a request from ``origin``, as the ``cors``
+    package of the original: the origin echoed when any origin is allowed (``allowed`` empty)
+    or it is on the list; else none."""
+    if origin and (not allowed or origin in allowed):
+        return origin
+    return None
 
 
 # --- the effects of PeerJS's own (the others are core/effects.py's) ----------------------------
@@ -114,8 +161,73 @@ class Lookup:
         return claim_key(self.target)
 
 
-Effect = Send | Close | ToNode | Claim | Release | Lookup
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Hand ``payload`` to ``node``'s handler of ``kind``, and wait for nothing: a failure is
+    noted (``what`` says what could not be done) and changes nothing here."""
+
+    node: str
+    kind: str
+    payload: bytes
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Asking the cluster failed with ``error`` (``what`` says what could not be done): the hub
+    reports it under ``key`` (``server/peerjs.py``, ``_cluster_fault``)."""
+
+    key: str
+    what: str
+    error: Exception
+
+
+Effect = Send | Close | ToNode | Claim | Release | Lookup | Notify | Fault
 Effects = Sequence[Effect]
+
+
+# --- what a claim asks of the hub while it runs (each answer is sent back into it) -------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimOp:
+    """Claim ``claim``'s id as ``owner`` if it is free (or ``owner``'s already); answered True
+    or False. The hub holds it as a lease, renewed until released (one the backend does not
+    answer promptly is held here meanwhile: backends/lease.py)."""
+
+    claim: Claim
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeOp:
+    """Hand ``payload`` (a ``PROBE_KIND`` direct message: is your holder live?) to ``node`` and
+    wait up to ``within`` seconds for its answer to ``ask``: answered with that answer, or None
+    when no node received it. ``TimeoutError`` (no answer in time) and ``BackendUnavailable``
+    are thrown in."""
+
+    node: str
+    ask: int
+    payload: bytes
+    within: float
+
+
+@dataclass(frozen=True, slots=True)
+class TakeOp:
+    """Take ``claim``'s id over, as ``owner``, from its holder on ``node``: the holder's claim
+    is released and ``on_taken_over`` says how its socket closes."""
+
+    claim: Claim
+    owner: str
+    node: str
+
+
+Op = ClaimOp | Lookup | ProbeOp | TakeOp
+"""What a claim asks of the hub; a ``Lookup`` is answered with the holder of its key (its
+``node_id`` and owner ``token``) or None."""
+Work = Generator[Op, Any, Effects]
+"""A claim in progress: it yields what it needs of the hub and is sent each answer (a failure
+thrown in); it returns the effects that follow (``on_claimed``'s)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -163,6 +275,7 @@ class PeerJsNode:
         queue_bytes: int = 256 * 1024,
         queue_node_bytes: int = 64 << 20,
         is_closing: Callable[[Conn], bool] = _never_closing,
+        new_id: Callable[[], str] = proto.new_id,
     ) -> None:
         self.node_id = node_id
         self.key = key
@@ -174,6 +287,8 @@ class PeerJsNode:
         self.queue_bytes = queue_bytes
         self.queue_node_bytes = queue_node_bytes
         self._is_closing = is_closing
+        self._new_id = new_id
+        self._asks = itertools.count(1)  # the numbers of this node's probes
         self._clients: dict[str, _Client] = {}
         self._by_conn: dict[Conn, _Client] = {}
         self._seen: dict[_Client, None] = {}  # by the time of their last frame, oldest first
@@ -223,6 +338,84 @@ class PeerJsNode:
 
     def _live(self, client: _Client, now: float) -> bool:
         return not self._is_closing(client.conn) and now - client.seen < self.stale_after
+
+    def new_id(self) -> str:
+        """An id no client of this node holds (as the original's ``generateClientId``)."""
+        for _ in range(NEW_ID_ATTEMPTS):
+            peer_id = self._new_id()
+            if peer_id not in self._clients:
+                return peer_id
+        return self._new_id()  # random UUIDs never collide that often: taken as it comes
+
+    def peers(self, claimed: Iterable[str]) -> list[str]:
+        """Every connected id of the cluster: this node's, then those of the ``claimed`` keys
+        (the cluster's claims), each once, at most ``PEERS_LIMIT``."""
+        ids = dict.fromkeys(self.ids())
+        ids.update(dict.fromkeys(key[len(CLAIM_PREFIX) :] for key in claimed))
+        return list(ids)[:PEERS_LIMIT]
+
+    def lease_owner(self, token: str) -> str:
+        """The owner token of a claim by the client with token digest ``token``: the digest
+        and this node, so the same client on another node takes its claim over (and its older
+        socket here is evicted)."""
+        return f"{token}:{self.node_id}"
+
+    # --- claims ---
+    def claim(self, claim: Claim, now: float) -> Work:
+        """Claim ``claim``'s id cluster-wide (see the module docstring), a holder with another
+        token asked about at ``now``; returns ``on_claimed``'s effects."""
+        owner = self.lease_owner(claim.token)
+        for _ in range(CLAIM_ATTEMPTS):
+            if (yield ClaimOp(claim, owner)):
+                return self.on_claimed(claim, True)
+            try:
+                holder = yield Lookup(claim.peer_id)
+            except BackendUnavailable as exc:
+                fault = Fault("lookup", f"cannot look up {claim.peer_id}", exc)
+                return (fault, *self.on_claimed(claim, False))
+            if holder is None:
+                continue  # released in between
+            token = owner_digest(holder.token)
+            if token != claim.token and (
+                yield from self._blocks(claim.peer_id, holder.node_id, token, now)
+            ):
+                return self.on_claimed(claim, False)
+            yield TakeOp(claim, owner, holder.node_id)
+            return self.on_claimed(claim, True)
+        return self.on_claimed(claim, False)
+
+    def _blocks(self, peer_id: str, node: str, token: str, now: float) -> Generator[Op, Any, bool]:
+        """Whether the holder of ``peer_id`` on ``node`` with ``token`` still blocks it: asked
+        of this machine, or of its node (a node the probe reaches nowhere is gone: so is the
+        holder)."""
+        if node == self.node_id:
+            return self.holder_live(peer_id, token, now)
+        ask = next(self._asks)
+        probe = proto.encode_holder(proto.Holder(peer_id, token, ask))
+        try:
+            live = yield ProbeOp(node, ask, probe, PROBE_TIMEOUT)
+        except (BackendUnavailable, TimeoutError):
+            return True  # cannot tell: the holder keeps its id
+        if live is None:
+            return False  # no node received the probe: gone, and its holder with it
+        return bool(live)
+
+    def on_probe(self, node: str, payload: bytes, now: float) -> Effects:
+        """``node`` asks whether our holder of an id still blocks it (``MalformedFrame`` if
+        ``payload`` is not such a question): it is told."""
+        holder = proto.decode_holder(payload)
+        live = self.holder_live(holder.id, holder.token, now)
+        answer = proto.encode_probe_answer(holder.ask, live)
+        return (Notify(node, PROBED_KIND, answer, f"cannot answer a probe of node {node}"),)
+
+    def on_taken_over(self, peer_id: str, node: str, owner: str) -> Effects:
+        """This node took ``peer_id``'s claim over from ``owner`` on ``node`` (whose claim is
+        released already): the holder's socket closes, here or on its node."""
+        evicted = proto.Holder(peer_id, owner_digest(owner))
+        if node == self.node_id:
+            return self.on_evict(evicted)
+        what = f"cannot tell node {node} of its lost id {peer_id}"
+        return (Notify(node, EVICT_KIND, proto.encode_holder(evicted), what),)
 
     # --- connections ---
     def on_open(self, conn: Conn, query: str, now: float) -> Effects:
@@ -410,11 +603,23 @@ class PeerJsNode:
         """The cluster could not be asked (its backend is away): as if nobody held the id."""
         return self.on_lookup(lookup, None, now)
 
+    def on_lookup_error(self, lookup: Lookup, error: Exception, now: float) -> Effects:
+        """Asking the cluster for ``lookup`` failed with ``error``: reported, then as
+        ``on_lookup_failed``."""
+        fault = Fault("lookup", f"cannot look up {lookup.target}", error)
+        return (fault, *self.on_lookup_failed(lookup, now))
+
     def on_relay(self, node: str, payload: bytes, now: float) -> Effects:
         """A frame from a client on ``node`` for one of ours (``MalformedFrame`` if it is not
         one); queued here if its target is not connected."""
         relayed = proto.decode_relayed(payload)
         return self._here(relayed.type, relayed.src, relayed.dst, relayed.frame, now)
+
+    def on_send_error(self, effect: ToNode, error: Exception) -> Effects:
+        """Handing ``effect`` to its node failed with ``error``: reported, then as
+        ``on_undelivered``."""
+        fault = Fault("send", f"cannot send {effect.kind} to node {effect.node}", error)
+        return (fault, *self.on_undelivered(effect))
 
     def on_undelivered(self, effect: ToNode) -> Effects:
         """A relay could not be handed to its node (gone): its sender gets ``EXPIRE``."""

@@ -31,6 +31,8 @@ event                                      effects it may return
 ``on_id_lost(peer_id)``                    ``Close`` 1013 ``id taken over``
 ``on_close(conn)``                         ``session-cancel`` to the targets of its pending
                                            sessions (``Send``, ``Lookup``), ``Release``
+``on_lookup_error(lookup, error)``         ``Fault``, then as ``on_lookup_failed``
+``on_send_error(effect, error)``           ``Fault``, then as ``on_undelivered``
 =========================================  =================================================
 
 Order of a request's checks, as the original's (docs/protocols/signal-fire.md, "Errors"): its
@@ -47,7 +49,7 @@ out at exactly ``start + session_timeout``. ``session_timeout`` 0 keeps no timer
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +73,15 @@ _ANSWERS = frozenset({Cmd.SESSION_ACCEPT.value, Cmd.SESSION_REJECT.value})
 def claim_key(peer_id: str) -> str:
     """The backend key of ``peer_id``'s claim."""
     return CLAIM_PREFIX + peer_id
+
+
+def serves(path: str, offered: Iterable[str], configured: str) -> bool:
+    """Whether an upgrade on ``path`` offering the subprotocols ``offered`` is Signal-Fire's:
+    any WebSocket on the ``configured`` path (``SIGNALFIRE_PATH``: browsers refuse to offer a
+    subprotocol containing ``@``), or one offering Signal-Fire on any path."""
+    if path == configured:
+        return True
+    return any(subprotocol in proto.SUBPROTOCOLS for subprotocol in offered)
 
 
 # --- the effects of Signal-Fire's own (the others are core/effects.py's) -------------------------
@@ -136,7 +147,17 @@ class Relay:
     node: str | None = None
 
 
-Effect = Send | Close | ToNode | Claim | Release | Lookup | Relay
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Asking the cluster failed with ``error`` (``what`` says what could not be done): the hub
+    reports it under ``key`` (``server/signalfire.py``, ``_cluster_fault``)."""
+
+    key: str
+    what: str
+    error: Exception
+
+
+Effect = Send | Close | ToNode | Claim | Release | Lookup | Relay | Fault
 Effects = Sequence[Effect]
 
 
@@ -427,6 +448,12 @@ class SignalFireNode:
             return ()
         return (Send(lookup.conn, proto.encode_error(lookup.request.id, ErrorText.INTERNAL)),)
 
+    def on_lookup_error(self, lookup: Lookup, error: Exception) -> Effects:
+        """Asking the cluster for ``lookup`` failed with ``error``: reported, then answered as
+        ``on_lookup_failed``."""
+        fault = Fault("lookup", f"cannot look up {lookup.target}", error)
+        return (fault, *self.on_lookup_failed(lookup))
+
     def _answer(
         self,
         peer: _Peer,
@@ -493,6 +520,12 @@ class SignalFireNode:
         if relay.requester is None or relay.request_id is None:
             return ()  # a server notice: dropped
         return self._offline(relay.requester, relay.request_id, relay.message.get("cmd"), relay.to)
+
+    def on_send_error(self, effect: ToNode, error: Exception) -> Effects:
+        """Handing ``effect`` to its node failed with ``error``: reported, then as
+        ``on_undelivered``."""
+        fault = Fault("send", f"cannot send {effect.kind} to node {effect.node}", error)
+        return (fault, *self.on_undelivered(effect))
 
     def on_relay(self, node: str, payload: bytes) -> Effects:
         """A relay from a peer on ``node`` for one of ours (``MalformedFrame`` if it is not

@@ -19,7 +19,11 @@ contain ``:``, the draft's separator: ``escape_user`` percent-escapes ``%`` and 
 username longer than STUN's USERNAME allows (RFC 8489: less than 509 bytes).
 
 No clock is read here and nothing random is made: the caller passes ``now`` (unix seconds) and
-the user.
+the user, or the function that makes an anonymous user's opaque id.
+
+``TurnOffer`` is what a node hands out: the answers of ``GET /turn-credentials`` (which pages
+may read them, per ``ALLOWED_ORIGINS``; never cached) and the ICE servers of each connection,
+``ICE_SERVERS`` first. ``server/turn.py`` reads the clock and writes the answers.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from polysignal.core.edge import AllowedOrigins
 
 SEPARATOR = ":"
 """Between the expiry and the user (coturn's ``rest-api-separator`` default)."""
@@ -122,3 +128,86 @@ class TurnIssuer:
         expires = expiry(now, self.ttl)
         name = username(user, expires)
         return TurnCredential(name, password(self.secrets[0], name), self.ttl, expires, self.uris)
+
+
+# --- what a node hands out ---------------------------------------------------------------------
+
+NOT_CONFIGURED = "TURN is not configured on this server (it needs TURN_SECRET and TURN_URIS)\n"
+"""The text of ``GET /turn-credentials`` on a node without TURN (404)."""
+ORIGIN_REFUSED = "Forbidden: origin not allowed\n"
+"""The text of ``GET /turn-credentials`` from a page ``ALLOWED_ORIGINS`` does not list (403)."""
+NO_STORE = (("Cache-Control", "no-store"),)
+VARY = ("Origin",)
+"""What every answer to a page adds to ``Vary``: it depends on the ``Origin``."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """An HTTP answer: ``status``, the ``headers`` it sets, the values it adds to ``Vary``, and
+    a ``text`` or a JSON ``document`` (or neither)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    vary: tuple[str, ...] = ()
+    text: str | None = None
+    document: dict[str, Any] | None = None
+
+
+class TurnOffer:
+    """The TURN credentials a node hands out with ``issuer`` (None: TURN is not configured),
+    after the ICE servers ``base`` (``ICE_SERVERS``), to the pages ``origins`` allows.
+    ``new_user`` makes the opaque id of an anonymous user (random, fresh each call)."""
+
+    def __init__(
+        self,
+        issuer: TurnIssuer | None,
+        base: tuple[dict[str, Any], ...] | None,
+        origins: AllowedOrigins,
+        new_user: Callable[[], str],
+    ) -> None:
+        self.issuer = issuer
+        self.base = base
+        self.origins = origins
+        self.new_user = new_user
+
+    def user(self, user: str | None) -> str:
+        """Whom a credential is for: ``user``, or a fresh anonymous id when there is none."""
+        return user or self.new_user()
+
+    def ice_servers(self, user: str | None, now: float) -> tuple[dict[str, Any], ...]:
+        """``ICE_SERVERS`` and a TURN entry with a credential made at ``now`` for ``user``."""
+        assert self.issuer is not None
+        return ice_servers(self.issuer.issue(self.user(user), now), self.base)
+
+    def refusal(self, origin: str | None) -> HttpAnswer | None:
+        """The answer of a ``GET /turn-credentials`` from ``origin`` given before its user is
+        known: 403 for a page ``ALLOWED_ORIGINS`` does not list (no CORS for it), 404 when TURN
+        is not configured; None when the request is to be served."""
+        if not self.origins.allows(origin):
+            return HttpAnswer(403, NO_STORE, text=ORIGIN_REFUSED)
+        if self.issuer is None:
+            return HttpAnswer(404, self.cors(origin), VARY, text=NOT_CONFIGURED)
+        return None
+
+    def credentials(self, origin: str | None, user: str | None, now: float) -> HttpAnswer:
+        """The 200 answer of a ``GET /turn-credentials``: a credential made at ``now`` for
+        ``user`` (None: anonymous), as ``credentials_document`` lays it out."""
+        assert self.issuer is not None
+        credential = self.issuer.issue(self.user(user), now)
+        return HttpAnswer(200, self.cors(origin), VARY, document=credentials_document(credential))
+
+    def preflight(self, origin: str | None, asked: str | None) -> HttpAnswer:
+        """The 204 answer of the CORS preflight (a page sending ``Authorization``, say): GET,
+        with the headers ``asked`` for (``Access-Control-Request-Headers``)."""
+        methods = (("Access-Control-Allow-Methods", "GET"),)
+        if not asked:
+            return HttpAnswer(204, methods + self.cors(origin), VARY)
+        headers = (*methods, ("Access-Control-Allow-Headers", asked), *self.cors(origin))
+        return HttpAnswer(204, headers, ("Access-Control-Request-Headers", *VARY))
+
+    def cors(self, origin: str | None) -> tuple[tuple[str, str], ...]:
+        """The headers every answer to a page sets (besides adding ``VARY``): an allowed
+        ``origin`` echoed, and never cached (a credential is fresh per request)."""
+        if origin and self.origins.allows(origin):
+            return (("Access-Control-Allow-Origin", origin), *NO_STORE)
+        return NO_STORE

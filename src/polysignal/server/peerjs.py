@@ -11,43 +11,48 @@ effect that must wait (a claim, a lookup, a send to another node, a release) tur
 a coroutine, which the driver runs while it holds the connection's later messages. Work no
 connection waits for runs in ``Background`` (``server/executor.py``).
 
-Ids are claimed with this hub's ``Leases`` under ``peerjs:<id>``, with the digest of the
-client's token and the node's id as the owner token: the same client on another node takes its
-claim over at once, evicting its older socket. A claim held with another token is asked about:
-by this node's machine if the holder is here, else by a probe to the holder's node. A holder
-that is stale (``holder_live``) or whose node does not receive the probe is taken over
-(``Leases.take``: its claim is released and its node told to close its socket); a live one
-answers ID-TAKEN. A probe its node does not answer within ``PROBE_TIMEOUT`` counts as live: a
-slow node keeps its clients.
+Ids are claimed with this hub's ``Leases`` as ``core.peerjs.PeerJsNode.claim`` decides: the
+claim runs as a generator of the machine's, and the hub performs each operation it yields (a
+claim, a look up, a probe of another node, a takeover) and sends the answer back. What a failed
+look up or send means, and what is reported of it (a ``Fault``), is the machine's to say too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable
 from functools import partial
 from operator import attrgetter
-from typing import cast
+from typing import Any, cast
 
 from polysignal.backends.base import Backend, Claim
-from polysignal.backends.lease import PROMPT_ANSWER, Leases
+from polysignal.backends.lease import PROMPT_ANSWER, Leases, LostHandler
 from polysignal.config import PeerJsSettings
 from polysignal.core.effects import Close, Send, ToNode
 from polysignal.core.errors import Answer, BackendUnavailable, ClientError
 from polysignal.core.peerjs import (
     CLAIM_PREFIX,
     EVICT_KIND,
+    PEERS_LIMIT,
     PROBE_KIND,
     PROBED_KIND,
     RELAY_KIND,
+    ClaimOp,
     Effect,
     Effects,
+    Fault,
     Lookup,
+    Notify,
+    Op,
     PeerJsNode,
+    ProbeOp,
     Release,
+    TakeOp,
+    Work,
+    allowed_origin,
+    mount,
 )
 from polysignal.core.peerjs import Claim as ClaimId
 from polysignal.logs import Throttle, more
@@ -57,19 +62,6 @@ from polysignal.server.driver import Handler, Handshake, Result
 from polysignal.server.executor import Background, DeadlineTimer
 
 log = logging.getLogger("polysignal.peerjs")
-
-PROBE_TIMEOUT = 2.0
-"""Seconds a claim waits for the holder's node to say whether the holder is live."""
-PEERS_LIMIT = 100_000
-"""Most ids ``GET {path}{key}/peers`` lists."""
-CLAIM_ATTEMPTS = 3
-"""Rounds of claim and look up when the holder keeps going away in between."""
-
-
-def mount(path: str) -> str:
-    """``PEERJS_PATH`` as a prefix ending in ``/``: the client appends ``peerjs`` and
-    ``{key}/id`` to it."""
-    return path.rstrip("/") + "/"
 
 
 class PeerJsHub(Handler):
@@ -100,7 +92,6 @@ class PeerJsHub(Handler):
         self.background = Background(log)
         self.timer = DeadlineTimer(self.machine.next_deadline, self._fire, self.background)
         self._throttle = Throttle()
-        self._asks = itertools.count(1)
         self._probes: dict[int, asyncio.Future[bool]] = {}
         backend.on_direct(RELAY_KIND, self._on_relay)
         backend.on_direct(PROBE_KIND, self._on_probe)
@@ -163,15 +154,9 @@ class PeerJsHub(Handler):
         the backend drops it with a warning)."""
         return self._feed(self.machine.on_relay(origin_node, payload, self.timer.now()))
 
-    async def _on_probe(self, origin_node: str, payload: bytes) -> None:
+    def _on_probe(self, origin_node: str, payload: bytes) -> Awaitable[None] | None:
         """Another node asks whether our holder of an id still blocks it."""
-        holder = proto.decode_holder(payload)
-        live = self.machine.holder_live(holder.id, holder.token, self.timer.now())
-        answer = proto.encode_probe_answer(holder.ask, live)
-        try:
-            await self.backend.send_direct(origin_node, PROBED_KIND, answer)
-        except BackendUnavailable as exc:
-            log.debug("cannot answer a probe of node %s (%s)", origin_node, exc)
+        return self._feed(self.machine.on_probe(origin_node, payload, self.timer.now()))
 
     def _on_probed(self, origin_node: str, payload: bytes) -> None:
         ask, live = proto.decode_probe_answer(payload)
@@ -219,14 +204,15 @@ class PeerJsHub(Handler):
                 return self._wait(effects[index:])
         return None
 
-    @staticmethod
-    def _at_once(effect: Effect) -> None:
+    def _at_once(self, effect: Effect) -> None:
         if isinstance(effect, Send):
             cast(Connection, effect.conn).send_text(effect.payload)
         elif isinstance(effect, Close):
             conn = cast(Connection, effect.conn)
             log.debug("%r: closing with %d %s", conn, effect.code, effect.reason)
             conn.close(effect.code, effect.reason)
+        elif isinstance(effect, Fault):
+            self._cluster_fault(effect.key, effect.what, effect.error)
 
     async def _wait(self, effects: Effects) -> None:
         queue: deque[Effect] = deque(effects)
@@ -238,94 +224,86 @@ class PeerJsHub(Handler):
             elif isinstance(effect, Lookup):
                 follow = await self._lookup(effect)
             elif isinstance(effect, ClaimId):
-                follow = self.machine.on_claimed(effect, await self._claim(effect))
+                follow = await self._drive(self.machine.claim(effect, self.timer.now()))
             elif isinstance(effect, Release):
                 await self._release(effect)
+            elif isinstance(effect, Notify):
+                await self._notify(effect)
             else:
                 self._at_once(effect)
             if follow:
                 queue.extendleft(reversed(follow))
             self._rearm()
 
-    # --- claims ---
-    def _lease_token(self, token: str) -> str:
-        """The owner token of a claim: the client's token digest and this node, so the same
-        client on another node takes its claim over (and its older socket here is evicted)."""
-        return f"{token}:{self.machine.node_id}"
-
-    async def _claim(self, effect: ClaimId) -> bool:
-        """Claim the id; a holder with another token is asked about and taken over if stale,
-        one with the same token (the same client on another node) at once. True when the id
-        is the client's."""
-        cast(Connection, effect.conn).peer_id = effect.peer_id
-        key = effect.key
-        token = self._lease_token(effect.token)
-        on_lost = partial(self._lost, effect.peer_id, effect.token)
-        for _ in range(CLAIM_ATTEMPTS):
-            lease = await self.leases.claim(
-                key, token, on_lost=on_lost, answer_within=PROMPT_ANSWER
-            )
-            if lease is not None:
-                return True
-            try:
-                holder = await self.backend.lookup(key)
-            except BackendUnavailable as exc:
-                self._cluster_fault("lookup", f"cannot look up {effect.peer_id}", exc)
-                return False
-            if holder is None:
-                continue  # released in between
-            same = _digest(holder) == effect.token
-            if not same and await self._holder_live(effect.peer_id, holder):
-                return False
-            evict = partial(self._evict, effect.peer_id)
-            await self.leases.take(key, evict, token, on_lost=on_lost)
-            log.debug("id %s taken over from a stale holder on %s", effect.peer_id, holder.node_id)
-            return True
-        return False
-
-    async def _holder_live(self, peer_id: str, holder: Claim) -> bool:
-        """Whether ``holder`` of ``peer_id`` still blocks it: asked of this node's machine, or
-        of the holder's node (a node the probe cannot reach is gone: not live)."""
-        if holder.node_id == self.machine.node_id:
-            return self.machine.holder_live(peer_id, _digest(holder), self.timer.now())
-        ask = next(self._asks)
-        waiting: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._probes[ask] = waiting
-        try:
-            probe = proto.encode_holder(proto.Holder(peer_id, _digest(holder), ask))
-            try:
-                sent = await self.backend.send_direct(holder.node_id, PROBE_KIND, probe)
-            except BackendUnavailable:
-                return True  # cannot tell: the holder keeps its id
-            if not sent:
-                return False
-            try:
-                async with asyncio.timeout(PROBE_TIMEOUT):
-                    return await waiting
-            except TimeoutError:
-                return True
-        finally:
-            del self._probes[ask]
-
-    async def _evict(self, peer_id: str, holder: Claim) -> None:
-        """``Leases.take`` released ``holder``'s claim: its socket closes."""
-        evicted = proto.Holder(peer_id, _digest(holder))
-        if holder.node_id == self.machine.node_id:
-            await self._run(self.machine.on_evict(evicted))
-            return
-        try:
-            await self.backend.send_direct(holder.node_id, EVICT_KIND, proto.encode_holder(evicted))
-        except BackendUnavailable as exc:
-            log.debug("cannot tell node %s of its lost id %s (%s)", holder.node_id, peer_id, exc)
-
     async def _run(self, effects: Effects) -> None:
         result = self._feed(effects)
         if result is not None:
             await result
 
+    # --- claims ---
+    async def _drive(self, work: Work) -> Effects:
+        """Answer a claim's operations until it returns its effects; a failure of one is
+        thrown into it (what it means is the machine's to say)."""
+        answer: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                op = work.throw(error) if error is not None else work.send(answer)
+            except StopIteration as stop:
+                result: Effects = stop.value
+                return result
+            error = None
+            try:
+                answer = await self._perform(op)
+            except Exception as exc:
+                error = exc
+
+    async def _perform(self, op: Op) -> Any:
+        match op:
+            case ClaimOp(claim, owner):
+                lease = await self.leases.claim(
+                    claim.key, owner, on_lost=self._on_lost(claim), answer_within=PROMPT_ANSWER
+                )
+                return lease is not None
+            case Lookup():
+                return await self.backend.lookup(op.key)
+            case ProbeOp():
+                return await self._probe(op)
+            case TakeOp(claim, owner, node):
+                evict = partial(self._evict, claim.peer_id)
+                await self.leases.take(claim.key, evict, owner, on_lost=self._on_lost(claim))
+                log.debug("id %s taken over from a stale holder on %s", claim.peer_id, node)
+        return None
+
+    def _on_lost(self, claim: ClaimId) -> LostHandler:
+        return partial(self._lost, claim.peer_id, claim.token)
+
+    async def _probe(self, op: ProbeOp) -> bool | None:
+        """Send the probe and wait (``op.within``) for its answer; None when no node got it."""
+        waiting: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._probes[op.ask] = waiting
+        try:
+            if not await self.backend.send_direct(op.node, PROBE_KIND, op.payload):
+                return None
+            async with asyncio.timeout(op.within):
+                return await waiting
+        finally:
+            del self._probes[op.ask]
+
+    async def _evict(self, peer_id: str, holder: Claim) -> None:
+        """``Leases.take`` released ``holder``'s claim: its socket closes."""
+        await self._run(self.machine.on_taken_over(peer_id, holder.node_id, holder.token))
+
+    async def _notify(self, effect: Notify) -> None:
+        try:
+            await self.backend.send_direct(effect.node, effect.kind, effect.payload)
+        except BackendUnavailable as exc:
+            log.debug("%s (%s)", effect.what, exc)
+
     async def _release(self, effect: Release) -> None:
+        """Give the id back, if this client's claim still holds it here."""
         lease = self.leases.get(effect.key)
-        if lease is None or lease.token != self._lease_token(effect.token):
+        if lease is None or lease.token != self.machine.lease_owner(effect.token):
             return
         try:
             await self.leases.release(lease)
@@ -345,16 +323,14 @@ class PeerJsHub(Handler):
         try:
             claim = await self.backend.lookup(effect.key)
         except Exception as exc:
-            self._cluster_fault("lookup", f"cannot look up {effect.target}", exc)
-            return self.machine.on_lookup_failed(effect, now())
+            return self.machine.on_lookup_error(effect, exc, now())
         return self.machine.on_lookup(effect, None if claim is None else claim.node_id, now())
 
     async def _to_node(self, effect: ToNode) -> Effects:
         try:
             sent = await self.backend.send_direct(effect.node, effect.kind, effect.payload)
         except Exception as exc:
-            self._cluster_fault("send", f"cannot send {effect.kind} to node {effect.node}", exc)
-            sent = False
+            return self.machine.on_send_error(effect, exc)
         return () if sent else self.machine.on_undelivered(effect)
 
     def _cluster_fault(self, key: str, what: str, exc: Exception) -> None:
@@ -371,33 +347,18 @@ class PeerJsHub(Handler):
     # --- HTTP ---
     async def peers(self) -> list[str]:
         """Every connected id of the cluster: this node's, and every id claimed elsewhere."""
-        ids = dict.fromkeys(self.machine.ids())
         try:
             claimed = await self.backend.claimed(CLAIM_PREFIX, PEERS_LIMIT)
         except BackendUnavailable as exc:
             self._cluster_fault("peers", "cannot list the cluster's ids", exc)
             claimed = []
-        ids.update(dict.fromkeys(key[len(CLAIM_PREFIX) :] for key in claimed))
-        return list(ids)[:PEERS_LIMIT]
+        return self.machine.peers(claimed)
 
     def new_id(self) -> str:
-        """An id no client of this node holds (as the original's ``generateClientId``)."""
-        for _ in range(8):
-            peer_id = proto.new_id()
-            if peer_id not in self.machine:
-                return peer_id
-        return proto.new_id()  # pragma: no cover - eight UUID collisions in a row
+        """An id no client of this node holds."""
+        return self.machine.new_id()
 
     def allowed_origin(self, origin: str | None) -> str | None:
-        """The ``Access-Control-Allow-Origin`` for a request from ``origin``, as the ``cors``
-        package of the original: the origin echoed when any origin is allowed
-        (``PEERJS_CORS_ORIGINS`` empty) or it is on the list; else none."""
-        allowed = self.settings.peerjs_cors_origins
-        if origin and (not allowed or origin in allowed):
-            return origin
-        return None
-
-
-def _digest(holder: Claim) -> str:
-    """The client's token digest in a claim's owner token (``PeerJsHub._lease_token``)."""
-    return holder.token.partition(":")[0]
+        """The ``Access-Control-Allow-Origin`` for a request from ``origin``
+        (``PEERJS_CORS_ORIGINS``; ``core.peerjs.allowed_origin``)."""
+        return allowed_origin(origin, self.settings.peerjs_cors_origins)

@@ -11,13 +11,14 @@ returns, in order. Writes and closes happen at once, so a request to a local pee
 the first effect that must wait (a claim, a lookup, a send to another node, a release) turns the
 rest into a coroutine, which the driver runs while it holds the connection's later messages.
 Work no connection waits for runs in ``Background`` (``server/executor.py``).
+
 What carrying an effect out tells (a claim's answer, a lookup's, a write or send that failed)
-goes back to the machine as an event. Ids are claimed with this hub's ``Leases`` under
+goes back to the machine as an event; what a failure means, and what is reported of it (a
+``Fault``), is the machine's to say. Ids are claimed with this hub's ``Leases`` under
 ``signalfire:<id>``: renewed while the socket is open, released when it closes; a lease another
 holder took over closes its socket with 1013 ``id taken over``. A claim the backend does not
 answer within ``PROMPT_ANSWER`` is served on this node meanwhile, so a hung Redis does not hold
-the welcome up. One ``DeadlineTimer`` stands for
-the machine's ``next_deadline()``.
+the welcome up. One ``DeadlineTimer`` stands for the machine's ``next_deadline()``.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ from polysignal.core.signalfire import (
     UNDELIVERABLE_KIND,
     Effect,
     Effects,
+    Fault,
     Lookup,
     Relay,
     Release,
     SignalFireNode,
+    serves,
 )
 from polysignal.core.signalfire import Claim as ClaimId
 from polysignal.logs import Throttle, more
@@ -105,9 +108,7 @@ class SignalFireHub(Handler):
     # --- routing ---
     def matches(self, request: Handshake) -> bool:
         """Signal-Fire by subprotocol on any path, or any WebSocket on the configured path."""
-        if request.decoded_path == self.path:
-            return True
-        return any(offered in proto.SUBPROTOCOLS for offered in request.offered)
+        return serves(request.decoded_path, request.offered, self.path)
 
     # --- the driver's callbacks ---
     def on_open(self, conn: Connection, request: Handshake) -> Result:
@@ -179,7 +180,8 @@ class SignalFireHub(Handler):
         return None
 
     def _at_once(self, effect: Effect) -> Effects:
-        """Carry out an effect that needs no wait; returns the machine's answer to a failure."""
+        """Carry out an effect that needs no wait (a write, a close, a report of a fault);
+        returns the machine's answer to a failed write."""
         if isinstance(effect, Send):
             cast(Connection, effect.conn).send_text(effect.payload)
         elif isinstance(effect, Relay):
@@ -191,6 +193,8 @@ class SignalFireHub(Handler):
             level = logging.WARNING if effect.code == CloseCode.TRY_AGAIN_LATER else logging.DEBUG
             log.log(level, "%r: closing with %d %s", conn, effect.code, effect.reason)
             conn.close(effect.code, effect.reason)
+        elif isinstance(effect, Fault):
+            self._cluster_fault(effect.key, effect.what, effect.error)
         return ()
 
     async def _wait(self, effects: Effects) -> None:
@@ -242,8 +246,7 @@ class SignalFireHub(Handler):
         try:
             claim = await self.backend.lookup(effect.key)
         except Exception as exc:
-            self._cluster_fault("lookup", f"cannot look up {effect.target}", exc)
-            return self.machine.on_lookup_failed(effect)
+            return self.machine.on_lookup_error(effect, exc)
         return self.machine.on_lookup(
             effect, None if claim is None else claim.node_id, self.timer.now()
         )
@@ -252,8 +255,7 @@ class SignalFireHub(Handler):
         try:
             sent = await self.backend.send_direct(effect.node, effect.kind, effect.payload)
         except Exception as exc:
-            self._cluster_fault("send", f"cannot send {effect.kind} to node {effect.node}", exc)
-            sent = False
+            return self.machine.on_send_error(effect, exc)
         return () if sent else self.machine.on_undelivered(effect)
 
     def _cluster_fault(self, key: str, what: str, exc: Exception) -> None:

@@ -1,8 +1,8 @@
 """TURN credentials handed out (docs/operations/turn.md): ``GET /turn-credentials``, and the
 ICE servers the Signal-Fire welcome and the rooms demo's configuration carry.
 
-The credentials themselves are ``core/turn.py``'s; this module reads the clock, picks the user
-part of the username and answers HTTP.
+The credentials, and what each answer holds, are ``core/turn.py``'s (``TurnOffer``); this module
+reads the clock, asks who a request is for and writes the answers.
 
 Authentication is a seam, not done here: ``TurnCredentials.identify`` is awaited with each
 ``GET /turn-credentials`` request and answers the user the credential is for, or None for an
@@ -24,12 +24,10 @@ from aiohttp import hdrs, web
 
 from polysignal.config import Settings, TurnSettings
 from polysignal.core.edge import AllowedOrigins
-from polysignal.core.turn import TurnIssuer, credentials_document, ice_servers
+from polysignal.core.turn import VARY, HttpAnswer, TurnIssuer, TurnOffer
 from polysignal.server.frontdoor import upgrade_from_http
 
 TURN_PATH = "/turn-credentials"
-
-NOT_CONFIGURED = "TURN is not configured on this server (it needs TURN_SECRET and TURN_URIS)\n"
 
 Identify = Callable[[web.Request], Awaitable[str | None]]
 """Who a ``GET /turn-credentials`` is for: a user, None (anonymous), or raise to refuse."""
@@ -45,8 +43,9 @@ def random_user() -> str:
     return secrets.token_urlsafe(12)
 
 
-class TurnCredentials:
-    """The node's TURN credentials: ``issuer`` is None when TURN is not configured.
+class TurnCredentials(TurnOffer):
+    """The node's TURN credentials (``core.turn.TurnOffer``): ``issuer`` is None when TURN is
+    not configured.
 
     ``base`` is ``ICE_SERVERS``, ``origins`` the pages that may read the route's answers
     (``ALLOWED_ORIGINS``); ``clock`` gives unix seconds (``time.time``), ``new_user`` the id
@@ -62,7 +61,7 @@ class TurnCredentials:
         clock: Callable[[], float] = time.time,
         new_user: Callable[[], str] = random_user,
     ) -> None:
-        self.issuer = (
+        issuer = (
             TurnIssuer(
                 tuple(secret.reveal() for secret in settings.turn_secret),
                 settings.turn_uris,
@@ -71,10 +70,8 @@ class TurnCredentials:
             if settings.turn_secret
             else None
         )
-        self.base = base
-        self.origins = origins or AllowedOrigins()
+        super().__init__(issuer, base, origins or AllowedOrigins(), new_user)
         self.clock = clock
-        self.new_user = new_user
         # The authentication seam (module docstring): set by the auth code.
         self.identify: Identify = anonymous
 
@@ -88,9 +85,7 @@ class TurnCredentials:
     def ice_servers_now(self, user: str | None = None) -> tuple[dict[str, Any], ...]:
         """``ICE_SERVERS`` and a TURN entry with a credential made now for ``user`` (None: a
         random id). Only while TURN is configured."""
-        assert self.issuer is not None
-        credential = self.issuer.issue(user or self.new_user(), self.clock())
-        return ice_servers(credential, self.base)
+        return self.ice_servers(user, self.clock())
 
     def at_open(self) -> Callable[[str | None], tuple[dict[str, Any], ...]] | None:
         """What a hub calls at each connection's opening (with its user, or None) for its ICE
@@ -107,39 +102,38 @@ class TurnCredentials:
         if is_websocket(request):
             return await upgrade_from_http(request.app[DOOR_KEY], request)
         origin = request.headers.get(hdrs.ORIGIN)
-        if not self.origins.allows(origin):
-            return _fresh(web.Response(status=403, text="Forbidden: origin not allowed\n"))
-        if self.issuer is None:
-            return self._cors(request, web.Response(status=404, text=NOT_CONFIGURED))
+        refused = self.refusal(origin)
+        if refused is not None:
+            return _write(refused)
         try:
             user = await self.identify(request)
         except web.HTTPException as refusal:
-            self._cors(request, refusal)
+            _headers(refusal, self.cors(origin), VARY)
             raise
-        credential = self.issuer.issue(user if user is not None else self.new_user(), self.clock())
-        return self._cors(request, web.json_response(credentials_document(credential)))
+        return _write(self.credentials(origin, user, self.clock()))
 
-    async def preflight(self, request: web.Request) -> web.StreamResponse:
+    async def handle_preflight(self, request: web.Request) -> web.StreamResponse:
         """CORS preflight (a page sending ``Authorization``, say)."""
-        response = web.Response(status=204)
-        response.headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = "GET"
-        asked = request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS)
-        if asked:
-            response.headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = asked
-            response.headers.add(hdrs.VARY, hdrs.ACCESS_CONTROL_REQUEST_HEADERS)
-        return self._cors(request, response)
-
-    def _cors(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-        """The allowed Origin echoed (``ALLOWED_ORIGINS``), ``Vary: Origin``, never cached."""
-        origin = request.headers.get(hdrs.ORIGIN)
-        if origin and self.origins.allows(origin):
-            response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
-        response.headers.add(hdrs.VARY, hdrs.ORIGIN)
-        return _fresh(response)
+        headers = request.headers
+        asked = headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS)
+        return _write(self.preflight(headers.get(hdrs.ORIGIN), asked))
 
 
-def _fresh(response: web.StreamResponse) -> web.StreamResponse:
-    response.headers[hdrs.CACHE_CONTROL] = "no-store"
+def _write(answer: HttpAnswer) -> web.StreamResponse:
+    if answer.document is not None:
+        response: web.StreamResponse = web.json_response(answer.document, status=answer.status)
+    else:
+        response = web.Response(status=answer.status, text=answer.text)
+    return _headers(response, answer.headers, answer.vary)
+
+
+def _headers(
+    response: web.StreamResponse, headers: tuple[tuple[str, str], ...], vary: tuple[str, ...]
+) -> web.StreamResponse:
+    for name, value in headers:
+        response.headers[name] = value
+    for value in vary:
+        response.headers.add(hdrs.VARY, value)
     return response
 
 
@@ -150,4 +144,4 @@ def add_turn_routes(app: web.Application, turn: TurnCredentials) -> None:
     """``GET /turn-credentials`` and its preflight; ``app[TURN_KEY]`` is ``turn``."""
     app[TURN_KEY] = turn
     app.router.add_get(TURN_PATH, turn.handle)
-    app.router.add_route(hdrs.METH_OPTIONS, TURN_PATH, turn.preflight)
+    app.router.add_route(hdrs.METH_OPTIONS, TURN_PATH, turn.handle_preflight)
