@@ -23,10 +23,11 @@ The driver is the one place that maps an exception to its answer and its log lin
 once per interval per place) answered generically. No handler writes its own read loop or its
 own error ladder.
 
-It also keeps its protocol's numbers for ``/metrics`` (``server/metrics.py``): plain integers
-the connection and the driver add to on the paths they already take, read only when scraped,
-so that counting costs a message no more than an attribute increment. A connection's opening
-and closing are logged at INFO, with its context (``Connection.log_extra``).
+The ``Driver`` is a ``Dispatch`` (``core/dispatch.py``), which decides the order of a busy
+connection's messages, the kind of an exception and the answer's effect, and keeps the protocol's
+numbers for ``/metrics``. What is left here runs the handler's callbacks and their tasks, pauses
+and resumes a busy connection's reads, and writes the log lines: a connection's opening and
+closing at INFO, with its context (``Connection.log_extra``).
 """
 
 from __future__ import annotations
@@ -35,14 +36,14 @@ import asyncio
 import logging
 import sys
 import time
-from collections import deque
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
 
 from polysignal.core.auth import Identity
-from polysignal.core.errors import Answer, BackendUnavailable, ClientError, Close, Reply
+from polysignal.core.dispatch import INTERNAL_ERROR, Dispatch, ErrorKind, close_answer, place
+from polysignal.core.errors import Answer, ClientError, Close
 from polysignal.logs import Throttle, elide, more
 from polysignal.server.connection import Connection
 
@@ -51,12 +52,6 @@ if TYPE_CHECKING:
 
 Result = Awaitable[None] | None
 """What a callback returns: None when it is done, else a coroutine to run."""
-
-_CLOSED = object()
-"""Marks, among a busy connection's held messages, that its transport is gone."""
-
-ABNORMAL = 1006
-"""The close code of a connection that ended without a closing handshake (RFC 6455 §7.1.5)."""
 
 OPEN_LINE = "%r open on %s"
 CLOSE_LINE = "%r closed (code %s) after %.3fs"
@@ -130,9 +125,7 @@ class Handler:
 
     def answer(self, conn: Connection, error: Exception) -> Answer:
         """How the protocol answers ``error`` (a ClientError, BackendUnavailable or a bug)."""
-        if isinstance(error, ClientError):
-            return Close(error.close_code, error.message)
-        return Close(1011, "internal error")
+        return close_answer(error)
 
     def rate_limited(self, conn: Connection, data: bytes, binary: bool, report: bool) -> Answer:
         return Close(1008, "rate limit exceeded")
@@ -149,10 +142,11 @@ class Handler:
         return {}, {}
 
 
-class Driver:
+class Driver(Dispatch[Connection]):
     """Runs one protocol's ``Handler`` for every connection of that protocol on a node."""
 
     def __init__(self, handler: Handler, node: Node, *, max_frame: int | None = None) -> None:
+        super().__init__()
         settings = node.settings
         self.handler = handler
         self.node = node
@@ -160,18 +154,6 @@ class Driver:
         self.max_frame = max_frame or settings.limits.max_frame_bytes
         self.log = logging.getLogger(f"polysignal.{handler.protocol}")
         self.throttle = Throttle()
-        # Counters, read at scrape time (server/metrics.py); the connection adds to some.
-        self.opened = 0
-        self.closed_count = 0
-        self.messages_in = 0
-        self.frames_out = 0  # every frame written, pings and pongs included
-        self.control_out = 0  # of those, pings and pongs
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.rate_limited_count = 0
-        self.slow_cuts = 0
-        self.errors: dict[str, int] = {"client": 0, "backend": 0, "internal": 0}
-        self.close_codes: dict[int | None, int] = {}
 
     # --- lifecycle ---
     def connect(self, transport: asyncio.Transport, request: Handshake) -> Connection:
@@ -202,40 +184,23 @@ class Driver:
     def closed(self, conn: Connection) -> None:
         """The transport of ``conn`` is gone (called once, by the connection)."""
         self.node.forgot(conn)
-        self.closed_count += 1
-        code = conn.close_code
-        codes = self.close_codes
-        codes[code] = codes.get(code, 0) + 1
+        code = self.count_close(conn.close_code)
         log = self.log
         if log.isEnabledFor(logging.INFO):
             log.info(
-                CLOSE_LINE,
-                conn,
-                ABNORMAL if code is None else code,
-                time.monotonic() - conn.started,
-                extra=conn.log_extra(),
+                CLOSE_LINE, conn, code, time.monotonic() - conn.started, extra=conn.log_extra()
             )
-        if conn.busy:
-            self._hold(conn, _CLOSED)
-        else:
-            self._run(conn, self._call(conn, self.handler.on_close, conn))
+        self.ended(conn)
 
     # --- messages ---
-    def message(self, conn: Connection, data: bytes, binary: bool) -> None:
-        """One data message from ``conn``'s client, in the order they came."""
-        self.messages_in += 1
-        if conn.busy:
-            self._hold(conn, (data, binary))
-            return
-        self._handle(conn, data, binary)
-
-    def _handle(self, conn: Connection, data: bytes, binary: bool) -> None:
+    def handle(self, conn: Connection, data: bytes, binary: bool) -> None:
         log = self.log
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%r message %s", conn, elide(data))
-        if not conn.allow_message():
+        now = time.monotonic()
+        if not conn.allow(now):
             self.rate_limited_count += 1
-            report = conn.should_report_rate_limit()
+            report = conn.should_report_rate_limit(now)
             if report:
                 held = self.throttle.allow("rate")
                 if held is not None:
@@ -253,6 +218,9 @@ class Driver:
         if result is not None:
             self._run(conn, result)
 
+    def close_now(self, conn: Connection) -> None:
+        self._run(conn, self._call(conn, self.handler.on_close, conn))
+
     def _call(self, conn: Connection, callback: Any, *args: Any) -> Result:
         try:
             result: Result = callback(*args)
@@ -260,12 +228,6 @@ class Driver:
             self.fail(conn, exc)
             return None
         return result
-
-    def _hold(self, conn: Connection, item: object) -> None:
-        held = conn._held
-        if held is None:
-            held = conn._held = deque()
-        held.append(item)
 
     # --- running what a callback returned ---
     def _run(self, conn: Connection, result: Result) -> None:
@@ -285,73 +247,34 @@ class Driver:
             await work
         except Exception as exc:
             self.fail(conn, exc)
-        if conn.busy:
-            conn.busy = False
-            self._drain(conn)
+        self.finished(conn)
 
-    def _drain(self, conn: Connection) -> None:
-        """Handle the messages held while ``conn`` was busy, in order, until it is busy again."""
-        held = conn._held
-        while held and not conn.busy:
-            item = held.popleft()
-            if item is _CLOSED:
-                held.clear()
-                self._run(conn, self._call(conn, self.handler.on_close, conn))
-            else:  # sent before any close: handled, even when the transport is gone since
-                data, binary = item
-                self._handle(conn, data, binary)
-        if not conn.busy:
-            conn._held = None
-            if not conn.lost:
-                conn.transport.resume_reading()
+    def resume(self, conn: Connection) -> None:
+        if not conn.lost:
+            conn.transport.resume_reading()
 
     # --- errors ---
     def fail(self, conn: Connection, error: Exception) -> None:
         """Log ``error`` by its kind and answer it the protocol's way."""
         log = self.log
-        errors = self.errors
-        if isinstance(error, ClientError):
-            errors["client"] += 1
+        kind = self.count_error(error)
+        if kind is ErrorKind.CLIENT:
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%r: %s", conn, error.message)
-        elif isinstance(error, BackendUnavailable):
-            errors["backend"] += 1
+                log.debug("%r: %s", conn, cast(ClientError, error).message)
+        elif kind is ErrorKind.BACKEND:
             held = self.throttle.allow("backend")
             if held is not None:
                 log.warning("%r: the cluster is unavailable (%s)%s", conn, error, more(held))
         else:
-            errors["internal"] += 1
-            held = self.throttle.allow(_place(error))
+            held = self.throttle.allow(place(error))
             if held is not None:
                 log.error("%r: unexpected error%s", conn, more(held), exc_info=error)
         try:
             answer = self.handler.answer(conn, error)
         except Exception:
             log.exception("%r: answering an error failed", conn)
-            answer = Close(1011, "internal error")
+            answer = INTERNAL_ERROR
         self.apply(conn, answer)
-
-    @staticmethod
-    def apply(conn: Connection, answer: Answer) -> None:
-        if answer is None:
-            return
-        if isinstance(answer, Reply):
-            if answer.binary:
-                conn.send_binary(answer.payload)
-            else:
-                conn.send_text(answer.payload)
-        else:
-            conn.close(answer.code, answer.reason)
-
-
-def _place(error: BaseException) -> tuple[str, str, int]:
-    """Where ``error`` was raised: its type and innermost frame, the key of its log throttle."""
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return type(error).__name__, "", 0
-    return type(error).__name__, tb.tb_frame.f_code.co_filename, tb.tb_lineno
 
 
 def _start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
