@@ -22,6 +22,10 @@ claims wait until every node had the time to do the same, so none of them can be
 A lease found taken then is lost (``on_lost``), never overwritten. Then, when the backend is
 ready, the leases held here only are claimed: each as it was made, by ``claim`` (lost if another
 holder has it) or by ``take`` (which evicts that holder, as a newer socket replaces an older one).
+
+The rules are core/lease.py's, without I/O: the schedule, each lease's state, what each answer
+means, and the steps of a renewal and a take, as generators of what they ask of the backend.
+Here are the tasks, the waits and the backend calls that carry them out.
 """
 
 from __future__ import annotations
@@ -30,12 +34,29 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from polysignal.backends.base import Backend, Claim
 from polysignal.core.errors import BackendUnavailable
+from polysignal.core.lease import (
+    MIN_TTL,
+    TAKE_ATTEMPTS,
+    ClaimOp,
+    EvictOp,
+    LeaseBook,
+    LeaseState,
+    LookupOp,
+    Op,
+    ReleaseOp,
+    RenewalSchedule,
+    RenewOp,
+    Verdict,
+    check_ttl,
+)
+
+__all__ = ["MIN_TTL", "PROMPT_ANSWER", "TAKE_ATTEMPTS", "Evict", "Lease", "Leases", "LostHandler"]
 
 log = logging.getLogger("polysignal.lease")
 
@@ -44,39 +65,39 @@ LostHandler = Callable[[Claim | None], None]
 Evict = Callable[[Claim], Awaitable[None]]
 """Tells ``holder``'s node that its claim is gone (``take``)."""
 
-MIN_TTL = 1.0
-"""Seconds: a lease is renewed every third of its TTL, and a round must have time to run."""
+T = TypeVar("T")
+
 PROMPT_ANSWER = 0.2
 """Seconds a claim that must be answered promptly (``claim(answer_within=...)``) waits for the
 backend before it is held here only, and claimed cluster-wide once the backend answers."""
-TAKE_ATTEMPTS = 4
-"""Rounds of claim, look up, release and evict ``take`` tries before it holds the lease here."""
 
 
 @dataclass(eq=False)
-class Lease:
-    """One claimed key. ``held``: claimed cluster-wide (False while the backend is away)."""
+class Lease(LeaseState):
+    """One claimed key (``LeaseState``), with whom to tell when it is lost."""
 
-    key: str
-    token: str
     on_lost: LostHandler | None = None
-    held: bool = False
-    released: bool = field(default=False, repr=False)
     evict: Evict | None = field(default=None, repr=False)
     """Set for a lease made by ``take``: claimed again the same way."""
     pending: asyncio.Task[Any] | None = field(default=None, repr=False)
     """The claim still on its way after ``answer_within``."""
+
+    @property
+    def answering(self) -> bool:
+        return self.pending is not None
+
+    @property
+    def taking(self) -> bool:
+        return self.evict is not None
 
 
 class Leases:
     """The leases of one node, renewed together."""
 
     def __init__(self, backend: Backend, ttl: float) -> None:
-        if ttl < MIN_TTL:
-            raise ValueError(f"a lease TTL must be at least {MIN_TTL:g} s, not {ttl:g}")
+        self.ttl = check_ttl(ttl)
         self.backend = backend
-        self.ttl = float(ttl)
-        self._leases: dict[str, Lease] = {}
+        self._leases: LeaseBook[Lease] = LeaseBook()
         self._renewer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         backend.on_ready(self._wake.set)
@@ -104,7 +125,7 @@ class Leases:
         ``answer_within``, a backend that has not answered by then does not hold the caller up:
         the lease is kept here meanwhile, and if the answer is that another holder has the key,
         ``on_lost`` tells its owner."""
-        lease = Lease(key, token or secrets.token_urlsafe(12), on_lost)
+        lease = Lease(key, token or secrets.token_urlsafe(12), on_lost=on_lost)
         attempt: Awaitable[bool] = self.backend.claim(key, lease.token, self.ttl)
         if answer_within is not None:
             attempt = asyncio.ensure_future(attempt)
@@ -143,19 +164,18 @@ class Leases:
             return
         finally:
             lease.pending = None
-        if lease.released:
-            if ok:  # given back while the claim was on its way
+        match lease.answered(ok):
+            case Verdict.GIVE_BACK:  # given back while the claim was on its way
                 with contextlib.suppress(BackendUnavailable):
                     await self.backend.release(lease.key, lease.token)
-            return
-        if ok:
-            lease.held = True
-            return
-        try:
-            holder = await self.backend.lookup(lease.key)
-        except BackendUnavailable:
-            holder = None
-        self._lose(lease, holder)
+            case Verdict.LOST:
+                try:
+                    holder = await self.backend.lookup(lease.key)
+                except BackendUnavailable:
+                    holder = None
+                self._lose(lease, holder)
+            case _:
+                pass  # held now, or given back and not had: nothing to do
 
     async def take(
         self,
@@ -169,9 +189,9 @@ class Leases:
         """Claim ``key``, taking it from whoever holds it: their claim is released and
         ``evict(holder)`` tells their node. Gives up after ``attempts`` races and keeps the
         lease here only (``held`` False), to be taken by the next renewal round."""
-        lease = Lease(key, token or secrets.token_urlsafe(12), on_lost, evict=evict)
+        lease = Lease(key, token or secrets.token_urlsafe(12), on_lost=on_lost, evict=evict)
         try:
-            lease.held = await self._take(lease, attempts)
+            lease.held = await self._drive(lease, lease.take(attempts))
             if not lease.held:
                 log.warning("lease %s: taking it over kept failing; holding it here", key)
         except BackendUnavailable as exc:
@@ -179,50 +199,53 @@ class Leases:
         self._keep(lease)
         return lease
 
-    async def _take(self, lease: Lease, attempts: int) -> bool:
-        """Claim ``lease``'s key, releasing and evicting whoever holds it; False after
-        ``attempts`` races."""
-        assert lease.evict is not None
-        for _ in range(attempts):
-            if await self.backend.claim(lease.key, lease.token, self.ttl):
-                return True
-            holder = await self.backend.lookup(lease.key)
-            if holder is None:
-                continue  # released in between
-            await self.backend.release(lease.key, holder.token)
-            await lease.evict(holder)
-        return False
+    async def _drive(self, lease: Lease, rule: Generator[Op, Any, T]) -> T:
+        """Answer what ``lease``'s ``rule`` asks of the backend until it has its result."""
+        answer: Any = None
+        try:
+            while True:
+                try:
+                    op = rule.send(answer)
+                except StopIteration as stop:
+                    result: T = stop.value
+                    return result
+                answer = await self._perform(lease, op)
+        finally:
+            rule.close()
+
+    async def _perform(self, lease: Lease, op: Op) -> Any:
+        match op:
+            case ClaimOp(key, token):
+                return await self.backend.claim(key, token, self.ttl)
+            case RenewOp(key, token):
+                return await self.backend.renew(key, token, self.ttl)
+            case LookupOp(key):
+                return await self.backend.lookup(key)
+            case ReleaseOp(key, token):
+                return await self.backend.release(key, token)
+            case EvictOp(holder):
+                assert lease.evict is not None  # only a take evicts
+                await lease.evict(holder)
+        return None
 
     async def release(self, lease: Lease) -> None:
         """Give ``lease`` back (only the claim its token holds; nothing else is touched)."""
-        if lease.released:
-            return
-        lease.released = True
-        if self._leases.get(lease.key) is lease:
-            del self._leases[lease.key]
-        if lease.held:
-            lease.held = False
+        if self._leases.release(lease):
             with contextlib.suppress(BackendUnavailable):
                 await self.backend.release(lease.key, lease.token)
 
     def forget(self, lease: Lease) -> None:
         """Stop renewing ``lease`` without releasing it (another node holds it on from here)."""
-        lease.released = True
-        if self._leases.get(lease.key) is lease:
-            del self._leases[lease.key]
+        self._leases.forget(lease)
 
     def _keep(self, lease: Lease) -> None:
-        previous = self._leases.get(lease.key)
-        if previous is not None and previous is not lease:
-            previous.released = True  # the same key claimed again here: the newer one counts
-        self._leases[lease.key] = lease
+        self._leases.keep(lease)
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
 
     def _lose(self, lease: Lease, holder: Claim | None) -> None:
         """Another holder has ``lease``'s key: stop holding it and tell its owner."""
-        lease.held = False
-        self.forget(lease)
+        self._leases.lose(lease)
         log.warning("lease %s is held by another holder now; giving it up", lease.key)
         if lease.on_lost is not None:
             lease.on_lost(holder)
@@ -230,28 +253,23 @@ class Leases:
     def _claim_lost(self, key: str, token: str, holder: Claim | None) -> None:
         """The backend came back and found this claim held by another holder
         (``Backend.on_claim_lost``; it has logged it)."""
-        lease = self._leases.get(key)
-        if lease is None or lease.token != token or lease.released:
-            return
-        lease.held = False
-        self.forget(lease)
-        if lease.on_lost is not None:
+        lease = self._leases.claim_lost(key, token)
+        if lease is not None and lease.on_lost is not None:
             lease.on_lost(holder)
 
     # --- renewing ---
     async def _renew_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        due = loop.time() + self.ttl / 3
+        schedule = RenewalSchedule(self.ttl, loop.time())
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(due):
+                async with asyncio.timeout_at(schedule.due):
                     await self._wake.wait()
             self._wake.clear()
-            every = loop.time() >= due  # else woken: the backend is back, or a claim failed
-            if every:
-                due = loop.time() + self.ttl / 3
+            # Else woken: the backend is back, or a claim failed.
+            full = schedule.start(loop.time())
             try:
-                await self.renew_all(held=every)
+                await self.renew_all(held=full)
             except BackendUnavailable as exc:
                 # The backend warns about its outage itself; the next round, or its return,
                 # claims them.
@@ -262,31 +280,18 @@ class Leases:
         claim again those the backend lost, claim those held here only (one made by ``take`` is
         taken, as it was made), and tell the owners of those another holder has taken. Raises
         BackendUnavailable if the backend is away."""
-        for lease in list(self._leases.values()):
-            if lease.released or lease.pending is not None or (lease.held and not held):
-                continue
-            if lease.held:
-                if await self.backend.renew(lease.key, lease.token, self.ttl):
-                    continue
-                # Lost by the backend: claimed again, never taken from whoever has it since
-                # (a newer socket elsewhere that took it, say).
-                ok = await self.backend.claim(lease.key, lease.token, self.ttl)
-            elif lease.evict is not None:
-                ok = await self._take(lease, TAKE_ATTEMPTS)  # held here only: taken as made
-            else:
-                ok = await self.backend.claim(lease.key, lease.token, self.ttl)
-            if ok:
-                if not lease.held:
+        for lease in self._leases:
+            match await self._drive(lease, lease.renewal(full=held)):
+                case Verdict.REGAINED:
                     log.debug("lease %s claimed again", lease.key)
-                lease.held = True
-                continue
-            if lease.released:  # released while the claim was on its way
-                continue
-            self._lose(lease, await self.backend.lookup(lease.key))
+                case Verdict.LOST:
+                    self._lose(lease, await self.backend.lookup(lease.key))
+                case _:
+                    pass  # skipped, held as it was, or released while it was claimed
 
     async def close(self) -> None:
         """Stop renewing (the leases stay claimed until the backend's close or their TTL)."""
-        for lease in list(self._leases.values()):
+        for lease in self._leases:
             if lease.pending is not None:
                 lease.pending.cancel()
         if self._renewer is not None:

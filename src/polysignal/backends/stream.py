@@ -16,7 +16,8 @@ to one on another node, over the backend's direct delivery:
   message the other node cannot take (it is gone), or a window that stays full for
   ``wait_timeout`` seconds, ends the stream on this side (``StreamSink.ended``).
 
-A stream holds a task only while it has something to send.
+A stream holds a task only while it has something to send. Its queue, batches, window and
+messages are core/stream.py's, without I/O; here are the sending, the waiting and the timers.
 """
 
 from __future__ import annotations
@@ -24,22 +25,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Awaitable
-from typing import Any, Protocol
-
-import msgpack
+from typing import Protocol
 
 from polysignal.backends.base import Backend
-from polysignal.core.errors import BackendUnavailable, MalformedFrame
+from polysignal.core.errors import BackendUnavailable
+from polysignal.core.stream import (
+    ACK,
+    BATCH_BYTES,
+    CLOSE,
+    DATA,
+    Frame,
+    StreamLimits,
+    StreamState,
+    ack_message,
+    close_message,
+    data_message,
+    parse_ack,
+    parse_close,
+    parse_data,
+)
+
+__all__ = ["ACK", "CLOSE", "DATA", "Frame", "Stream", "StreamSink", "Streams"]
 
 log = logging.getLogger("polysignal.stream")
-
-DATA = "stream.data"
-ACK = "stream.ack"
-CLOSE = "stream.close"
-
-Frame = tuple[int, bytes]
 
 
 class StreamSink(Protocol):
@@ -53,36 +62,19 @@ class StreamSink(Protocol):
         """The stream is over: the other end closed, or its node cannot be reached."""
 
 
-class Stream:
-    """This node's end of one stream: frames out to ``peer`` on ``node``, frames in to ``sink``."""
+class Stream(StreamState):
+    """This node's end of one stream: frames out to ``peer`` on ``node``, frames in to ``sink``
+    (its queue and window: ``StreamState``)."""
 
-    __slots__ = (
-        "_acked",
-        "_closing",
-        "_outbox",
-        "_outbox_bytes",
-        "_pump",
-        "_room",
-        "_streams",
-        "ended",
-        "id",
-        "node",
-        "peer",
-        "sink",
-        "unacked",
-    )
+    __slots__ = ("_acked", "_pump", "_room", "_streams", "id", "node", "peer", "sink")
 
     def __init__(self, streams: Streams, stream_id: str, node: str, peer: str, sink: StreamSink):
+        super().__init__()
         self._streams = streams
         self.id = stream_id
         self.node = node
         self.peer = peer
         self.sink = sink
-        self.unacked = 0  # bytes sent, not yet acknowledged by the receiving node
-        self.ended = False
-        self._outbox: deque[Frame] = deque()
-        self._outbox_bytes = 0
-        self._closing = False
         self._pump: asyncio.Task[None] | None = None
         self._acked: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
@@ -94,15 +86,11 @@ class Stream:
     def send(self, opcode: int, data: bytes) -> Awaitable[None] | None:
         """Queue one frame for the other end. Returns something to await (before reading more
         from the client) while more than ``outbox_bytes`` are queued; None otherwise."""
-        if self.ended or self._closing:
+        full = self.push(opcode, data, self._streams.limits)
+        if full is None:
             return None
-        self._outbox.append((opcode, data))
-        self._outbox_bytes += len(data)
         self._start_pump()
-        limit = self._streams.outbox_bytes
-        if limit and self._outbox_bytes > limit:
-            return self._wait_for_room()
-        return None
+        return self._wait_for_room() if full else None
 
     async def _wait_for_room(self) -> None:
         room = self._room = self._room or asyncio.Event()
@@ -115,10 +103,8 @@ class Stream:
 
     def close(self) -> None:
         """The local connection is gone: send what is queued, then tell the other end."""
-        if self.ended or self._closing:
-            return
-        self._closing = True
-        self._start_pump()
+        if self.start_closing():
+            self._start_pump()
 
     def _start_pump(self) -> None:
         if self._pump is None:
@@ -127,28 +113,20 @@ class Stream:
 
     async def _run(self) -> None:
         streams = self._streams
+        limits = streams.limits
         try:
-            while self._outbox and not self.ended:
-                batch: list[Frame] = []
-                size = 0
-                while self._outbox and (
-                    not batch or size + len(self._outbox[0][1]) <= streams.batch_bytes
-                ):
-                    frame = self._outbox.popleft()
-                    batch.append(frame)
-                    size += len(frame[1])
-                self._outbox_bytes -= size
-                if self._room is not None and self._outbox_bytes <= streams.outbox_bytes // 2:
+            while self.sending:
+                frames, size, room = self.next_batch(limits)
+                if room and self._room is not None:
                     self._room.set()
                 await self._wait_for_credit(size)
-                self.unacked += size
-                message = _pack([self.peer, self.id, [item for f in batch for item in f]])
+                self.sent(size)
+                message = data_message(self.peer, self.id, frames)
                 if not await streams.backend.send_direct(self.node, DATA, message):
                     raise BackendUnavailable(f"node {self.node} is gone")
-            if self._closing and not self.ended:
-                self.ended = True
+            if self.finish():
                 streams._forget(self)
-                await streams.backend.send_direct(self.node, CLOSE, _pack([self.peer]))
+                await streams.backend.send_direct(self.node, CLOSE, close_message(self.peer))
         except BackendUnavailable as exc:
             log.debug("%r: %s", self, exc)
             self._end("the peer's node is unreachable")
@@ -158,12 +136,12 @@ class Stream:
             self._pump = None
             if self._room is not None:
                 self._room.set()  # never leave a reader waiting for a pump that stopped
-            if self._outbox and not self.ended:
+            if self.sending:
                 self._start_pump()  # frames queued while the last send was on its way
 
     async def _wait_for_credit(self, size: int) -> None:
-        window = self._streams.window
-        while self.unacked and self.unacked + size > window and not self.ended:
+        limits = self._streams.limits
+        while self.blocked(size, limits):
             acked = self._acked = self._acked or asyncio.Event()
             acked.clear()
             try:
@@ -173,17 +151,14 @@ class Stream:
                 raise BackendUnavailable("the peer's client stopped reading") from None
 
     def _acknowledged(self, size: int) -> None:
-        self.unacked = max(0, self.unacked - size)
+        self.acknowledged(size)
         if self._acked is not None:
             self._acked.set()
 
     def _end(self, reason: str) -> None:
         """End on this side: nothing more is sent or delivered; the sink is told."""
-        if self.ended:
+        if not self.end():
             return
-        self.ended = True
-        self._outbox.clear()
-        self._outbox_bytes = 0
         self._streams._forget(self)
         if self._acked is not None:
             self._acked.set()
@@ -200,13 +175,11 @@ class Streams:
         window: int,
         outbox_bytes: int,
         wait_timeout: float,
-        batch_bytes: int = 64 * 1024,
+        batch_bytes: int = BATCH_BYTES,
     ) -> None:
         self.backend = backend
-        self.window = max(window, batch_bytes)
-        self.outbox_bytes = outbox_bytes
+        self.limits = StreamLimits.of(window, outbox_bytes, batch_bytes)
         self.wait_timeout = wait_timeout
-        self.batch_bytes = batch_bytes
         self._streams: dict[str, Stream] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         backend.on_direct(DATA, self._on_data)
@@ -234,21 +207,13 @@ class Streams:
 
     # --- from other nodes ---
     def _on_data(self, origin: str, payload: bytes) -> None:
-        to, sender, flat = _unpack(payload, 3)
-        if not isinstance(to, str) or not isinstance(sender, str) or not isinstance(flat, list):
-            raise MalformedFrame("invalid stream message")
-        if len(flat) % 2:
-            raise MalformedFrame("invalid stream message")
-        frames = list(zip(flat[::2], flat[1::2], strict=True))
-        if not all(isinstance(op, int) and isinstance(data, bytes) for op, data in frames):
-            raise MalformedFrame("invalid stream message")
-        stream = self._streams.get(to)
+        message = parse_data(payload)
+        stream = self._streams.get(message.to)
         if stream is None or stream.ended:
             return  # closed meanwhile: its close tells the sender
-        size = sum(len(data) for _, data in frames)
-        read = stream.sink.deliver(frames)
+        read = stream.sink.deliver(message.frames)
         task = asyncio.get_running_loop().create_task(
-            self._ack_when_read(read, origin, sender, size)
+            self._ack_when_read(read, origin, message.sender, message.size)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -261,21 +226,16 @@ class Streams:
                 async with asyncio.timeout(self.wait_timeout):
                     await read
         with contextlib.suppress(BackendUnavailable):
-            await self.backend.send_direct(node, ACK, _pack([sender, size]))
+            await self.backend.send_direct(node, ACK, ack_message(sender, size))
 
     def _on_ack(self, origin: str, payload: bytes) -> None:
-        to, size = _unpack(payload, 2)
-        if not isinstance(to, str) or not isinstance(size, int) or size < 0:
-            raise MalformedFrame("invalid stream message")
+        to, size = parse_ack(payload)
         stream = self._streams.get(to)
         if stream is not None:
             stream._acknowledged(size)
 
     def _on_close(self, origin: str, payload: bytes) -> None:
-        (to,) = _unpack(payload, 1)
-        if not isinstance(to, str):
-            raise MalformedFrame("invalid stream message")
-        stream = self._streams.get(to)
+        stream = self._streams.get(parse_close(payload))
         if stream is not None:
             stream._end("peer closed")
 
@@ -287,18 +247,3 @@ class Streams:
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
-
-
-def _pack(value: list[Any]) -> bytes:
-    packed: bytes = msgpack.packb(value, use_bin_type=True)
-    return packed
-
-
-def _unpack(payload: bytes, size: int) -> list[Any]:
-    try:
-        value = msgpack.unpackb(payload, raw=False)
-    except Exception:  # msgpack raises many types for bad input; none is ours
-        raise MalformedFrame("invalid stream message") from None
-    if not isinstance(value, list) or len(value) != size:
-        raise MalformedFrame("invalid stream message")
-    return value
