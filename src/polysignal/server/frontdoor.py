@@ -39,32 +39,47 @@ its protocol (socket.io's included, which aiohttp serves), before any protocol s
 Nothing here holds a task or a timer per connection: one sweep per node closes requests whose
 headers have not arrived within ``HEADER_TIMEOUT`` (408), the first request of a connection and
 every later one aiohttp reads on a connection it kept alive.
+
+What is decided here (the head and its limits, every refusal, slots, deadlines, who serves a
+request) is decided by ``core/intake.py``, without I/O; this module carries it out on the
+transport: writes, closes, hand-overs, the sweep's task, the hooks it awaits, and the log lines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
-import httptools
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from polysignal.core.auth import Identity
-from polysignal.core.edge import ORIGIN_REFUSED, AllowedOrigins, TrustedProxies
+from polysignal.core.edge import ORIGIN_REFUSED
 from polysignal.core.errors import BackendUnavailable
+from polysignal.core.intake import (
+    INTERNAL,
+    MALFORMED,
+    TOO_MANY,
+    UNAVAILABLE,
+    Door,
+    Exit,
+    Head,
+    KeptAlive,
+    OriginRefused,
+    Refusal,
+    RequestIntake,
+    Way,
+    peer_address,
+)
 from polysignal.logs import CLIENT_KEY, Throttle, more
 from polysignal.protocols.websocket import (
     HandshakeError,
-    check_handshake,
     choose_subprotocol,
     http_error,
-    scan_upgrade,
     switching_protocols,
 )
 from polysignal.server.auth import split_token_path
@@ -76,25 +91,32 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("polysignal.server")
 
+# Bound once: on Python 3.11, reading an Enum member off its class costs five times a global's
+# read, and these are read for every request.
+_DRIVER, _HTTP_WEBSOCKET = Way.DRIVER, Way.HTTP_WEBSOCKET
 
-class FrontDoor:
-    """The protocol factory of a node's listening socket, and what its connections share."""
+
+class FrontDoor(Door["Intake | Served"]):
+    """The protocol factory of a node's listening socket, and what its connections share (the
+    decisions are ``core/intake.py``'s ``Door``; this carries them out)."""
 
     def __init__(self, node: Node) -> None:
         settings = node.settings
+        super().__init__(
+            max_head=settings.limits.max_header_bytes,
+            max_headers=settings.limits.max_headers,
+            timeout=settings.server.header_timeout,
+            linger=settings.server.linger,
+            trusted_proxies=settings.server.trusted_proxies,
+            proxy_header=settings.server.proxy_header,
+            allowed_origins=settings.server.allowed_origins,
+            addresses=node.addresses,
+            served_by_http=node.served_by_http,
+        )
         self.node = node
         # Makes aiohttp's protocol for one connection; set by the server once aiohttp is up.
         self.http: Callable[[], asyncio.Protocol] | None = None
-        self.max_head = settings.limits.max_header_bytes
-        self.max_headers = settings.limits.max_headers
-        self.timeout = settings.server.header_timeout
-        self.linger = settings.server.linger
-        self.proxies = TrustedProxies(settings.server.trusted_proxies, settings.server.proxy_header)
-        self.origins = AllowedOrigins(settings.server.allowed_origins)
         self.auth = node.auth
-        # Connections whose request is still being read, or which linger after a refusal, with
-        # the time by which they must be done.
-        self.pending: dict[Intake | Served, float] = {}
         self.throttle = Throttle()
         self._sweep: asyncio.Task[None] | None = None
 
@@ -115,12 +137,10 @@ class FrontDoor:
             intake.shut()
 
     async def _sweep_timeouts(self) -> None:
-        interval = min(1.0, self.timeout / 4) if self.timeout > 0 else 1.0
+        interval = self.sweep_interval
         while True:
             await asyncio.sleep(interval)
-            now = time.monotonic()
-            late = [intake for intake, deadline in self.pending.items() if deadline <= now]
-            timed_out = sum(intake.expire() for intake in late)
+            timed_out = sum(intake.expire() for intake in self.late(time.monotonic()))
             if timed_out:
                 held = self.throttle.allow("timeout")
                 if held is not None:
@@ -132,26 +152,18 @@ class FrontDoor:
                     )
 
     # --- the WebSocket upgrade, shared by both ways in ---
-    def prepare(
-        self,
-        request: Handshake,
-        method: str,
-        http_version: str,
-        version: str | None,
-        key: str | None,
-    ) -> tuple[Driver, bytes]:
-        """Check ``request`` (its ``Sec-WebSocket-Version`` and ``-Key`` given) and pick its
-        protocol: (driver, the 101 response), or HandshakeError.
+    def prepare(self, request: Handshake, head: Head) -> tuple[Driver, bytes]:
+        """Check the upgrade ``request`` (its ``head`` as read) and pick its protocol: (driver,
+        the 101 response), or HandshakeError.
 
         The request's connection already holds its address's slot (``Intake``, ``Served``).
         """
         node = self.node
-        if method != "GET":
-            raise HandshakeError(405, "a WebSocket upgrade must be a GET", (("Allow", "GET"),))
-        key = check_handshake(http_version, version, key)
-        self.check_origin(request.header("origin"), request.address)
-        if node.stopping:
-            raise HandshakeError(503, "shutting down")
+        try:
+            key = self.check_upgrade(head, node.stopping)
+        except OriginRefused:
+            self.origin_refused(head, request.address)
+            raise
         if self.auth.on:
             request.path, request.token = split_token_path(request.path)
         driver = node.route(request)
@@ -160,12 +172,12 @@ class FrontDoor:
         request.subprotocol = choose_subprotocol(request.offered, driver.handler.subprotocols)
         return driver, switching_protocols(key, request.subprotocol)
 
-    def check_origin(self, origin: str | None, address: str) -> None:
-        """Refuse (403) a WebSocket upgrade from a page whose origin is not allowed."""
-        if self.origins.allows(origin):
-            return
+    def origin_refused(self, head: Head, address: str) -> None:
+        """A WebSocket upgrade from ``address`` was refused for its origin: logged once per
+        interval."""
         held = self.throttle.allow("origin")
         if held is not None:
+            origin = head.header(b"origin")
             shown = repr(origin[:100]) if origin is not None else "?"
             log.info(
                 "refused a WebSocket upgrade from %s: origin %s not in ALLOWED_ORIGINS%s",
@@ -173,20 +185,15 @@ class FrontDoor:
                 shown,
                 more(held),
             )
-        raise HandshakeError(403, ORIGIN_REFUSED)
 
-    def take_slot(self, address: str) -> bool:
-        """Count one more connection of ``address``; False (logged once per interval) past
-        ``MAX_CONNECTIONS_PER_IP``."""
-        addresses = self.node.addresses
-        if addresses.acquire(address):
-            return True
+    def full(self, address: str) -> None:
+        """``address`` was refused a slot (``MAX_CONNECTIONS_PER_IP``): logged once per
+        interval."""
         held = self.throttle.allow("limit")  # one key: addresses are unbounded
         if held is not None:
             log.warning(
-                "refused %s: %d connections from it%s", address, addresses.limit, more(held)
+                "refused %s: %d connections from it%s", address, self.addresses.limit, more(held)
             )
-        return False
 
     def accept(
         self,
@@ -199,14 +206,13 @@ class FrontDoor:
         """Run the protocol's ``accept`` hook, then upgrade; in a task only if the hook must
         wait (reading stays paused meanwhile)."""
         transport = intake.transport
-        assert transport is not None
         try:
             hook = self.admit(driver, request)
         except HandshakeError as exc:
-            intake.refuse(exc.status, exc.message, exc.headers)
+            intake.refuse(exc)
             return
         if hook is None:
-            intake.handed = True
+            intake.hand_on()
             self.upgrade(driver, request, response, transport, rest)
             return
         transport.pause_reading()
@@ -225,12 +231,11 @@ class FrontDoor:
         rest: bytes,
     ) -> None:
         transport = intake.transport
-        assert transport is not None
         refusal = await self.run_hook(driver, request, hook)
         if refusal is not None:
-            intake.refuse(refusal.status, refusal.message, refusal.headers)
+            intake.refuse(refusal)
         elif not transport.is_closing():  # closed meanwhile: the intake gave its slot back
-            intake.handed = True
+            intake.hand_on()
             transport.resume_reading()
             self.upgrade(driver, request, response, transport, rest)
 
@@ -280,20 +285,18 @@ class FrontDoor:
 
     async def run_hook(
         self, driver: Driver, request: Handshake, hook: Awaitable[None]
-    ) -> HandshakeError | None:
+    ) -> Refusal | None:
         """Await a protocol's ``accept`` hook: None to go on, else the refusal to answer."""
         try:
             await hook
         except HandshakeError as exc:
-            refusal = exc
+            return exc
         except BackendUnavailable:
-            refusal = HandshakeError(503, "the service is unavailable; try again")
+            return UNAVAILABLE
         except Exception:
             log.exception("%s: accepting a WebSocket failed", driver.protocol)
-            refusal = HandshakeError(500, "internal error")
-        else:
-            return None
-        return refusal
+            return INTERNAL
+        return None
 
     def upgrade(
         self,
@@ -312,238 +315,140 @@ class FrontDoor:
         return conn
 
 
-class Intake(asyncio.Protocol):
-    """One connection while its first request is read; gone once the request is routed."""
+class Intake(RequestIntake, asyncio.Protocol):
+    """One connection while its first request is read (``core/intake.py``'s
+    ``RequestIntake``, on its transport); gone once the request is routed."""
 
-    __slots__ = (
-        "address",
-        "complete",
-        "door",
-        "handed",
-        "headers",
-        "lingering",
-        "parser",
-        "peer",
-        "raw",
-        "transport",
-        "url",
-    )
+    __slots__ = ("transport",)
 
-    def __init__(self, door: FrontDoor) -> None:
-        self.door = door
-        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.raw = b""
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.complete = False
-        self.lingering = False
-        self.peer = "unknown"  # the TCP peer (a trusted proxy, or the client itself)
-        self.address: str | None = None  # the client's, while it holds its address's slot
-        self.handed = False  # the transport (and its slot) went to a Connection or to aiohttp
+    door: FrontDoor
+    transport: asyncio.Transport
+    """Set by ``connection_made``, which asyncio calls first (no ``__init__`` of its own: one
+    call less per connection)."""
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        door = self.door
-        peer = self.peer = peer_address(transport)
-        # A trusted proxy's connection counts against its client, named in the request head.
-        if not door.proxies.trusts(peer) and not self._take_slot(peer):
-            return
-        if door.timeout > 0:
-            door.pending[self] = time.monotonic() + door.timeout
+        peer = peer_address(transport.get_extra_info("peername"))
+        if not self.open(peer, time.monotonic()):
+            self._refuse_slot(peer)
 
     def data_received(self, data: bytes) -> None:
-        parser = self.parser
-        if parser is None:
-            return  # refused: what follows is ignored until the transport closes
-        raw = self.raw = self.raw + data if self.raw else data
-        rest = None
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            rest = data[upgrade.args[0] :]
-        except httptools.HttpParserError:
-            if not self.complete:
-                self._refuse_malformed()
-                return
-        door = self.door
-        if rest is not None:
-            head = len(raw) - len(rest)
-        elif self.complete:  # the head ends at the first empty line; a body may follow
-            end = raw.find(b"\r\n\r\n")
-            head = len(raw) if end < 0 else end + 4
-        else:
-            head = len(raw)
-        if head > door.max_head:
-            self.refuse(431, f"request line and headers longer than {door.max_head} bytes")
-        elif len(self.headers) > door.max_headers:
-            self.refuse(431, f"more than {door.max_headers} header lines")
-        elif self.complete:
-            self._route(rest)
+        read = self.feed(data)
+        if read is None:
+            return
+        if isinstance(read, Head):
+            self._route(read)
+            return
+        if read is MALFORMED:
+            held = self.door.throttle.allow("malformed")
+            if held is not None:
+                log.info("refused a malformed HTTP request%s", more(held))
+        self.refuse(read)
 
     def eof_received(self) -> bool | None:
-        self._drop()  # the client is done sending: the transport closes (answered or not)
+        self.stop()  # the client is done sending: the transport closes (answered or not)
         return None
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._drop()
-        if self.address is not None and not self.handed:
-            self.door.node.addresses.release(self.address)
-        self.address = None
-
-    # --- httptools callbacks ---
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        self.complete = True
+        self.closed()
 
     # --- outcomes ---
-    def _drop(self) -> None:
-        self.door.pending.pop(self, None)
-        self.parser = None
-
-    def refuse(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
-        """Answer ``status``, then linger: what the client still sends is read and dropped
+    def refuse(self, refusal: Refusal) -> None:
+        """Answer ``refusal``, then linger: what the client still sends is read and dropped
         until it closes (at most ``LINGER`` seconds), so the answer is not lost to a reset."""
-        self._drop()
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(http_error(status, message, headers))
-        if not transport.can_write_eof():
-            transport.close()
-            return
-        transport.write_eof()
-        transport.resume_reading()
-        self.lingering = True
-        self.door.pending[self] = time.monotonic() + self.door.linger
+        self._leave(refusal, Exit.LINGER)
 
     def shut(self) -> None:
         """The server stops: answer 503 unless already answered, and close."""
-        lingering = self.lingering
-        self._drop()
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            if not lingering:
-                transport.write(http_error(503, "shutting down"))
-            transport.close()
+        self._leave(*self.shutdown())
 
     def expire(self) -> bool:
         """Its time is up; True if its request did not arrive in time (answered 408)."""
+        refusal, leave = self.overdue()
+        self._leave(refusal, leave)
+        return refusal is not None
+
+    def _leave(self, refusal: Refusal | None, leave: Exit) -> None:
+        """Read no more; write ``refusal``, if any, and leave the way ``leave`` says."""
+        self.stop()
         transport = self.transport
-        if self.lingering or not self.raw:
-            self._drop()
-            if transport is not None:
-                transport.abort() if self.lingering else transport.close()
-            return False
-        self.refuse(408, f"the request did not arrive within {self.door.timeout:g}s")
-        return True
+        if transport.is_closing():
+            return
+        if refusal is not None:
+            transport.write(http_error(refusal.status, refusal.message, refusal.headers))
+        if leave is Exit.ABORT:
+            transport.abort()
+        elif leave is Exit.LINGER and transport.can_write_eof():
+            transport.write_eof()
+            transport.resume_reading()
+            self.linger(time.monotonic())
+        else:
+            transport.close()
 
-    def _take_slot(self, address: str) -> bool:
-        if not self.door.take_slot(address):
-            self.refuse(429, "too many connections from this address")
-            return False
-        self.address = address
-        return True
+    def _refuse_slot(self, address: str) -> None:
+        self.door.full(address)
+        self.refuse(TOO_MANY)
 
-    def _refuse_malformed(self) -> None:
-        held = self.door.throttle.allow("malformed")
-        if held is not None:
-            log.info("refused a malformed HTTP request%s", more(held))
-        self.refuse(400, "malformed HTTP request")
-
-    def _route(self, rest: bytes | None) -> None:
-        """The request's headers are in: upgrade it here, or hand it to aiohttp."""
-        parser = self.parser
-        transport = self.transport
-        assert parser is not None and transport is not None
-        method = parser.get_method()
-        http_version = parser.get_http_version()
-        self._drop()
+    def _route(self, head: Head) -> None:
+        """The request's head is in: upgrade it here, or hand it to aiohttp."""
         door = self.door
-        if self.address is None:  # from a trusted proxy: count its client
-            name = door.proxies.header_bytes
-            values = [value.decode("latin-1") for found, value in self.headers if found == name]
-            if not self._take_slot(door.proxies.client(self.peer, values)):
-                return
         address = self.address
-        assert address is not None
-        websocket, version, key, offered = scan_upgrade(self.headers)
-        if not websocket:
-            self._hand_over()
-            return
-        try:
-            url = httptools.parse_url(self.url)
-        except httptools.HttpParserInvalidURLError:
-            self._hand_over()
-            return
-        path = url.path.decode("latin-1")
-        if door.node.served_by_http(path):
-            # socket.io's WebSocket: aiohttp serves it, once its origin is allowed here.
-            try:
-                door.check_origin(_header(self.headers, b"origin"), address)
-            except HandshakeError as exc:
-                self.refuse(exc.status, exc.message, exc.headers)
+        if address is None:  # from a trusted proxy: its client's slot, now that it is named
+            address = door.client(self.peer, head.headers)
+            if not self.take_slot(address):
+                self._refuse_slot(address)
                 return
+        way = head.way
+        if way is _DRIVER:
+            assert head.path is not None
+            request = Handshake(head.path, head.query, head.headers, address, head.offered)
+            try:
+                driver, response = door.prepare(request, head)
+            except HandshakeError as exc:
+                self.refuse(exc)
+                return
+            door.accept(driver, request, response, self, head.rest)
+        elif way is _HTTP_WEBSOCKET and not door.origin_allowed(head):  # socket.io's
+            door.origin_refused(head, address)
+            self.refuse(OriginRefused(403, ORIGIN_REFUSED))
+        else:
             self._hand_over()
-            return
-        query = url.query
-        request = Handshake(
-            path, query.decode("latin-1") if query else "", self.headers, address, offered
-        )
-        try:
-            driver, response = door.prepare(
-                request, method.decode("latin-1"), http_version, version, key
-            )
-        except HandshakeError as exc:
-            self.refuse(exc.status, exc.message, exc.headers)
-            return
-        door.accept(driver, request, response, self, rest or b"")
 
     def _hand_over(self) -> None:
         """aiohttp serves this connection from now on, starting with what was read so far."""
         transport = self.transport
-        assert transport is not None and self.door.http is not None and self.address is not None
+        assert self.door.http is not None and self.address is not None
         served = Served(self.door, self.door.http(), self.address, self.peer)
-        self.handed = True
+        raw = self.hand_on()
         transport.set_protocol(served)
         served.connection_made(transport)
-        served.data_received(self.raw)
-        self.raw = b""
+        served.data_received(raw)
 
 
-class Served(asyncio.Protocol):
-    """A connection aiohttp serves: its bytes go to aiohttp's protocol; this keeps the
-    address's slot until the connection closes, and the clock of each later request's headers
-    (aiohttp has none): from the first byte after a request is done, ``HEADER_TIMEOUT`` for the
-    next one's headers to arrive (``request_clock`` in ``server/app.py`` says when they have)."""
+class Served(KeptAlive, asyncio.Protocol):
+    """A connection aiohttp serves: its bytes go to aiohttp's protocol; ``core/intake.py``'s
+    ``KeptAlive`` keeps the address's slot until the connection closes, and the clock of each
+    later request's head (``request_clock`` in ``server/app.py`` says when one is in)."""
 
-    __slots__ = ("address", "door", "handler", "in_request", "peer", "proxied", "transport")
+    __slots__ = ("handler", "transport")
+
+    door: FrontDoor
 
     def __init__(
         self, door: FrontDoor, handler: asyncio.Protocol, address: str, peer: str | None = None
     ) -> None:
-        self.door = door
+        KeptAlive.__init__(self, door, address, peer)
         self.handler = handler
-        self.address: str | None = address
-        self.peer = peer if peer is not None else address  # the TCP peer
-        self.proxied = door.proxies.trusts(self.peer)  # each request names its client
         self.transport: asyncio.Transport | None = None
-        self.in_request = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.handler.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        door = self.door
-        if not self.in_request and door.timeout > 0 and self not in door.pending:
-            door.pending[self] = time.monotonic() + door.timeout
+        if not self.in_request:  # inside one (a WebSocket's frames) this is the only cost
+            self.received(time.monotonic())
         self.handler.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -556,35 +461,8 @@ class Served(asyncio.Protocol):
         self.handler.resume_writing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.door.pending.pop(self, None)
-        if self.address is not None:
-            self.door.node.addresses.release(self.address)
-            self.address = None
+        self.closed()
         self.handler.connection_lost(exc)  # type: ignore[arg-type]
-
-    # --- aiohttp's requests ---
-    def request_started(self) -> None:
-        self.in_request = True
-        self.door.pending.pop(self, None)
-
-    def request_done(self) -> None:
-        self.in_request = False
-
-    def move_slot(self, address: str) -> bool:
-        """Hold a slot of ``address`` instead of the one held: a trusted proxy may send the
-        requests of several clients on one connection. False (the slot stays) when
-        ``address`` has none left."""
-        if self.address is None or address == self.address:
-            return True
-        if not self.door.take_slot(address):
-            return False
-        self.door.node.addresses.release(self.address)
-        self.address = address
-        return True
-
-    def give_slot(self) -> None:
-        """A WebSocket took the connection over: its ``Connection`` gives the slot back."""
-        self.address = None
 
     def expire(self) -> bool:
         """The next request's headers did not arrive in time: close (aiohttp may be writing,
@@ -596,13 +474,6 @@ class Served(asyncio.Protocol):
         self.door.pending.pop(self, None)
         if self.transport is not None:
             self.transport.close()
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for found, value in headers:
-        if found == name:
-            return value.decode("latin-1")
-    return None
 
 
 @web.middleware
@@ -626,15 +497,6 @@ def client_of(request: web.BaseRequest) -> str | None:
         proxies = served.door.proxies
         return proxies.client(served.peer, request.headers.getall(proxies.header, []))
     return request.remote
-
-
-def peer_address(transport: asyncio.BaseTransport) -> str:
-    """The client's IP address, as the transport sees it. Interned: the connections of one
-    address share one string (the per-address count holds it while any is open)."""
-    peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple) and peer:
-        return sys.intern(str(peer[0]))
-    return "unknown"
 
 
 # --- a WebSocket asked for on a connection aiohttp already serves -----------------------------
@@ -668,21 +530,22 @@ async def upgrade_from_http(door: FrontDoor, request: web.Request) -> web.Stream
     assert transport is not None
     served = transport.get_protocol()
     assert isinstance(served, Served)  # every connection enters through the front door
-    headers = [(name.lower(), value) for name, value in request.raw_headers]
-    _, version, key, offered = scan_upgrade(headers)
-    address = served.peer
-    if served.proxied:
-        name = door.proxies.header_bytes
-        values = [value.decode("latin-1") for found, value in headers if found == name]
-        address = door.proxies.client(address, values)
-    handshake = Handshake(
-        request.rel_url.raw_path, request.rel_url.raw_query_string, headers, address, offered
+    url = request.rel_url
+    version = request.version
+    head = Head.parsed(
+        request.method,
+        f"{version.major}.{version.minor}",
+        request.raw_headers,
+        url.raw_path,
+        url.raw_query_string,
     )
-    http_version = f"{request.version.major}.{request.version.minor}"
-    if not served.move_slot(handshake.address):  # the Connection gives this slot back
-        return _error_response(HandshakeError(429, "too many connections from this address"))
+    address = door.client(served.peer, head.headers) if served.proxied else served.peer
+    handshake = Handshake(url.raw_path, url.raw_query_string, head.headers, address, head.offered)
+    if not served.move_slot(address):  # the Connection gives this slot back
+        door.full(address)
+        return _error_response(TOO_MANY)
     try:
-        driver, response = door.prepare(handshake, request.method, http_version, version, key)
+        driver, response = door.prepare(handshake, head)
         hook = door.admit(driver, handshake)
     except HandshakeError as exc:
         return _error_response(exc)
@@ -700,7 +563,7 @@ async def upgrade_from_http(door: FrontDoor, request: web.Request) -> web.Stream
     return _Upgraded()
 
 
-def _error_response(exc: HandshakeError) -> web.Response:
+def _error_response(exc: Refusal) -> web.Response:
     return web.Response(status=exc.status, text=exc.message + "\n", headers=dict(exc.headers))
 
 
