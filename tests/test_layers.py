@@ -58,3 +58,38 @@ DRIVER_FILES = [
 def test_no_protocol_handler_imports_aiohttp(path):
     bad = imported_roots(path) & {"aiohttp", "socketio", "engineio"}
     assert not bad, f"{path.relative_to(SRC)} imports {sorted(bad)}"
+
+
+def statements(path: Path) -> int:
+    """Statements of logic in ``path``: every statement but docstrings."""
+    count = 0
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.stmt):
+            continue
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring (or another bare constant, which is no logic either)
+        count += 1
+    return count
+
+
+def layer_sizes() -> dict[str, int]:
+    """Statements of logic per layer (each folder of the package)."""
+    return {
+        folder.name: sum(statements(path) for path in folder.rglob("*.py"))
+        for folder in sorted(SRC.iterdir())
+        if folder.is_dir() and any(folder.glob("*.py"))
+    }
+
+
+def test_core_is_the_largest_layer():
+    """The protocols' rules and the cluster's semantics live in core/, without I/O; the layers
+    that do I/O carry out its decisions and stay smaller (docs/architecture.md, "Layers")."""
+    sizes = layer_sizes()
+    largest = max(sizes, key=sizes.__getitem__)
+    assert largest == "core", f"statements per layer: {sizes}"
+
+
+def test_statements_leave_out_docstrings(tmp_path):
+    sample = tmp_path / "x.py"
+    sample.write_text('"""Doc."""\n\ndef f(x):\n    """Doc."""\n    if x:\n        return 1\n')
+    assert statements(sample) == 3  # def, if, return

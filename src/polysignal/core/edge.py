@@ -79,7 +79,8 @@ class TrustedProxies:
         return bool(self.networks)
 
     def trusts(self, peer: str) -> bool:
-        """True when the TCP peer ``peer`` (as ``peer_address`` names it) is a trusted proxy."""
+        """True when the TCP peer ``peer`` (as ``peer_address`` in ``core/intake.py`` names it)
+        is a trusted proxy."""
         if not self.networks:
             return False
         address = parse_address(peer)
