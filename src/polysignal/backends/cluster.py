@@ -73,7 +73,9 @@ from polysignal.core.bus import (
     Outgoing,
 )
 from polysignal.core.claims import ClaimLedger
+from polysignal.core.effects import ReleaseOp
 from polysignal.core.presence import Key, PresenceState, PresenceTiming, Remote, stopped_notice
+from polysignal.drive import drive
 from polysignal.logs import more
 
 __all__ = ["MAX_BATCH", "OUTBOX_MAX_ITEMS", "SETTLE_MARGIN", "Cluster", "LatencyHistogram"]
@@ -593,19 +595,7 @@ class Cluster(Backend):
     async def _drive(self, steps: Generator[presence.Op | claims.Op, Any, T]) -> T:
         """Carry out what ``steps`` asks of the bus and the store, in order, sending each
         answer back (and each failure, which it raises again) until it has its result."""
-        answer: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                op = steps.throw(error) if error is not None else steps.send(answer)
-            except StopIteration as stop:
-                result: T = stop.value
-                return result
-            error = None
-            try:
-                answer = await self._perform(op)
-            except BaseException as exc:  # thrown in: it cleans up after itself, and raises it
-                error = exc
+        return await drive(steps, self._perform, BaseException)
 
     async def _perform(self, op: presence.Op | claims.Op) -> Any:
         match op:
@@ -621,7 +611,7 @@ class Cluster(Backend):
                 return await self.store.read_counts(names), time.monotonic()
             case claims.ReclaimOp(held, releases):
                 return await self.store.reclaim(held, releases, self.node_id)
-            case claims.ReleaseOp(name, token):
+            case ReleaseOp(name, token):
                 return await self.store.release(name, token, self.node_id)
         return None
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Generator
@@ -39,22 +40,21 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from polysignal.backends.base import Backend, Claim
+from polysignal.core.effects import ClaimOp, LookupOp, ReleaseOp
 from polysignal.core.errors import BackendUnavailable
 from polysignal.core.lease import (
     MIN_TTL,
     TAKE_ATTEMPTS,
-    ClaimOp,
     EvictOp,
     LeaseBook,
     LeaseState,
-    LookupOp,
     Op,
-    ReleaseOp,
     RenewalSchedule,
     RenewOp,
     Verdict,
     check_ttl,
 )
+from polysignal.drive import drive
 
 __all__ = ["MIN_TTL", "PROMPT_ANSWER", "TAKE_ATTEMPTS", "Evict", "Lease", "Leases", "LostHandler"]
 
@@ -201,17 +201,7 @@ class Leases:
 
     async def _drive(self, lease: Lease, rule: Generator[Op, Any, T]) -> T:
         """Answer what ``lease``'s ``rule`` asks of the backend until it has its result."""
-        answer: Any = None
-        try:
-            while True:
-                try:
-                    op = rule.send(answer)
-                except StopIteration as stop:
-                    result: T = stop.value
-                    return result
-                answer = await self._perform(lease, op)
-        finally:
-            rule.close()
+        return await drive(rule, functools.partial(self._perform, lease))
 
     async def _perform(self, lease: Lease, op: Op) -> Any:
         match op:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from polysignal.core.effects import ReleaseOp
 from polysignal.core.errors import BackendUnavailable
 
 
@@ -39,14 +40,6 @@ class ReclaimOp:
 
     claims: dict[str, tuple[str, float]]
     releases: dict[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseOp:
-    """Release the claim ``name`` (a store key) if ``token`` holds it for this node."""
-
-    name: str
-    token: str
 
 
 Op = ReclaimOp | ReleaseOp

@@ -61,3 +61,42 @@ class Presence:
     topic: str
     count: int
     namespace: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Asking the cluster failed with ``error`` (``what`` says what could not be done): the hub
+    reports it under ``key``, once per interval per key."""
+
+    key: str
+    what: str
+    error: Exception
+
+
+# --- what a rule asks of the cluster's store while it runs ---
+# Where a rule needs an answer before it can go on, it is a generator that yields these (and its
+# own requests) and is sent each answer; ``polysignal/drive.py`` runs one.
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimOp:
+    """Claim ``key`` with ``token`` for the TTL if it is free (or ``token``'s already); answered
+    True when it is ``token``'s."""
+
+    key: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class LookupOp:
+    """Who holds ``key``; answered with the holder (``node_id``, ``token``) or None."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOp:
+    """Release ``key`` if ``token`` holds it; answered True or False."""
+
+    key: str
+    token: str

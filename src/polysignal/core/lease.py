@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
+from polysignal.core.effects import ClaimOp, LookupOp, ReleaseOp
+
 MIN_TTL = 1.0
 """Seconds: a lease is renewed every third of its TTL, and a round must have time to run."""
 TAKE_ATTEMPTS = 4
@@ -64,31 +66,8 @@ class Verdict(Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class ClaimOp:
-    """Claim ``key`` with ``token`` for the TTL; answered True when it is this lease's."""
-
-    key: str
-    token: str
-
-
-@dataclass(frozen=True, slots=True)
 class RenewOp:
     """Extend ``key``'s claim by the TTL if ``token`` holds it; answered True if it did."""
-
-    key: str
-    token: str
-
-
-@dataclass(frozen=True, slots=True)
-class LookupOp:
-    """Who holds ``key``; answered with the holder (``node_id``, ``token``) or None."""
-
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseOp:
-    """Release ``key`` if ``token`` holds it; answered True or False."""
 
     key: str
     token: str

@@ -65,7 +65,7 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from polysignal.core.effects import Close, Conn, Send, ToNode
+from polysignal.core.effects import Close, Conn, Fault, Send, ToNode
 from polysignal.core.errors import BackendUnavailable, CloseCode
 from polysignal.protocols import peerjs as proto
 from polysignal.protocols.peerjs import NOT_QUEUED, BadMessage, ErrorText, MessageType
@@ -170,16 +170,6 @@ class Notify:
     kind: str
     payload: bytes
     what: str
-
-
-@dataclass(frozen=True, slots=True)
-class Fault:
-    """Asking the cluster failed with ``error`` (``what`` says what could not be done): the hub
-    reports it under ``key`` (``server/peerjs.py``, ``_cluster_fault``)."""
-
-    key: str
-    what: str
-    error: Exception
 
 
 Effect = Send | Close | ToNode | Claim | Release | Lookup | Notify | Fault

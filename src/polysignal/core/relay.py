@@ -25,7 +25,17 @@ from typing import Any
 
 import orjson
 
-from polysignal.core.effects import Close, Conn, Presence, Publish, Send, ToNode
+from polysignal.core.effects import (
+    ClaimOp,
+    Close,
+    Conn,
+    LookupOp,
+    Presence,
+    Publish,
+    ReleaseOp,
+    Send,
+    ToNode,
+)
 from polysignal.core.errors import BackendUnavailable, ClientError, CloseCode, LimitExceeded
 from polysignal.protocols.relay import (
     NAMESPACE,
@@ -344,31 +354,9 @@ Effect = (
 )
 
 
-# What a rendezvous asks of the hub while it runs (the answer is sent back into it):
-@dataclass(frozen=True, slots=True)
-class ClaimOp:
-    """Claim ``key`` with ``token`` if it is free; answered True or False. On success the hub
-    keeps the claim as a lease until ``DropLease``."""
-
-    key: str
-    token: str
-
-
-@dataclass(frozen=True, slots=True)
-class LookupOp:
-    """Who holds ``key``; answered with a holder (node id, token) or None."""
-
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseOp:
-    """Release ``key`` if ``token`` holds it; answered True or False."""
-
-    key: str
-    token: str
-
-
+# What a rendezvous asks of the hub while it runs (the answer is sent back into it): a claim
+# (``ClaimOp``; once it succeeds the hub keeps it as a lease until ``DropLease``), a lookup or a
+# release (``core/effects.py``), and these:
 @dataclass(frozen=True, slots=True)
 class MatchOp:
     """Ask ``node`` to pipe its held end ``holder`` to this node's ``end``; answered True once it

@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from polysignal.core.effects import Close, Conn, Send, ToNode
+from polysignal.core.effects import Close, Conn, Fault, Send, ToNode
 from polysignal.core.errors import CloseCode
 from polysignal.protocols import signalfire as proto
 from polysignal.protocols.signalfire import Cmd, ErrorText, MessageId, Request, TargetState
@@ -145,16 +145,6 @@ class Relay:
     cmd: str
     request_id: MessageId
     node: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Fault:
-    """Asking the cluster failed with ``error`` (``what`` says what could not be done): the hub
-    reports it under ``key`` (``server/signalfire.py``, ``_cluster_fault``)."""
-
-    key: str
-    what: str
-    error: Exception
 
 
 Effect = Send | Close | ToNode | Claim | Release | Lookup | Relay | Fault

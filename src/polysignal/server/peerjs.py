@@ -30,7 +30,7 @@ from typing import Any, cast
 from polysignal.backends.base import Backend, Claim
 from polysignal.backends.lease import PROMPT_ANSWER, Leases, LostHandler
 from polysignal.config import PeerJsSettings
-from polysignal.core.effects import Close, Send, ToNode
+from polysignal.core.effects import Close, Fault, Send, ToNode
 from polysignal.core.errors import Answer, BackendUnavailable, ClientError
 from polysignal.core.peerjs import (
     CLAIM_PREFIX,
@@ -42,7 +42,6 @@ from polysignal.core.peerjs import (
     ClaimOp,
     Effect,
     Effects,
-    Fault,
     Lookup,
     Notify,
     Op,
@@ -55,6 +54,7 @@ from polysignal.core.peerjs import (
     mount,
 )
 from polysignal.core.peerjs import Claim as ClaimId
+from polysignal.drive import drive
 from polysignal.logs import Throttle, more
 from polysignal.protocols import peerjs as proto
 from polysignal.server.connection import Connection
@@ -244,19 +244,7 @@ class PeerJsHub(Handler):
     async def _drive(self, work: Work) -> Effects:
         """Answer a claim's operations until it returns its effects; a failure of one is
         thrown into it (what it means is the machine's to say)."""
-        answer: Any = None
-        error: Exception | None = None
-        while True:
-            try:
-                op = work.throw(error) if error is not None else work.send(answer)
-            except StopIteration as stop:
-                result: Effects = stop.value
-                return result
-            error = None
-            try:
-                answer = await self._perform(op)
-            except Exception as exc:
-                error = exc
+        return await drive(work, self._perform, Exception)
 
     async def _perform(self, op: Op) -> Any:
         match op:

@@ -31,22 +31,28 @@ from polysignal.backends.base import Backend, Claim
 from polysignal.backends.lease import Lease, Leases
 from polysignal.backends.stream import Streams
 from polysignal.config import RelaySettings
-from polysignal.core.effects import Close, Presence, Publish, Send, ToNode
+from polysignal.core.effects import (
+    ClaimOp,
+    Close,
+    LookupOp,
+    Presence,
+    Publish,
+    ReleaseOp,
+    Send,
+    ToNode,
+)
 from polysignal.core.errors import Answer, BackendUnavailable, CloseCode
 from polysignal.core.errors import Close as CloseAnswer
 from polysignal.core.relay import (
     ApplyOp,
-    ClaimOp,
     DropLease,
     Effect,
     EndState,
-    LookupOp,
     MatchOp,
     Op,
     PeerSocket,
     PipeEnd,
     RelayNode,
-    ReleaseOp,
     SendFrames,
     SettleOp,
     StreamClose,
@@ -54,6 +60,7 @@ from polysignal.core.relay import (
     StreamSend,
     TakeLease,
 )
+from polysignal.drive import drive
 from polysignal.logs import Throttle, more
 from polysignal.protocols import relay as proto
 from polysignal.protocols.relay import Direct, Encoding
@@ -318,19 +325,7 @@ class RelayHub(Handler):
 
     async def _drive(self, gen: Generator[Op, Any, list[Effect]]) -> list[Effect]:
         """Answer a rendezvous's requests until it returns its effects."""
-        answer: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                op = gen.throw(error) if error is not None else gen.send(answer)
-            except StopIteration as stop:
-                result: list[Effect] = stop.value
-                return result
-            error = None
-            try:
-                answer = await self._perform(op)
-            except BackendUnavailable as exc:
-                error = exc
+        return await drive(gen, self._perform, BackendUnavailable)
 
     async def _perform(self, op: Op) -> Any:
         match op:

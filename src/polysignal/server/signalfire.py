@@ -34,14 +34,13 @@ from typing import Any, cast
 from polysignal.backends.base import Backend, Claim
 from polysignal.backends.lease import PROMPT_ANSWER, Leases
 from polysignal.config import SignalFireSettings
-from polysignal.core.effects import Close, Send, ToNode
+from polysignal.core.effects import Close, Fault, Send, ToNode
 from polysignal.core.errors import Answer, BackendUnavailable, CloseCode
 from polysignal.core.signalfire import (
     RELAY_KIND,
     UNDELIVERABLE_KIND,
     Effect,
     Effects,
-    Fault,
     Lookup,
     Relay,
     Release,
