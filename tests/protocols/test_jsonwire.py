@@ -93,3 +93,48 @@ def test_depth_of_decoded_values():
     jsonwire.check_depth(deepest, 200)
     with pytest.raises(jsonwire.TooDeep):
         jsonwire.check_depth([deepest], 200)
+
+
+# --- the depth guard of the standard-library path, on the text itself ---
+
+D = jsonwire.MAX_DEPTH
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_the_text_guard_allows_exactly_max_depth(as_bytes):
+    text = "[" * D + "]" * D
+    jsonwire._guard_std(text.encode() if as_bytes else text)  # at the limit: no error
+    deeper = "[" * (D + 1) + "]" * (D + 1)
+    with pytest.raises(jsonwire.TooDeep) as caught:
+        jsonwire._guard_std(deeper.encode() if as_bytes else deeper)
+    assert str(caught.value) == f"nested deeper than {D} levels"
+
+
+def test_the_text_guard_counts_objects_and_closes():
+    jsonwire._guard_std('{"a":' * D + "1" + "}" * D)
+    with pytest.raises(jsonwire.TooDeep):
+        jsonwire._guard_std('{"a":' * (D + 1) + "1" + "}" * (D + 1))
+    # Closed levels are left: many shallow siblings are no depth at all.
+    jsonwire._guard_std("[" + "[]," * (D + 5) + "[]]")
+    jsonwire._guard_std("[" * D + "]" * D + "[" * D + "]" * D)
+    with pytest.raises(jsonwire.TooDeep):
+        jsonwire._guard_std("{" * D + "}" + "[" * 2)  # one closed, two more opened: D + 1
+
+
+def test_the_text_guard_skips_brackets_inside_strings():
+    inside = '"' + "[" * (D + 5) + '"'
+    jsonwire._guard_std("[" * D + inside + "]" * D)
+    escaped = '"\\"' + "[" * (D + 5) + '"'  # an escaped quote does not end the string
+    jsonwire._guard_std("[" + escaped + "]")
+    backslash = '"\\\\"'  # an escaped backslash does: the brackets after it count
+    with pytest.raises(jsonwire.TooDeep):
+        jsonwire._guard_std("[" + backslash + "," + "[" * D + "]" * D + "]")
+    with pytest.raises(jsonwire.TooDeep):
+        jsonwire._guard_std('["x",' + "[" * D + "]" * D + "]")  # a string that ended
+
+
+def test_the_text_guard_counts_brackets_only_and_reads_any_bytes():
+    jsonwire._guard_std("[" + "X" * (D + 5) + "]")  # no other character opens a level
+    jsonwire._guard_std("[" * D + "X]" * D)  # nor closes one: D levels still
+    with pytest.raises(jsonwire.TooDeep):  # bytes that are not UTF-8 are no error of its own
+        jsonwire._guard_std(b"\xff" + b"[" * (D + 1))
