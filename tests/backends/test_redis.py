@@ -375,7 +375,7 @@ async def test_a_stale_count_is_answered_at_once_while_redis_hangs(
     await redis_cluster.settle()
     assert await a.topic_clients(topic, 1) == 3
     assert isinstance(a, RedisBackend)
-    entry = a._cache[(TOPICS, topic)]
+    entry = a._presence.cache[(TOPICS, topic)]
 
     async def stale() -> bool:
         return entry.expires <= time.monotonic()
@@ -513,7 +513,7 @@ async def test_topic_churn_during_an_outage_keeps_no_backlog(private_redis: Redi
             a.local_count_changed(f"gone-{i}", 1)
             a.local_count_changed(f"gone-{i}", 0)
         a.local_count_changed("kept", 1)
-        assert len(a._dirty) == 1
+        assert len(a._presence.dirty) == 1
         private_redis.start()
 
         async def ready() -> bool:

@@ -24,8 +24,8 @@ from polysignal.core.auth import (
     JwtVerifier,
     algorithms_for,
     identity_from_claims,
-    refused_topics_error,
 )
+from polysignal.core.topics import refused_topics_error
 
 NOW = 1_800_000_000.0
 SECRET = "s3cret-of-the-app-backend-0123456789"

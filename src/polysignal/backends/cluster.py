@@ -169,15 +169,6 @@ class Cluster(Backend):
         """Cross-node publishes dropped while the bus was away (``/metrics``)."""
         return self._outbox.dropped
 
-    # The cached counts and the topics left to write, as the socket-level tests inspect them.
-    @property
-    def _cache(self) -> dict[Key, Remote]:
-        return self._presence.cache
-
-    @property
-    def _dirty(self) -> dict[Key, None]:
-        return self._presence.dirty
-
     # --- lifecycle ---
     async def start(self) -> None:
         if self._task is not None:

@@ -88,13 +88,6 @@ class Identity:
         return allowed, tuple(topic for topic in topics if not _matches(self.topics, topic))
 
 
-def refused_topics_error(kind: str, refused: tuple[str, ...]) -> str:
-    """The error text of topics a token does not allow (the first three named)."""
-    named = ", ".join(repr(topic[:100]) for topic in refused[:3])
-    more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
-    return f"{kind}: topic {named}{more} not allowed for this token"
-
-
 def _matches(patterns: tuple[str, ...], name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 

@@ -206,9 +206,7 @@ class TopicsRules(Generic[S]):
 
 
 def refused_topics_error(kind: str, refused: tuple[str, ...]) -> str:
-    """``core/auth.py``'s text of topics a token refuses. Imported when first needed: it needs
-    PyJWT, which this module's serverless package does not carry, and only a node that
-    authenticates its clients has an identity to refuse topics of."""
-    from polysignal.core.auth import refused_topics_error as text
-
-    return text(kind, refused)
+    """The error text of topics a token does not allow (the first three named)."""
+    named = ", ".join(repr(topic[:100]) for topic in refused[:3])
+    more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+    return f"{kind}: topic {named}{more} not allowed for this token"
